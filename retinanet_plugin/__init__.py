@@ -1,0 +1,31 @@
+"""RetinaNet with focal loss (Lin et al. 2017) as a detectron2 plugin.
+
+Importing this package makes the installed detectron2 usable on current libraries
+(:mod:`retinanet_plugin.compat`) and registers the plugin's components in detectron2's
+registries: the meta-architecture ``FocalLossRetinaNet``, the anchor generator
+``RetinaNetAnchorGenerator`` and the head ``FocalLossHead`` (in ``RETINANET_HEAD_REGISTRY``).
+"""
+from . import compat
+
+compat.apply()  # before anything below imports detectron2's submodules
+
+from .anchor_generator import RetinaNetAnchorGenerator, octave_scaled_sizes  # noqa: E402
+from .config import add_retinanet_config, get_config_file  # noqa: E402
+from .focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_star  # noqa: E402
+from .head import RETINANET_HEAD_REGISTRY, FocalLossHead, build_retinanet_head  # noqa: E402
+from .meta_arch import FocalLossRetinaNet  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "add_retinanet_config",
+    "get_config_file",
+    "FocalLossRetinaNet",
+    "FocalLossHead",
+    "RETINANET_HEAD_REGISTRY",
+    "build_retinanet_head",
+    "RetinaNetAnchorGenerator",
+    "octave_scaled_sizes",
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_star",
+]

@@ -1,0 +1,89 @@
+"""RetinaNet's anchors: several octave scales and aspect ratios per pyramid level."""
+from typing import List, Sequence
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.anchor_generator import (
+    ANCHOR_GENERATOR_REGISTRY,
+    DefaultAnchorGenerator,
+)
+
+__all__ = ["RetinaNetAnchorGenerator", "octave_scaled_sizes"]
+
+
+def octave_scaled_sizes(
+    base_sizes: Sequence[Sequence[float]], scales_per_octave: int
+) -> List[List[float]]:
+    """Expands each base size s to s * 2^(i / scales_per_octave), i = 0 .. scales_per_octave - 1.
+
+    Args:
+        base_sizes: per feature level, a list of anchor sizes (sqrt of the anchor area, in input
+            pixels), e.g. [[32], [64], [128], [256], [512]] for P3..P7.
+        scales_per_octave: number of scales per octave (the paper: 3).
+
+    Returns:
+        Per level, ``len(base_sizes[level]) * scales_per_octave`` sizes, grouped by base size.
+    """
+    if scales_per_octave < 1:
+        raise ValueError(
+            f"MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE must be >= 1, got {scales_per_octave}"
+        )
+    return [
+        [size * 2 ** (i / scales_per_octave) for size in level for i in range(scales_per_octave)]
+        for level in base_sizes
+    ]
+
+
+@ANCHOR_GENERATOR_REGISTRY.register()
+class RetinaNetAnchorGenerator(DefaultAnchorGenerator):
+    """Anchors of the paper (Sec. 4): on P3..P7, base sizes 32^2..512^2, each at
+    ``scales_per_octave`` octave scales (2^0, 2^(1/3), 2^(2/3)) and 3 aspect ratios (1:2, 1:1,
+    2:1), so 9 anchors per location.
+
+    The anchors are those of detectron2's ``DefaultAnchorGenerator`` given the expanded sizes
+    (element for element), so models and checkpoints stay interchangeable; the difference is that
+    the scales are plain config keys (``SIZES: [[32], [64], ...]``, ``SCALES_PER_OCTAVE: 3``)
+    rather than a Python expression evaluated from YAML.
+
+    forward(features: list of (N, C, Hi, Wi) tensors) returns a list of ``Boxes`` with
+    Hi * Wi * A anchors each, in XYXY input-image coordinates, location-major (see
+    ``DefaultAnchorGenerator``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        sizes: Sequence[Sequence[float]],
+        scales_per_octave: int,
+        aspect_ratios: Sequence[Sequence[float]],
+        strides: Sequence[int],
+        offset: float = 0.0,
+    ):
+        """
+        Args:
+            sizes: base anchor sizes per level (or one list broadcast to all levels), each
+                expanded by :func:`octave_scaled_sizes`.
+            scales_per_octave: number of octave scales per base size.
+            aspect_ratios: aspect ratios (height / width) per level, or one list for all.
+            strides: stride of each input feature map.
+            offset: relative offset of the first anchor centre from the top-left corner, in
+                [0, 1) (detectron2's RetinaNet: 0.0).
+        """
+        super().__init__(
+            sizes=octave_scaled_sizes(sizes, scales_per_octave),
+            aspect_ratios=aspect_ratios,
+            strides=strides,
+            offset=offset,
+        )
+        self.scales_per_octave = scales_per_octave
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        return {
+            "sizes": cfg.MODEL.ANCHOR_GENERATOR.SIZES,
+            "scales_per_octave": cfg.MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE,
+            "aspect_ratios": cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
+            "strides": [x.stride for x in input_shape],
+            "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
+        }

@@ -1,0 +1,358 @@
+"""The RetinaNet detector (Lin et al. 2017): backbone + FPN, dense head, focal loss."""
+import logging
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
+
+from .focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_star
+from .head import build_retinanet_head
+
+__all__ = ["FocalLossRetinaNet"]
+
+logger = logging.getLogger(__name__)
+
+CLS_LOSS_TYPES = ("focal", "focal_star")
+LOSS_NORMALIZERS = ("ema", "batch")
+
+
+def flatten_per_anchor(tensor: Tensor, dim_per_anchor: int) -> Tensor:
+    """Reshapes a head output (N, A*D, H, W) to (N, H*W*A, D), location-major like the anchors."""
+    n, _, h, w = tensor.shape
+    return tensor.view(n, -1, dim_per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(
+        n, -1, dim_per_anchor
+    )
+
+
+@META_ARCH_REGISTRY.register()
+class FocalLossRetinaNet(DenseDetector):
+    """RetinaNet with focal loss, built from the plugin's registered components.
+
+    Training: anchors are matched to ground truth by IoU (>= 0.5 foreground, < 0.4 background,
+    in between ignored; each ground-truth box also keeps its best anchors), the classification
+    loss is summed over all non-ignored anchors, the box loss over foreground anchors, and both
+    are divided by the number of foreground anchors (an EMA of it by default). Inference: per
+    level the top-k candidates above a score threshold are decoded, then merged over levels,
+    class-wise NMS, and the top detections per image are kept.
+
+    Parameter and buffer names equal detectron2's ``RetinaNet`` for the same config, so
+    checkpoints load in either direction.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: nn.Module,
+        head_in_features: Sequence[str],
+        anchor_generator: nn.Module,
+        box2box_transform: Box2BoxTransform,
+        anchor_matcher: Matcher,
+        num_classes: int,
+        cls_loss_type: str = "focal",
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
+        focal_loss_star_gamma: float = 4.0,
+        focal_loss_star_beta: float = 0.0,
+        box_reg_loss_type: str = "smooth_l1",
+        smooth_l1_beta: float = 0.0,
+        loss_normalizer: str = "ema",
+        loss_normalizer_momentum: float = 0.9,
+        loss_normalizer_init: float = 100.0,
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.5,
+        max_detections_per_image: int = 100,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str = "BGR",
+    ):
+        """
+        Args:
+            backbone: a detectron2 backbone (e.g. ResNet + FPN with P6/P7).
+            head: maps per-level features to per-level (N, A*K, H, W) logits and
+                (N, A*4, H, W) deltas, e.g. :class:`FocalLossHead`.
+            head_in_features: names of the backbone outputs fed to the head, e.g. p3..p7.
+            anchor_generator: returns per-level ``Boxes`` of H*W*A anchors.
+            box2box_transform: encodes/decodes box deltas relative to anchors.
+            anchor_matcher: labels anchors 1 (foreground), 0 (background), -1 (ignored).
+            num_classes: K, number of foreground classes.
+            cls_loss_type: "focal" or "focal_star" (the appendix's FL*).
+            focal_loss_alpha, focal_loss_gamma: alpha and gamma of the focal loss.
+            focal_loss_star_gamma, focal_loss_star_beta: gamma* and beta of FL*.
+            box_reg_loss_type: "smooth_l1" (beta 0 = L1), "giou", "diou" or "ciou".
+            smooth_l1_beta: beta of the smooth-L1 loss.
+            loss_normalizer: "ema" (moving average of foreground anchors per batch) or "batch".
+            loss_normalizer_momentum, loss_normalizer_init: of the "ema" normalizer.
+            test_score_thresh: candidates need a score above this.
+            test_topk_candidates: candidates kept per level before NMS.
+            test_nms_thresh: IoU threshold of the class-wise NMS.
+            max_detections_per_image: detections kept per image after NMS.
+            pixel_mean, pixel_std: input normalisation, per channel.
+            input_format: channel order of input images ("BGR" or "RGB").
+        """
+        super().__init__(
+            backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        if cls_loss_type not in CLS_LOSS_TYPES:
+            raise ValueError(
+                f"MODEL.RETINANET.CLS_LOSS_TYPE must be one of {CLS_LOSS_TYPES}, "
+                f"got {cls_loss_type!r}"
+            )
+        if loss_normalizer not in LOSS_NORMALIZERS:
+            raise ValueError(
+                f"MODEL.RETINANET.LOSS_NORMALIZER must be one of {LOSS_NORMALIZERS}, "
+                f"got {loss_normalizer!r}"
+            )
+        self.num_classes = num_classes
+        self.anchor_generator = anchor_generator
+        self.box2box_transform = box2box_transform
+        self.anchor_matcher = anchor_matcher
+        self.cls_loss_type = cls_loss_type
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
+        self.focal_loss_star_gamma = focal_loss_star_gamma
+        self.focal_loss_star_beta = focal_loss_star_beta
+        self.box_reg_loss_type = box_reg_loss_type
+        self.smooth_l1_beta = smooth_l1_beta
+        self.loss_normalizer_type = loss_normalizer
+        self.loss_normalizer_momentum = loss_normalizer_momentum
+        # Current value of the "ema" normalizer.
+        self.loss_normalizer = loss_normalizer_init
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.input_format = input_format
+
+    @classmethod
+    def from_config(cls, cfg):
+        retinanet = cfg.MODEL.RETINANET
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        missing = [f for f in retinanet.IN_FEATURES if f not in backbone_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.RETINANET.IN_FEATURES names {missing}, which the backbone "
+                f"{cfg.MODEL.BACKBONE.NAME} does not output (it has {sorted(backbone_shape)})"
+            )
+        feature_shapes = [backbone_shape[f] for f in retinanet.IN_FEATURES]
+        return {
+            "backbone": backbone,
+            "head": build_retinanet_head(cfg, feature_shapes),
+            "head_in_features": retinanet.IN_FEATURES,
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "box2box_transform": Box2BoxTransform(weights=retinanet.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(
+                retinanet.IOU_THRESHOLDS, retinanet.IOU_LABELS, allow_low_quality_matches=True
+            ),
+            "num_classes": retinanet.NUM_CLASSES,
+            "cls_loss_type": retinanet.CLS_LOSS_TYPE,
+            "focal_loss_alpha": retinanet.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": retinanet.FOCAL_LOSS_GAMMA,
+            "focal_loss_star_gamma": retinanet.FOCAL_LOSS_STAR_GAMMA,
+            "focal_loss_star_beta": retinanet.FOCAL_LOSS_STAR_BETA,
+            "box_reg_loss_type": retinanet.BBOX_REG_LOSS_TYPE,
+            "smooth_l1_beta": retinanet.SMOOTH_L1_LOSS_BETA,
+            "loss_normalizer": retinanet.LOSS_NORMALIZER,
+            "loss_normalizer_momentum": retinanet.LOSS_NORMALIZER_MOMENTUM,
+            "loss_normalizer_init": retinanet.LOSS_NORMALIZER_INIT,
+            "test_score_thresh": retinanet.SCORE_THRESH_TEST,
+            "test_topk_candidates": retinanet.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": retinanet.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    # ---------------------------------------------------------------- training
+    def forward_training(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: Tuple[List[Tensor], List[Tensor]],
+        gt_instances: List[Instances],
+    ) -> Dict[str, Tensor]:
+        logits, deltas = predictions
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        return self.losses(
+            anchors,
+            [flatten_per_anchor(x, self.num_classes) for x in logits],
+            gt_labels,
+            [flatten_per_anchor(x, 4) for x in deltas],
+            gt_boxes,
+        )
+
+    @torch.no_grad()
+    def label_anchors(
+        self, anchors: List[Boxes], gt_instances: List[Instances]
+    ) -> Tuple[Tensor, Tensor]:
+        """Assigns every anchor a class label and a ground-truth box.
+
+        Args:
+            anchors: per level, ``Boxes`` of Hi*Wi*A anchors.
+            gt_instances: per image, ``Instances`` with ``gt_boxes`` and ``gt_classes``.
+
+        Returns:
+            gt_labels: (N, R) int64 with R = sum_i Hi*Wi*A: a class in [0, K) for foreground,
+                K for background, -1 for ignored anchors.
+            gt_boxes: (N, R, 4) matched ground-truth box of each anchor (meaningful only for
+                foreground anchors).
+        """
+        anchors = Boxes.cat(anchors)
+        labels_per_image, boxes_per_image = [], []
+        for instances in gt_instances:
+            if len(instances) == 0:
+                # An image without annotations trains as all background.
+                labels_per_image.append(
+                    torch.full((len(anchors),), self.num_classes, dtype=torch.int64,
+                               device=anchors.device)
+                )
+                boxes_per_image.append(torch.zeros_like(anchors.tensor))
+                continue
+            match_quality = pairwise_iou(instances.gt_boxes, anchors)
+            matched_idxs, anchor_labels = self.anchor_matcher(match_quality)
+            del match_quality
+            labels = instances.gt_classes[matched_idxs]
+            labels[anchor_labels == 0] = self.num_classes
+            labels[anchor_labels == -1] = -1
+            labels_per_image.append(labels)
+            boxes_per_image.append(instances.gt_boxes.tensor[matched_idxs])
+        return torch.stack(labels_per_image), torch.stack(boxes_per_image)
+
+    def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Summed classification loss over (M, K) logits and one-hot (M, K) targets."""
+        if self.cls_loss_type == "focal_star":
+            return sigmoid_focal_loss_star(
+                logits,
+                targets,
+                gamma=self.focal_loss_star_gamma,
+                beta=self.focal_loss_star_beta,
+                alpha=self.focal_loss_alpha,
+                reduction="sum",
+            )
+        return sigmoid_focal_loss(
+            logits,
+            targets,
+            alpha=self.focal_loss_alpha,
+            gamma=self.focal_loss_gamma,
+            reduction="sum",
+        )
+
+    def losses(
+        self,
+        anchors: List[Boxes],
+        pred_logits: List[Tensor],
+        gt_labels: Tensor,
+        pred_deltas: List[Tensor],
+        gt_boxes: Tensor,
+    ) -> Dict[str, Tensor]:
+        """
+        Args:
+            anchors: per level, ``Boxes`` of Hi*Wi*A anchors.
+            pred_logits: per level, (N, Hi*Wi*A, K).
+            gt_labels: (N, R), see :meth:`label_anchors`.
+            pred_deltas: per level, (N, Hi*Wi*A, 4).
+            gt_boxes: (N, R, 4).
+
+        Returns:
+            dict with scalar "loss_cls" and "loss_box_reg".
+        """
+        num_images = gt_labels.shape[0]
+        valid_mask = gt_labels >= 0
+        pos_mask = valid_mask & (gt_labels != self.num_classes)
+        num_pos_anchors = pos_mask.sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
+        if self.loss_normalizer_type == "ema":
+            m = self.loss_normalizer_momentum
+            self.loss_normalizer = m * self.loss_normalizer + (1 - m) * max(num_pos_anchors, 1)
+            normalizer = self.loss_normalizer
+        else:
+            normalizer = max(num_pos_anchors, 1)
+
+        # One-hot over K + 1 columns, then drop background: background rows are all zeros.
+        targets = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
+        loss_cls = self.classification_loss(cat(pred_logits, dim=1)[valid_mask], targets)
+        loss_box_reg = _dense_box_regression_loss(
+            anchors,
+            self.box2box_transform,
+            pred_deltas,
+            list(gt_boxes),
+            pos_mask,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
+        return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
+
+    # --------------------------------------------------------------- inference
+    def forward_inference(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: Tuple[List[Tensor], List[Tensor]],
+    ) -> List[Instances]:
+        logits, deltas = predictions
+        anchors = [a.tensor for a in self.anchor_generator(features)]
+        logits = [flatten_per_anchor(x, self.num_classes) for x in logits]
+        deltas = [flatten_per_anchor(x, 4) for x in deltas]
+        return [
+            self.inference_single_image(
+                anchors, [x[i] for x in logits], [x[i] for x in deltas], image_size
+            )
+            for i, image_size in enumerate(images.image_sizes)
+        ]
+
+    def inference_single_image(
+        self,
+        anchors: List[Tensor],
+        logits: List[Tensor],
+        deltas: List[Tensor],
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        """Detections of one image.
+
+        Args:
+            anchors: per level, (Hi*Wi*A, 4) anchors.
+            logits: per level, (Hi*Wi*A, K) class logits.
+            deltas: per level, (Hi*Wi*A, 4) box deltas.
+            image_size: (height, width) of the image in the padded batch.
+
+        Returns:
+            ``Instances`` with ``pred_boxes`` (D, 4), ``scores`` (D,), ``pred_classes`` (D,),
+            sorted by decreasing score, D <= max_detections_per_image.
+        """
+        boxes_all, scores_all, classes_all = [], [], []
+        for anchors_i, logits_i, deltas_i in zip(anchors, logits, deltas):
+            scores_i = logits_i.flatten().sigmoid()
+            candidates = torch.nonzero(scores_i > self.test_score_thresh).squeeze(1)
+            scores_i = scores_i[candidates]
+            num_topk = min(self.test_topk_candidates, candidates.numel())
+            scores_i, order = scores_i.topk(num_topk)
+            candidates = candidates[order]
+            anchor_idxs = candidates // self.num_classes
+            boxes_all.append(
+                self.box2box_transform.apply_deltas(deltas_i[anchor_idxs], anchors_i[anchor_idxs])
+            )
+            scores_all.append(scores_i)
+            classes_all.append(candidates % self.num_classes)
+        boxes, scores, classes = cat(boxes_all), cat(scores_all), cat(classes_all)
+        keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)
+        keep = keep[: self.max_detections_per_image]
+        return Instances(
+            image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep],
+            pred_classes=classes[keep],
+        )

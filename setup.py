@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""retinanet_plugin: RetinaNet with focal loss (Lin et al. 2017) as a detectron2 plugin.
+
+torch, torchvision and detectron2 are declared with lower bounds only: users bring their own
+builds (detectron2 has no PyPI wheel; see tools/install_detectron2.py and the README).
+The repository's configs/ ship inside the package (retinanet_plugin/configs links to them).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="retinanet_plugin",
+    version="0.1.0",
+    description="RetinaNet with focal loss as a detectron2 plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["retinanet_plugin", "retinanet_plugin.*"]),
+    # retinanet_plugin/configs is a symlink to the repository's configs/.
+    package_data={"retinanet_plugin": ["configs/*.yaml", "configs/**/*.yaml"]},
+    install_requires=[
+        "torch>=1.10",
+        "torchvision>=0.11",
+        "detectron2>=0.6",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.7",
+        "pycocotools>=2.0.2",
+        "numpy>=1.21",
+        "Pillow>=8.0",
+        "opencv-python-headless>=4.5",
+        "matplotlib>=3.3",
+        "tensorboard>=2.5",
+        "PyYAML>=5.1",
+    ],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout>=2"]},
+)
