@@ -16,6 +16,7 @@ $(STAMP): $(INSTALL_INPUTS)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install --disable-pip-version-check -q --no-build-isolation -e .
+	$(PY) -m retinanet_plugin.env --plugin-only
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -5,6 +5,7 @@ installed), preceded by what a bug report about this plugin needs on top of it: 
 version, detectron2's version, whether detectron2's native ops are present, and which
 compatibility patches were applied.
 """
+import argparse
 import os
 from typing import List, Tuple
 
@@ -37,4 +38,8 @@ def collect_env() -> str:
 
 
 if __name__ == "__main__":
-    print(collect_env())
+    parser = argparse.ArgumentParser(description="Print the environment retinanet_plugin runs in.")
+    parser.add_argument(
+        "--plugin-only", action="store_true", help="only the plugin and detectron2 rows"
+    )
+    print(tabulate(plugin_env_rows()) if parser.parse_args().plugin_only else collect_env())
