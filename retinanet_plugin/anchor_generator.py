@@ -18,12 +18,16 @@ def octave_scaled_sizes(
 
     Args:
         base_sizes: per feature level, a list of anchor sizes (sqrt of the anchor area, in input
-            pixels), e.g. [[32], [64], [128], [256], [512]] for P3..P7.
+            pixels), e.g. [[32], [64], [128], [256], [512]] for P3..P7; a flat list (or a single
+            level) is used for every level, as in detectron2.
         scales_per_octave: number of scales per octave (the paper: 3).
 
     Returns:
-        Per level, ``len(base_sizes[level]) * scales_per_octave`` sizes, grouped by base size.
+        Per level, ``len(base_sizes[level]) * scales_per_octave`` sizes, grouped by base size
+        (a single level when ``base_sizes`` is flat or has one level).
     """
+    if base_sizes and not isinstance(base_sizes[0], (list, tuple)):
+        base_sizes = [base_sizes]  # one flat list: the same sizes on every level
     if scales_per_octave < 1:
         raise ValueError(
             f"MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE must be >= 1, got {scales_per_octave}"

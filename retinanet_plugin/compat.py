@@ -18,6 +18,7 @@ Patches:
   with the official pycocotools implementation instead.
 """
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -56,6 +57,8 @@ class _MissingNativeOps(types.ModuleType):
 
     def __init__(self, reason: str):
         super().__init__("detectron2._C", "Stand-in for detectron2's missing native ops.")
+        # A spec without origin, so importlib.util.find_spec("detectron2._C") answers.
+        self.__spec__ = importlib.machinery.ModuleSpec("detectron2._C", loader=None)
         self._reason = reason
 
     def __getattr__(self, name: str):

@@ -52,7 +52,8 @@ def sigmoid_focal_loss(
         logits: float tensor of any shape, e.g. (R, K) for R anchors and K classes; any float
             dtype (half precision is computed in float32).
         targets: tensor of the same shape with the target probability of each element: 1 for
-            the anchor's class, 0 elsewhere (values in [0, 1] are accepted).
+            the anchor's class, 0 elsewhere (values in [0, 1] are accepted). Treated as
+            constants: gradients flow to ``logits`` only.
         alpha: weight of positives in [0, 1]; negatives get 1 - alpha. A negative value turns
             the weighting off.
         gamma: focusing parameter >= 0; 0 gives (alpha-balanced) binary cross-entropy.
@@ -64,7 +65,8 @@ def sigmoid_focal_loss(
     _check_reduction(reduction)
     dtype = _compute_dtype(logits)
     x = logits.to(dtype)
-    t = targets.to(dtype)
+    # Targets are labels: no gradient flows to them (log(t) below has infinite slope at 0 and 1).
+    t = targets.detach().to(dtype)
     log_p = F.logsigmoid(x)  # log p
     log_one_minus_p = F.logsigmoid(-x)  # log (1 - p)
     loss = -(t * log_p + (1.0 - t) * log_one_minus_p)  # binary cross-entropy

@@ -1,5 +1,6 @@
 """Shared fixtures: configs of the plugin and of detectron2, and a small generated dataset."""
 import pytest
+import torch
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
 from detectron2 import model_zoo
@@ -30,3 +31,13 @@ def shapes_dataset(tmp_path_factory):
     """A small generated COCO dataset: {"train": (json, root), "val": (json, root)}."""
     root = tmp_path_factory.mktemp("shapes")
     return make_shapes_dataset(str(root), num_train=16, num_val=6, image_size=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of many tiny ops: on 2 cores, thread hand-off costs
+    milliseconds per op, far more than the op itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,406 @@
+"""Tests for retinanet_plugin.FocalLossHead (the classification and box subnets)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+from conftest import plugin_cfg
+from detectron2.config import get_cfg
+from detectron2.layers import CycleBatchNormList, ShapeSpec
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from retinanet_plugin import (
+    RETINANET_HEAD_REGISTRY,
+    FocalLossHead,
+    add_retinanet_config,
+    build_retinanet_head,
+    get_config_file,
+)
+
+STRIDES = (8, 16, 32, 64, 128)
+C = 64  # divisible by 32 so that GroupNorm(32, C) is valid
+K = 3
+A = 9
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _shapes(channels=C, strides=STRIDES):
+    return [ShapeSpec(channels=channels, stride=s) for s in strides]
+
+
+def _kwargs(**overrides):
+    kwargs = dict(
+        input_shape=_shapes(),
+        num_classes=K,
+        num_anchors=A,
+        conv_dims=[C, C],
+        norm="",
+        prior_prob=0.01,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _features(batch=2, channels=C, base=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(base, base + 3), (base // 2, base // 2 + 2), (4, 3), (2, 2), (1, 1)]
+    return [torch.randn(batch, channels, h, w, generator=g) for h, w in sizes]
+
+
+
+def _convs(module):
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _randomise(module, seed=1):
+    """Non-trivial weights (the 0.01-std init makes every output nearly the bias)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and construction
+# ---------------------------------------------------------------------------------------------
+
+
+def test_output_shapes_per_level():
+    """Each level gives (N, A*K, H, W) logits and (N, A*4, H, W) deltas."""
+    head = FocalLossHead(**_kwargs())
+    features = _features()
+    logits, deltas = head(features)
+    assert len(logits) == len(deltas) == 5
+    for f, lg, dl in zip(features, logits, deltas):
+        n, _, h, w = f.shape
+        assert lg.shape == (n, A * K, h, w)
+        assert dl.shape == (n, A * 4, h, w)
+
+
+def test_registered_and_built_from_plugin_config():
+    """The plugin config builds FocalLossHead through the registry with the paper's settings."""
+    cfg = plugin_cfg("retinanet_R50_FPN_1x.yaml")
+    shapes = _shapes(channels=256)
+    head = build_retinanet_head(cfg, shapes)
+    assert RETINANET_HEAD_REGISTRY.get("FocalLossHead") is FocalLossHead
+    assert type(head) is FocalLossHead
+    assert head.num_classes == 80 and head.num_anchors == 9
+    convs = [m for m in head.cls_subnet if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(256, 256)] * 4
+    assert head.cls_score.out_channels == 9 * 80
+    assert head.bbox_pred.out_channels == 9 * 4
+    torch.testing.assert_close(
+        head.cls_score.bias, torch.full((720,), -math.log(99.0)), rtol=0, atol=0
+    )
+
+
+def test_built_from_tiny_config_uses_group_norm():
+    """The tiny config (2 convs, GN, 4 classes) builds a GN head for 128-channel features."""
+    head = FocalLossHead(plugin_cfg("retinanet_R18_GN_tiny.yaml"), _shapes(channels=128))
+    assert head.num_classes == 4
+    kinds = [type(m) for m in head.cls_subnet]
+    assert kinds == [nn.Conv2d, nn.GroupNorm, nn.ReLU] * 2
+    logits, deltas = head(_features(channels=128))
+    assert logits[0].shape[1] == 9 * 4 and deltas[0].shape[1] == 9 * 4
+
+
+@pytest.mark.parametrize("conv_dims", [[C], [32, 16], [C, C, C, C]])
+def test_conv_dims_define_the_subnet_depth_and_widths(conv_dims):
+    """conv_dims gives each subnet conv's output channels; the predictors read the last one."""
+    head = FocalLossHead(**_kwargs(conv_dims=conv_dims))
+    for subnet in (head.cls_subnet, head.bbox_subnet):
+        convs = [m for m in subnet if isinstance(m, nn.Conv2d)]
+        assert [(m.in_channels, m.out_channels) for m in convs] == list(
+            zip([C] + conv_dims[:-1], conv_dims)
+        )
+        assert sum(isinstance(m, nn.ReLU) for m in subnet) == len(conv_dims)
+    assert head.cls_score.in_channels == head.bbox_pred.in_channels == conv_dims[-1]
+    logits, deltas = head(_features())
+    assert logits[1].shape == (2, A * K, 8, 10) and deltas[1].shape == (2, A * 4, 8, 10)
+
+
+def test_no_subnet_convs_applies_predictors_directly():
+    """With conv_dims=[] the predictors are applied to the features themselves."""
+    head = FocalLossHead(**_kwargs(conv_dims=[]))
+    _randomise(head)
+    assert len(head.cls_subnet) == 0 and len(head.bbox_subnet) == 0
+    features = _features()
+    logits, deltas = head(features)
+    for f, lg, dl in zip(features, logits, deltas):
+        ref_lg = F.conv2d(f, head.cls_score.weight, head.cls_score.bias, padding=1)
+        ref_dl = F.conv2d(f, head.bbox_pred.weight, head.bbox_pred.bias, padding=1)
+        torch.testing.assert_close(lg, ref_lg)
+        torch.testing.assert_close(dl, ref_dl)
+
+
+def test_forward_matches_manual_convolutions():
+    """Each subnet is conv-ReLU blocks followed by the predictor conv, computed here by hand."""
+    head = FocalLossHead(**_kwargs())
+    _randomise(head)
+    features = _features()
+    logits, deltas = head(features)
+
+    def subnet(x, convs):
+        for conv in convs:
+            x = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1))
+        return x
+
+    cls_convs = [m for m in head.cls_subnet if isinstance(m, nn.Conv2d)]
+    box_convs = [m for m in head.bbox_subnet if isinstance(m, nn.Conv2d)]
+    for f, lg, dl in zip(features, logits, deltas):
+        ref_lg = F.conv2d(
+            subnet(f, cls_convs), head.cls_score.weight, head.cls_score.bias, padding=1
+        )
+        ref_dl = F.conv2d(
+            subnet(f, box_convs), head.bbox_pred.weight, head.bbox_pred.bias, padding=1
+        )
+        torch.testing.assert_close(lg, ref_lg)
+        torch.testing.assert_close(dl, ref_dl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_initialisation_weights_gaussian_std_001_and_zero_biases():
+    """Every conv weight is N(0, 0.01) (sample std within 5%: >= 30k weights per conv, so the
+    standard error is < 0.5%; mean near 0); biases are 0 except the classification predictor's."""
+    torch.manual_seed(0)
+    head = FocalLossHead(**_kwargs(input_shape=_shapes(channels=128), conv_dims=[128] * 4))
+    convs = _convs(head)
+    assert len(convs) == 2 * 4 + 2
+    for conv in convs:
+        w = conv.weight.detach().double()
+        assert abs(w.std().item() - 0.01) < 0.0005, (conv, w.std())
+        assert abs(w.mean().item()) < 5 * 0.01 / math.sqrt(w.numel())
+        if conv is not head.cls_score:
+            assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+
+
+@pytest.mark.parametrize("prior_prob", [0.01, 0.05, 0.5, 0.9])
+def test_classification_bias_is_prior(prior_prob):
+    """cls_score.bias = -log((1 - pi) / pi), so every anchor starts at foreground probability pi."""
+    head = FocalLossHead(**_kwargs(prior_prob=prior_prob))
+    expected = torch.full((A * K,), -math.log((1 - prior_prob) / prior_prob))
+    assert torch.equal(head.cls_score.bias.detach(), expected)
+    torch.testing.assert_close(
+        torch.sigmoid(head.cls_score.bias.double()),
+        torch.full((A * K,), prior_prob, dtype=torch.float64),
+    )
+
+
+def test_default_prior_is_001_and_initial_scores_near_prior():
+    """The default pi is 0.01, and initial logits stay close to the prior's logit on real inputs."""
+    kwargs = _kwargs()
+    del kwargs["prior_prob"]
+    head = FocalLossHead(**kwargs)
+    assert torch.equal(head.cls_score.bias.detach(), torch.full((A * K,), -math.log(99.0)))
+    logits, _ = head(_features())
+    probs = torch.sigmoid(torch.cat([lg.flatten() for lg in logits]))
+    assert (probs - 0.01).abs().max() < 0.005
+
+
+def test_reset_classification_bias():
+    """reset_classification_bias sets the predictor bias for a new prior and leaves the rest."""
+    head = FocalLossHead(**_kwargs())
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    head.reset_classification_bias(0.2)
+    assert torch.equal(head.cls_score.bias.detach(), torch.full((A * K,), -math.log(4.0)))
+    for key, value in head.state_dict().items():
+        if key != "cls_score.bias":
+            assert torch.equal(value, before[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_group_norm_builds_and_runs():
+    """norm="GN" inserts GroupNorm(32, channels) after each subnet conv, and the head runs."""
+    head = FocalLossHead(**_kwargs(norm="GN", conv_dims=[C, 96]))
+    for subnet in (head.cls_subnet, head.bbox_subnet):
+        assert [type(m) for m in subnet] == [nn.Conv2d, nn.GroupNorm, nn.ReLU] * 2
+        norms = [m for m in subnet if isinstance(m, nn.GroupNorm)]
+        assert [(m.num_groups, m.num_channels) for m in norms] == [(32, C), (32, 96)]
+    features = _features()
+    logits, deltas = head(features)
+    assert all(torch.isfinite(t).all() for t in logits + deltas)
+
+    # Reference: conv -> group_norm -> relu by hand.
+    def subnet(x, modules):
+        for m in modules:
+            if isinstance(m, nn.Conv2d):
+                x = F.conv2d(x, m.weight, m.bias, padding=1)
+            elif isinstance(m, nn.GroupNorm):
+                x = F.group_norm(x, 32, m.weight, m.bias, m.eps)
+            else:
+                x = F.relu(x)
+        return x
+
+    ref = F.conv2d(
+        subnet(features[0], head.cls_subnet), head.cls_score.weight, head.cls_score.bias, padding=1
+    )
+    torch.testing.assert_close(logits[0], ref)
+
+
+def test_detectron2_retinanet_head_fails_with_group_norm():
+    """detectron2 0.6's own RetinaNetHead(norm="GN") cannot be built (it probes get_norm(norm, 1));
+    this is what FocalLossHead fixes."""
+    with pytest.raises(ValueError, match="divisible"):
+        RetinaNetHead(**_kwargs(norm="GN"))
+
+
+def test_batch_norm_is_per_level_and_matches_detectron2():
+    """norm="BN" keeps per-level statistics (CycleBatchNormList) like detectron2's head, with the
+    same parameters and the same outputs."""
+    torch.manual_seed(0)
+    theirs = RetinaNetHead(**_kwargs(norm="BN"))
+    ours = FocalLossHead(**_kwargs(norm="BN"))
+    assert isinstance(ours.cls_subnet[1], CycleBatchNormList)
+    assert len(ours.cls_subnet[1]) == 5
+    _randomise(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    features = _features()
+    out_ours = ours(features)
+    out_theirs = theirs(features)
+    for a, b in zip(out_ours[0] + out_ours[1], out_theirs[0] + out_theirs[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Both updated the running statistics of each level's own BatchNorm identically.
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility with detectron2's RetinaNetHead
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv_dims", [[C, C], [C] * 4, [32, 48]])
+def test_state_dict_matches_detectron2(conv_dims):
+    """Parameter names and shapes are those of detectron2's RetinaNetHead (norm="")."""
+    ours = FocalLossHead(**_kwargs(conv_dims=conv_dims))
+    theirs = RetinaNetHead(**_kwargs(conv_dims=conv_dims))
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert list(sd_ours) == list(sd_theirs)
+    for key in sd_theirs:
+        assert sd_ours[key].shape == sd_theirs[key].shape, key
+
+
+def test_outputs_match_detectron2_after_loading_its_weights():
+    """After load_state_dict from detectron2's head, both give identical outputs; and the loaded
+    weights round-trip back into detectron2's head."""
+    theirs = RetinaNetHead(**_kwargs())
+    _randomise(theirs, seed=3)
+    ours = FocalLossHead(**_kwargs())
+    result = ours.load_state_dict(theirs.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    features = _features()
+    with torch.no_grad():
+        lg_ours, dl_ours = ours(features)
+        lg_theirs, dl_theirs = theirs(features)
+    for a, b in zip(lg_ours + dl_ours, lg_theirs + dl_theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    back = RetinaNetHead(**_kwargs())
+    back.load_state_dict(ours.state_dict())
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[key])
+
+
+def test_built_from_config_matches_detectron2_from_its_config():
+    """From the plugin config and from detectron2's model-zoo config, the two heads have the same
+    parameter names and shapes."""
+    from detectron2 import model_zoo
+
+    zoo = get_cfg()
+    zoo.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    shapes = _shapes(channels=256)
+    ours = build_retinanet_head(plugin_cfg("retinanet_R50_FPN_1x.yaml"), shapes)
+    theirs = RetinaNetHead(zoo, shapes)
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert list(sd_ours) == list(sd_theirs)
+    assert all(sd_ours[k].shape == sd_theirs[k].shape for k in sd_theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sharing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_classification_and_box_subnets_share_no_parameters():
+    """The classification and box branches have disjoint parameters (no shared storage)."""
+    head = FocalLossHead(**_kwargs(norm="GN"))
+    cls_params = list(head.cls_subnet.parameters()) + list(head.cls_score.parameters())
+    box_params = list(head.bbox_subnet.parameters()) + list(head.bbox_pred.parameters())
+    assert len(cls_params) + len(box_params) == len(list(head.parameters()))
+    assert not {id(p) for p in cls_params} & {id(p) for p in box_params}
+    assert not {p.data_ptr() for p in cls_params} & {p.data_ptr() for p in box_params}
+
+    # Changing the classification branch leaves the box outputs untouched.
+    features = _features()
+    _, deltas_before = head(features)
+    with torch.no_grad():
+        for p in cls_params:
+            p.add_(1.0)
+    _, deltas_after = head(features)
+    for a, b in zip(deltas_before, deltas_after):
+        assert torch.equal(a, b)
+
+
+def test_the_same_weights_are_applied_on_every_level():
+    """Feeding the same tensor as several levels gives identical outputs on those levels."""
+    head = FocalLossHead(**_kwargs())
+    _randomise(head)
+    features = _features()
+    x = features[1]
+    same = [x, features[0], x, x.clone(), features[4]]
+    logits, deltas = head(same)
+    for i in (2, 3):
+        torch.testing.assert_close(logits[i], logits[0], rtol=0, atol=0)
+        torch.testing.assert_close(deltas[i], deltas[0], rtol=0, atol=0)
+    # ... and equal the outputs of the same tensor at another position in another call.
+    logits_again, deltas_again = head([features[0], features[2], features[3], features[4], x])
+    torch.testing.assert_close(logits_again[4], logits[0], rtol=0, atol=0)
+    torch.testing.assert_close(deltas_again[4], deltas[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior_prob", [0.0, 1.0, -0.1, 1.5])
+def test_prior_prob_outside_unit_interval_raises(prior_prob):
+    """prior_prob must be strictly inside (0, 1)."""
+    with pytest.raises(ValueError, match="PRIOR_PROB"):
+        FocalLossHead(**_kwargs(prior_prob=prior_prob))
+
+
+def test_different_channels_per_level_raises():
+    """The convs are shared across levels, so every level must have the same channels."""
+    shapes = _shapes()
+    shapes[2] = ShapeSpec(channels=C * 2, stride=32)
+    with pytest.raises(ValueError, match="same channels"):
+        FocalLossHead(**_kwargs(input_shape=shapes))
+
+
+def test_different_anchor_counts_per_level_in_config_raises():
+    """A config giving different numbers of anchors per level is rejected when building."""
+    cfg = plugin_cfg("retinanet_R50_FPN_1x.yaml")
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[1.0], [0.5, 1.0], [1.0], [1.0], [1.0]]
+    with pytest.raises(ValueError, match="number of anchors"):
+        build_retinanet_head(cfg, _shapes(channels=256))
+
+
+def test_wrong_number_of_levels_raises():
+    """Calling with a different number of feature maps than built for raises ValueError."""
+    head = FocalLossHead(**_kwargs())
+    with pytest.raises(ValueError, match="5 levels"):
+        head(_features()[:4])
