@@ -42,6 +42,8 @@ def setup(args):
     add_retinanet_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if cfg.TEST.AUG.ENABLED:
+        raise ValueError("TEST.AUG.ENABLED: test-time augmentation is not implemented for RetinaNet")
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -62,8 +64,6 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
-        if cfg.TEST.AUG.ENABLED:
-            raise NotImplementedError("TEST.AUG is not supported by FocalLossRetinaNet")
         verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
