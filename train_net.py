@@ -1,33 +1,44 @@
 #!/usr/bin/env python
 """Train and evaluate the plugin's RetinaNet with detectron2's trainer, loaders and evaluator.
 
-The same command line as detectron2's tools/train_net.py, for example::
+detectron2's tools/train_net.py command line, for example::
 
     python train_net.py --config-file configs/retinanet_R50_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file configs/retinanet_R50_FPN_1x.yaml \\
         --eval-only MODEL.WEIGHTS output/model_final.pth
-    python train_net.py --config-file configs/retinanet_R18_GN_tiny.yaml \\
-        --register-coco shapes_train data/train.json data/train \\
-        DATASETS.TRAIN "('shapes_train',)" MODEL.DEVICE cpu
 
-plus ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) to register COCO-format datasets.
+plus dataset registration (repeatable), after which the names go in DATASETS.TRAIN/TEST::
+
+    --register-coco NAME ANNOTATIONS.json IMAGE_ROOT
+    --register-voc NAME VOC_DIR SPLIT        [--voc-classes a,b,c]
+
+MODEL.RETINANET.NUM_CLASSES follows the training dataset unless set. With MODEL.DEVICE cpu,
+--num-gpus N starts N CPU processes (gloo).
 """
 import logging
 import os
 
 import retinanet_plugin  # noqa: F401  (applies detectron2 compat patches, registers components)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from retinanet_plugin import add_retinanet_config
-from retinanet_plugin.data import register_coco_dataset
+from retinanet_plugin.checkpoint import RetinaNetCheckpointer
+from retinanet_plugin.config import config_sets_key
+from retinanet_plugin.data import (
+    add_dataset_arguments,
+    register_datasets_from_args,
+    resolve_num_classes,
+)
+from retinanet_plugin.launch import launch
 
 logger = logging.getLogger("retinanet_plugin.train_net")
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with COCO evaluation of every test dataset."""
+    """detectron2's DefaultTrainer with COCO evaluation and fine-tuning-aware checkpoint loading."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -35,32 +46,42 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
+    def build_hooks(self):
+        # Swap in the plugin's checkpointer before the hooks capture self.checkpointer.
+        c = self.checkpointer
+        self.checkpointer = RetinaNetCheckpointer(c.model, c.save_dir, **c.checkpointables)
+        return super().build_hooks()
 
-def setup(args):
-    """Builds the config from the file and the trailing KEY VALUE overrides."""
+
+def build_config(args):
+    """The config from the file and trailing KEY VALUE overrides (not frozen, no side effects)."""
     cfg = get_cfg()
     add_retinanet_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def setup(args):
+    cfg = build_config(args)
     if cfg.TEST.AUG.ENABLED:
         raise ValueError("TEST.AUG.ENABLED: test-time augmentation is not implemented for RetinaNet")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
+    datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
+    if datasets:
+        num_classes_set = config_sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
+        resolve_num_classes(cfg, datasets[0], num_classes_set)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
 
 
-def register_datasets(args):
-    for name, json_file, image_root in args.register_coco or ():
-        register_coco_dataset(name, json_file, image_root)
-
-
 def main(args):
-    # Every process (one per GPU) needs the datasets registered.
-    register_datasets(args)
+    register_datasets_from_args(args)  # in every process
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        RetinaNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
@@ -73,13 +94,7 @@ def main(args):
 
 def argument_parser():
     parser = default_argument_parser(epilog=__doc__)
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME (repeatable)",
-    )
+    add_dataset_arguments(parser)
     return parser
 
 
@@ -93,4 +108,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=build_config(args).MODEL.DEVICE,
     )

@@ -16,15 +16,25 @@ Patches:
   ``detectron2.data.transforms``: aliased to ``PIL.Image.BILINEAR``, the same filter.
 * ``COCOEvaluator``'s fast path needs ``detectron2._C``: without the native ops it evaluates
   with the official pycocotools implementation instead.
+* ``np.int``/``np.str``/... (removed in numpy 2) used by detectron2 0.6's VOC loader, dataset
+  class histogram, visualizer and masks: those modules get a ``np`` that has the aliases.
+* ``create_ddp_model`` passes ``device_ids`` even for CPU models, which DDP rejects: CPU models
+  are wrapped without it, so multi-process CPU training (gloo) works.
 """
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import logging
 import os
+import re
 import sys
 import types
+import warnings
 from typing import Dict, List, Optional
+
+import numpy
 
 logger = logging.getLogger(__name__)
 
@@ -96,18 +106,18 @@ def _install_native_ops_stand_in(reason: str) -> None:
     APPLIED.append("detectron2._C stand-in (native ops raise MissingNativeOpError)")
 
 
-def _detectron2_source_mentions(relative_path: str, text: str) -> bool:
-    """True if detectron2's source file ``relative_path`` contains ``text``.
+def _detectron2_source(relative_path: str) -> str:
+    """Text of detectron2's source file ``relative_path`` ("" if it does not exist).
 
-    Reads the file instead of importing it: importing is what fails before the patch.
+    Reads the file instead of importing it: importing is what fails before some patches.
     """
     import detectron2
 
     path = os.path.join(os.path.dirname(detectron2.__file__), relative_path)
     if not os.path.isfile(path):
-        return False
+        return ""
     with open(path, encoding="utf-8") as f:
-        return text in f.read()
+        return f.read()
 
 
 def _patch_pil_linear() -> None:
@@ -115,7 +125,7 @@ def _patch_pil_linear() -> None:
 
     if hasattr(Image, "LINEAR"):
         return
-    if _detectron2_source_mentions("data/transforms/transform.py", "Image.LINEAR"):
+    if "Image.LINEAR" in _detectron2_source("data/transforms/transform.py"):
         Image.LINEAR = Image.BILINEAR
         APPLIED.append("PIL.Image.LINEAR = PIL.Image.BILINEAR (removed in Pillow 10)")
 
@@ -140,6 +150,71 @@ def _patch_coco_evaluator_fast_path() -> None:
     APPLIED.append("COCOEvaluator(use_fast_impl=True) falls back to pycocotools")
 
 
+# Aliases numpy 2 removed (deprecated since numpy 1.20); detectron2 0.6 still uses them.
+_NUMPY_ALIASES = {"int": int, "float": float, "bool": bool, "str": str, "object": object}
+_NUMPY_ALIAS_USE = re.compile(r"\bnp\.(int|float|bool|str|object)\b")
+# detectron2 modules on the plugin's paths that may use them: VOC loading, the dataset class
+# histogram, the visualizer, mask structures.
+_MODULES_USING_NUMPY = {
+    "detectron2.data.datasets.pascal_voc": "data/datasets/pascal_voc.py",
+    "detectron2.data.build": "data/build.py",
+    "detectron2.utils.visualizer": "utils/visualizer.py",
+    "detectron2.structures.masks": "structures/masks.py",
+}
+
+
+class _NumpyWithRemovedAliases(types.ModuleType):
+    """numpy plus the removed aliases, as the ``np`` of one detectron2 module (numpy itself is
+    left alone)."""
+
+    def __init__(self):
+        super().__init__("numpy", "numpy with np.int/float/bool/str/object for detectron2 0.6")
+
+    def __getattr__(self, name: str):
+        if name in _NUMPY_ALIASES:
+            return _NUMPY_ALIASES[name]
+        return getattr(numpy, name)
+
+
+def _patch_numpy_aliases() -> None:
+    if all(hasattr(numpy, alias) for alias in _NUMPY_ALIASES):
+        return
+    numpy_with_aliases = _NumpyWithRemovedAliases()
+    for module_name, relative_path in _MODULES_USING_NUMPY.items():
+        if _NUMPY_ALIAS_USE.search(_detectron2_source(relative_path)):
+            module = importlib.import_module(module_name)
+            module.np = numpy_with_aliases
+            APPLIED.append(f"{module_name}: np.int/np.str/... aliases (removed in numpy 2)")
+
+
+def _patch_create_ddp_model_for_cpu() -> None:
+    """detectron2's create_ddp_model passes device_ids=[local rank], which DDP rejects for CPU
+    modules; CPU models get device_ids=None (GPU models are unchanged)."""
+    import detectron2.engine
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    source = inspect.getsource(original)
+    if "device_ids" not in source or "cpu" in source.lower() or "is_cuda" in source:
+        return
+
+    @functools.wraps(original)
+    def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+        if "device_ids" not in kwargs and not any(p.is_cuda for p in model.parameters()):
+            kwargs["device_ids"] = None
+        return original(model, fp16_compression=fp16_compression, **kwargs)
+
+    defaults.create_ddp_model = detectron2.engine.create_ddp_model = create_ddp_model
+    APPLIED.append("create_ddp_model: no device_ids for CPU models (DDP with gloo)")
+
+
+def _silence_import_time_warnings() -> None:
+    # detectron2 0.6 and fvcore script functions with torch.jit, and model_zoo imports
+    # pkg_resources, at import time; both warn on every run and nothing a user does fixes them.
+    warnings.filterwarnings("ignore", message="`torch.jit.script", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+
 _applied_once = False
 
 
@@ -152,12 +227,15 @@ def apply() -> Dict[str, object]:
     global _applied_once, NATIVE_OPS_ERROR
     if not _applied_once:
         _applied_once = True
+        _silence_import_time_warnings()
         NATIVE_OPS_ERROR = _native_ops_error()
         if NATIVE_OPS_ERROR is not None:
             _install_native_ops_stand_in(NATIVE_OPS_ERROR)
         _patch_pil_linear()
+        _patch_numpy_aliases()
         if NATIVE_OPS_ERROR is not None:
             _patch_coco_evaluator_fast_path()
+        _patch_create_ddp_model_for_cpu()
         for patch in APPLIED:
             logger.debug("retinanet_plugin.compat: %s", patch)
     return {"patches": list(APPLIED), "native_ops_error": NATIVE_OPS_ERROR}

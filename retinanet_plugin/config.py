@@ -5,6 +5,7 @@ gamma, inference thresholds, ...) and ``MODEL.ANCHOR_GENERATOR.*``; this adds on
 plugin's components read beyond those. Every default reproduces the paper's RetinaNet.
 """
 import os
+from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -54,3 +55,17 @@ def get_config_file(name: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"retinanet_plugin has no config {name!r} (looked for {path})")
     return path
+
+
+def config_sets_key(config_file: str, opts: Sequence[str], key: str) -> bool:
+    """Whether ``key`` (e.g. "MODEL.RETINANET.NUM_CLASSES") is set by ``config_file`` (with its
+    ``_BASE_`` chain) or by the ``KEY VALUE`` overrides ``opts``, rather than left at its default.
+    """
+    if key in list(opts)[::2]:
+        return True
+    node = CN.load_yaml_with_base(config_file, allow_unsafe=True)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True

@@ -105,6 +105,7 @@ class FocalLossHead(nn.Module):
         self.cls_score = _conv3x3(last_dim, num_anchors * num_classes)
         self.bbox_pred = _conv3x3(last_dim, num_anchors * 4)
 
+        self.prior_prob = prior_prob
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, mean=0, std=0.01)
@@ -125,6 +126,13 @@ class FocalLossHead(nn.Module):
     def reset_classification_bias(self, prior_prob: float) -> None:
         """Sets the final classification bias to -log((1 - pi) / pi) (the paper's prior init)."""
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @torch.no_grad()
+    def reset_classification_layer(self) -> None:
+        """Re-initialises the final classification conv as at construction: weight N(0, 0.01),
+        bias from the prior probability (used when fine-tuning to other classes)."""
+        nn.init.normal_(self.cls_score.weight, mean=0, std=0.01)
+        self.reset_classification_bias(self.prior_prob)
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):

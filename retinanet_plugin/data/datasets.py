@@ -1,11 +1,33 @@
-"""Registering datasets in detectron2's DatasetCatalog / MetadataCatalog."""
+"""Registering users' datasets in detectron2's DatasetCatalog / MetadataCatalog.
+
+Loading is detectron2's own (``load_coco_json``, ``load_voc_instances``); this module checks the
+paths up front, reads VOC class names from the XML files when none are given, and works out the
+number of classes a training set has.
+"""
 import logging
 import os
+import xml.etree.ElementTree as ET
+from typing import List, Optional, Sequence
 
-from detectron2.data import DatasetCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+
+__all__ = [
+    "register_coco_dataset",
+    "register_voc_dataset",
+    "voc_class_names",
+    "dataset_class_names",
+    "resolve_num_classes",
+    "add_dataset_arguments",
+    "register_datasets_from_args",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def _check_new_name(name: str) -> None:
+    if name in DatasetCatalog.list():
+        raise ValueError(f"dataset {name!r} is already registered")
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
@@ -20,7 +42,136 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
         raise FileNotFoundError(f"dataset {name!r}: annotation file {json_file} does not exist")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"dataset {name!r}: image root {image_root} is not a folder")
-    if name in DatasetCatalog.list():
-        raise ValueError(f"dataset {name!r} is already registered")
+    _check_new_name(name)
     register_coco_instances(name, {}, json_file, image_root)
     logger.info("Registered COCO dataset %r: %s, images in %s", name, json_file, image_root)
+
+
+def _voc_split_ids(voc_dir: str, split: str) -> List[str]:
+    split_file = os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt")
+    if not os.path.isfile(split_file):
+        raise FileNotFoundError(f"VOC split file {split_file} does not exist")
+    with open(split_file, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def voc_class_names(voc_dir: str, split: str) -> List[str]:
+    """Sorted object class names found in the XML annotations of a VOC split."""
+    names = set()
+    for file_id in _voc_split_ids(voc_dir, split):
+        xml_file = os.path.join(voc_dir, "Annotations", f"{file_id}.xml")
+        try:
+            tree = ET.parse(xml_file)
+        except (OSError, ET.ParseError) as e:
+            raise ValueError(f"VOC annotation {xml_file}: {e}") from e
+        names.update(obj.findtext("name").strip() for obj in tree.findall("object"))
+    if not names:
+        raise ValueError(f"VOC split {split!r} in {voc_dir} has no annotated objects")
+    return sorted(names)
+
+
+def register_voc_dataset(
+    name: str, voc_dir: str, split: str, class_names: Optional[Sequence[str]] = None
+) -> List[str]:
+    """Registers a Pascal VOC split (``Annotations/``, ``JPEGImages/``,
+    ``ImageSets/Main/<split>.txt``) under ``name`` with detectron2's VOC loader.
+
+    Args:
+        name: the dataset name for ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+        voc_dir: the VOC folder.
+        split: split file name without ``.txt`` (e.g. "train", "val", "trainval").
+        class_names: class names in label order; if None, the sorted names found in the
+            split's XML files (register validation splits with the training split's names).
+
+    Returns:
+        The class names used.
+    """
+    for sub in ("Annotations", "JPEGImages"):
+        if not os.path.isdir(os.path.join(voc_dir, sub)):
+            raise FileNotFoundError(f"dataset {name!r}: {voc_dir} has no {sub}/ folder")
+    if class_names is None:
+        class_names = voc_class_names(voc_dir, split)
+    _check_new_name(name)
+    # year only selects the VOC2007 11-point metric of PascalVOCDetectionEvaluator.
+    register_pascal_voc(name, voc_dir, split, year=2012, class_names=list(class_names))
+    logger.info(
+        "Registered VOC dataset %r: %s split %r, classes %s", name, voc_dir, split, class_names
+    )
+    return list(class_names)
+
+
+def dataset_class_names(name: str) -> List[str]:
+    """Class names of a registered dataset (loads it if its metadata does not list them)."""
+    metadata = MetadataCatalog.get(name)
+    if not hasattr(metadata, "thing_classes"):
+        DatasetCatalog.get(name)  # detectron2's COCO loader sets thing_classes when loading
+    return list(metadata.thing_classes)
+
+
+def resolve_num_classes(cfg, dataset_name: str, set_by_user: bool) -> None:
+    """Makes ``cfg.MODEL.RETINANET.NUM_CLASSES`` match the classes of ``dataset_name``.
+
+    Not set by the user: it follows the dataset, with a log line. Set by the user and different:
+    a clear error now, instead of a shape error inside the loss later.
+
+    Args:
+        cfg: a mutable config.
+        dataset_name: a registered dataset (usually ``DATASETS.TRAIN[0]``).
+        set_by_user: whether the config file or the command line set NUM_CLASSES.
+    """
+    classes = dataset_class_names(dataset_name)
+    configured = cfg.MODEL.RETINANET.NUM_CLASSES
+    if configured == len(classes):
+        return
+    if set_by_user:
+        raise ValueError(
+            f"MODEL.RETINANET.NUM_CLASSES is {configured}, but dataset {dataset_name!r} has "
+            f"{len(classes)} classes ({', '.join(classes[:10])}"
+            f"{', ...' if len(classes) > 10 else ''}); fix the value or leave it unset to "
+            "follow the dataset"
+        )
+    logger.info(
+        "MODEL.RETINANET.NUM_CLASSES set to %d, the number of classes of dataset %r (was %d)",
+        len(classes), dataset_name, configured,
+    )
+    cfg.MODEL.RETINANET.NUM_CLASSES = len(classes)
+
+
+def add_dataset_arguments(parser) -> None:
+    """Adds ``--register-coco``, ``--register-voc`` and ``--voc-classes`` to an argparse parser."""
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--register-voc",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "VOC_DIR", "SPLIT"),
+        help="register the Pascal VOC split VOC_DIR/ImageSets/Main/SPLIT.txt as NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--voc-classes",
+        default=None,
+        help="comma-separated VOC class names in label order (default: the sorted names found "
+        "in the XML files of all splits registered from the same VOC_DIR)",
+    )
+
+
+def register_datasets_from_args(args) -> None:
+    """Registers the datasets named by :func:`add_dataset_arguments`' options."""
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    given = [c.strip() for c in args.voc_classes.split(",")] if args.voc_classes else None
+    classes_per_dir = {}
+    for name, voc_dir, split in args.register_voc:
+        if given is None and voc_dir not in classes_per_dir:
+            # One class list for all splits of a folder, so train and val labels agree.
+            splits = [s for _, d, s in args.register_voc if d == voc_dir]
+            classes_per_dir[voc_dir] = sorted({c for s in splits for c in voc_class_names(voc_dir, s)})
+        register_voc_dataset(name, voc_dir, split, given or classes_per_dir[voc_dir])

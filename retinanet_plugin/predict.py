@@ -1,0 +1,211 @@
+"""Detections on your own images: annotated pictures plus one COCO-results JSON.
+
+    python -m retinanet_plugin.predict --config-file configs/retinanet_R18_GN_tiny.yaml \\
+        --input photos/ --input "more/*.jpg" --output predictions/ \\
+        MODEL.WEIGHTS output/model_final.pth
+
+Class names come from the dataset the model was trained on, if it is registered (the same
+``--register-coco`` / ``--register-voc`` options as train_net.py, ``--dataset`` to pick one;
+default ``DATASETS.TEST[0]``). Files that cannot be read are reported by name and skipped; the exit
+code is 1 if any were, 2 if no input matched.
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import retinanet_plugin  # noqa: F401  (compat patches, registered components)
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import Visualizer
+from retinanet_plugin.checkpoint import RetinaNetCheckpointer
+from retinanet_plugin.config import add_retinanet_config, config_sets_key
+from retinanet_plugin.data import (
+    add_dataset_arguments,
+    register_datasets_from_args,
+    resolve_num_classes,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[str]:
+    """Image files named by paths, folders (their image files) or glob patterns, in order."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            names = sorted(os.listdir(item))
+            files += [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            files += sorted(glob.glob(item))
+    return list(dict.fromkeys(files))  # drop repeats, keep order
+
+
+class BatchPredictor:
+    """Runs a RetinaNet on batches of images given as BGR/RGB arrays, like detectron2's
+    DefaultPredictor (same resizing), but several images per forward pass.
+
+    Args:
+        cfg: a frozen config; MODEL.WEIGHTS is loaded.
+    """
+
+    def __init__(self, cfg):
+        self.model = build_model(cfg).eval()
+        RetinaNetCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.resize = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
+        self.input_format = cfg.INPUT.FORMAT
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[np.ndarray]) -> List:
+        """
+        Args:
+            images: (H, W, 3) uint8 arrays in ``cfg.INPUT.FORMAT`` channel order.
+
+        Returns:
+            per image, detectron2 ``Instances`` in that image's pixel coordinates.
+        """
+        inputs = []
+        for image in images:
+            resized = self.resize.get_transform(image).apply_image(image)
+            tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+            inputs.append({"image": tensor, "height": image.shape[0], "width": image.shape[1]})
+        return [output["instances"].to("cpu") for output in self.model(inputs)]
+
+
+def _metadata(cfg, dataset_name: str):
+    if dataset_name and dataset_name in DatasetCatalog.list():
+        metadata = MetadataCatalog.get(dataset_name)
+        if hasattr(metadata, "thing_classes"):
+            return metadata
+    names = [f"class_{i}" for i in range(cfg.MODEL.RETINANET.NUM_CLASSES)]
+    return MetadataCatalog.get("__retinanet_plugin_predict__").set(thing_classes=names)
+
+
+def _output_name(path: str, used: Dict[str, int]) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    used[stem] = used.get(stem, 0) + 1
+    return f"{stem}.png" if used[stem] == 1 else f"{stem}_{used[stem]}.png"
+
+
+def predict_files(
+    predictor: BatchPredictor,
+    files: Sequence[str],
+    output_dir: str,
+    metadata,
+    score_threshold: float,
+    batch_size: int,
+) -> Tuple[List[Dict], List[Tuple[str, str]]]:
+    """Writes an annotated PNG per readable file; returns (COCO results, [(file, error)])."""
+    os.makedirs(output_dir, exist_ok=True)
+    id_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    to_dataset_id = {v: k for k, v in id_map.items()} if id_map else None
+    results, failures, used_names = [], [], {}
+    batch = []  # (image id, path, image)
+
+    def flush():
+        outputs = predictor([image for _, _, image in batch])
+        for (image_id, path, image), instances in zip(batch, outputs):
+            instances = instances[instances.scores >= score_threshold]
+            rgb = convert_image_to_rgb(image, predictor.input_format)
+            drawing = Visualizer(rgb, metadata).draw_instance_predictions(instances)
+            drawing.save(os.path.join(output_dir, _output_name(path, used_names)))
+            for record in instances_to_coco_json(instances, image_id):
+                if to_dataset_id:
+                    record["category_id"] = to_dataset_id[record["category_id"]]
+                record["file_name"] = path
+                results.append(record)
+        batch.clear()
+
+    for image_id, path in enumerate(tqdm(files, desc="predict", unit="image")):
+        try:
+            image = read_image(path, format=predictor.input_format)
+        except Exception as e:  # PIL raises several types for unreadable / truncated files
+            logger.warning("Skipping %s: cannot read it as an image (%s)", path, e)
+            failures.append((path, str(e)))
+            continue
+        batch.append((image_id, path, image))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return results, failures
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument(
+        "--input", action="append", required=True,
+        help="image file, folder or glob pattern (repeatable)",
+    )
+    parser.add_argument("--output", required=True, help="folder for images and results JSON")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="default: 0.5")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--dataset", default=None, help="registered dataset for class names")
+    add_dataset_arguments(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
+    setup_logger(name="retinanet_plugin")
+    setup_logger(name="fvcore")
+    register_datasets_from_args(args)
+    cfg = get_cfg()
+    add_retinanet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    if dataset in DatasetCatalog.list():
+        set_by_user = config_sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
+        resolve_num_classes(cfg, dataset, set_by_user)
+    cfg.freeze()
+
+    files = expand_inputs(args.input)
+    if not files:
+        logger.error("No input images matched %s", args.input)
+        return 2
+    results, failures = predict_files(
+        BatchPredictor(cfg), files, args.output, _metadata(cfg, dataset),
+        args.score_threshold, args.batch_size,
+    )
+    results_file = os.path.join(args.output, "coco_results.json")
+    with open(results_file, "w") as f:
+        json.dump(results, f)
+    logger.info(
+        "%d images, %d detections with score >= %g; images and %s in %s",
+        len(files) - len(failures), len(results), args.score_threshold,
+        os.path.basename(results_file), args.output,
+    )
+    if failures:
+        logger.error(
+            "%d file(s) could not be read: %s", len(failures), ", ".join(p for p, _ in failures)
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
