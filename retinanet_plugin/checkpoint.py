@@ -18,7 +18,16 @@ class RetinaNetCheckpointer(DetectionCheckpointer):
     with another number of classes), that layer is re-initialised with the paper's prior
     probability bias and one summary line says so. Skipped tensors outside that layer get a
     warning naming them, since they mean the architectures differ.
+
+    Args:
+        allow_new_classes: False for inference, where a re-initialised classification layer
+            would give random classes: a class-count mismatch is then an error.
+        model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
     """
+
+    def __init__(self, model, save_dir="", *, allow_new_classes=True, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.allow_new_classes = allow_new_classes
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
@@ -26,6 +35,13 @@ class RetinaNetCheckpointer(DetectionCheckpointer):
         classification = [s for s in skipped if s[0].startswith(CLASSIFICATION_LAYER)]
         others = [s for s in skipped if not s[0].startswith(CLASSIFICATION_LAYER)]
         head = getattr(self.model, "head", None)
+        if classification and not self.allow_new_classes:
+            key, in_checkpoint, in_model = classification[0]
+            raise ValueError(
+                f"The checkpoint's {key} has shape {tuple(in_checkpoint)}, the model's "
+                f"{tuple(in_model)}: they were made for different numbers of classes. Set "
+                "MODEL.RETINANET.NUM_CLASSES (or name the training dataset) to match the checkpoint"
+            )
         if classification and hasattr(head, "reset_classification_layer"):
             head.reset_classification_layer()
             weight = next(s for s in classification if s[0].endswith("weight"))

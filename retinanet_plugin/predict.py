@@ -4,10 +4,11 @@
         --input photos/ --input "more/*.jpg" --output predictions/ \\
         MODEL.WEIGHTS output/model_final.pth
 
-Class names come from the dataset the model was trained on, if it is registered (the same
-``--register-coco`` / ``--register-voc`` options as train_net.py, ``--dataset`` to pick one;
-default ``DATASETS.TEST[0]``). Files that cannot be read are reported by name and skipped; the exit
-code is 1 if any were, 2 if no input matched.
+Class names (and, unless set, MODEL.RETINANET.NUM_CLASSES) come from a dataset with the model's
+classes: ``--dataset NAME``, else the first one registered with the same ``--register-coco`` /
+``--register-voc`` options as train_net.py, else ``DATASETS.TEST[0]`` if registered. Files that
+cannot be read are reported by name and skipped; the exit code is 1 if any were, 2 if no input
+matched.
 """
 import argparse
 import glob
@@ -67,7 +68,7 @@ class BatchPredictor:
 
     def __init__(self, cfg):
         self.model = build_model(cfg).eval()
-        RetinaNetCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        RetinaNetCheckpointer(self.model, allow_new_classes=False).load(cfg.MODEL.WEIGHTS)
         self.resize = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
     add_retinanet_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    registered = [entry[0] for entry in args.register_coco + args.register_voc]
+    dataset = args.dataset or next(iter(registered + list(cfg.DATASETS.TEST)), None)
     if dataset in DatasetCatalog.list():
         set_by_user = config_sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
         resolve_num_classes(cfg, dataset, set_by_user)

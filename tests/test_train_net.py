@@ -1,77 +1,181 @@
-"""End to end through train_net.py: train, checkpoint, resume, evaluate with COCOEvaluator."""
+"""End to end through the command line: train_net.py (COCO and VOC datasets, checkpoint, resume,
+COCOEvaluator, fine-tuning to other classes) and retinanet_plugin.predict."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import cv2
+import pytest
 import torch
 
+from conftest import keep_classes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
+# Small inputs and batches: a few iterations run in seconds.
+FAST = [
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.CHECKPOINT_PERIOD", "2",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)",
+    "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "160",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SEED", "1",
+    # A model trained for a few iterations scores below the default 0.05: keep every candidate,
+    # so that evaluation computes a real AP.
+    "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+]
 
 
-def train_net(shapes_dataset, output_dir, *args):
-    """Runs train_net.py on the generated dataset with the tiny config; returns its log text."""
-    (train_json, train_root), (val_json, val_root) = shapes_dataset["train"], shapes_dataset["val"]
-    command = [
-        sys.executable, os.path.join(REPO, "train_net.py"),
-        "--config-file", os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"),
-        "--register-coco", "shapes_train", train_json, train_root,
-        "--register-coco", "shapes_val", val_json, val_root,
-        *args,
-        "DATASETS.TRAIN", "('shapes_train',)",
-        "DATASETS.TEST", "('shapes_val',)",
-        "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "2",
-        "INPUT.MIN_SIZE_TRAIN", "(128,)",
-        "INPUT.MAX_SIZE_TRAIN", "160",
-        "INPUT.MIN_SIZE_TEST", "128",
-        "INPUT.MAX_SIZE_TEST", "160",
-        "DATALOADER.NUM_WORKERS", "0",
-        "SEED", "1",
-        "OUTPUT_DIR", str(output_dir),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+def run(*args, expect_ok=True):
+    """Runs a Python command line in the repository; returns (exit code, output)."""
+    result = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
     log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-    return log
+    if expect_ok:
+        assert result.returncode == 0, log[-5000:]
+    return result.returncode, log
+
+
+def coco_args(shapes_dataset, train_json=None):
+    (json_train, root_train), (json_val, root_val) = shapes_dataset["train"], shapes_dataset["val"]
+    return [
+        "--register-coco", "shapes_train", train_json or json_train, root_train,
+        "--register-coco", "shapes_val", json_val, root_val,
+    ]
+
+
+def train_net(output_dir, dataset_args, *args, expect_ok=True):
+    return run(
+        "train_net.py", "--config-file", TINY, *dataset_args, *args,
+        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "('shapes_val',)",
+        *FAST, "OUTPUT_DIR", str(output_dir), expect_ok=expect_ok,
+    )
 
 
 def copypaste_ap(log):
-    """The AP line of detectron2's 'copypaste' evaluation summary."""
+    """The metrics of detectron2's 'copypaste' evaluation summary."""
     header = re.search(r"copypaste: (AP,AP50.*)", log).group(1).split(",")
     values = re.search(r"copypaste: ([-\d.nan]+(?:,[-\d.nan]+)+)\s*$", log, re.M).group(1)
     return dict(zip(header, map(float, values.split(","))))
 
 
-def test_train_resume_and_evaluate(shapes_dataset, tmp_path):
-    """Trains 4 iterations, resumes to 6 from the checkpoint, then evaluates the final model."""
-    output = tmp_path / "run"
-    log = train_net(shapes_dataset, output, "SOLVER.MAX_ITER", "4")
-    assert (output / "model_final.pth").is_file()
+@pytest.fixture(scope="module")
+def trained(shapes_dataset, tmp_path_factory):
+    """A tiny model trained 4 iterations on the COCO shapes dataset: (output dir, log)."""
+    output = tmp_path_factory.mktemp("trained")
+    _, log = train_net(output, coco_args(shapes_dataset), "SOLVER.MAX_ITER", "4")
+    return output, log
+
+
+def test_train_writes_checkpoints_metrics_and_evaluates(trained):
+    output, log = trained
     assert (output / "last_checkpoint").read_text() == "model_final.pth"
+    checkpoint = torch.load(output / "model_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["iteration"] == 3
+    assert checkpoint["model"]["head.cls_score.weight"].shape[0] == 9 * 4  # 4 shape classes
+    assert "NUM_CLASSES set to 4" in log
     metrics = [json.loads(line) for line in (output / "metrics.json").read_text().splitlines()]
     losses = [m["loss_cls"] for m in metrics if "loss_cls" in m]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
-    assert "Evaluation results for bbox" in log  # evaluated after training
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(output))
+    assert set(copypaste_ap(log)) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
-    checkpoint = torch.load(output / "model_final.pth", map_location="cpu", weights_only=True)
-    assert checkpoint["iteration"] == 3
-    assert "head.cls_score.weight" in checkpoint["model"]
 
-    log = train_net(shapes_dataset, output, "--resume", "SOLVER.MAX_ITER", "6")
+def test_resume_continues_from_the_checkpoint(trained, shapes_dataset, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(trained[0], output)
+    _, log = train_net(output, coco_args(shapes_dataset), "--resume", "SOLVER.MAX_ITER", "6")
     assert "Starting training from iteration 4" in log
     resumed = torch.load(output / "model_final.pth", map_location="cpu", weights_only=True)
     assert resumed["iteration"] == 5
 
-    log = train_net(
-        shapes_dataset, output, "--eval-only", "MODEL.WEIGHTS", str(output / "model_final.pth")
-    )
+
+def test_eval_only_reports_coco_metrics_per_category(trained, shapes_dataset, tmp_path):
+    weights = str(trained[0] / "model_final.pth")
+    _, log = train_net(tmp_path, coco_args(shapes_dataset), "--eval-only", "MODEL.WEIGHTS", weights)
     ap = copypaste_ap(log)
-    assert set(ap) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert 0.0 <= ap["AP"] <= 100.0
-    assert "Per-category bbox AP" in log
-    results = json.loads(
-        (output / "inference" / "shapes_val" / "coco_instances_results.json").read_text()
-    )
+    assert "Per-category bbox AP" in log and "rectangle" in log
+    results = json.loads((tmp_path / "inference/shapes_val/coco_instances_results.json").read_text())
     assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+
+
+def test_voc_dataset_trains_and_evaluates(voc_dataset, tmp_path):
+    voc = ["--register-voc", "shapes_train", voc_dataset, "train",
+           "--register-voc", "shapes_val", voc_dataset, "val"]
+    _, log = train_net(tmp_path, voc, "SOLVER.MAX_ITER", "2")
+    ap = copypaste_ap(log)
+    assert 0.0 <= ap["AP"] <= 100.0
+    assert "Per-category bbox AP" in log and "ellipse" in log
+
+
+def test_num_classes_mismatch_is_an_error_before_training(shapes_dataset, tmp_path):
+    code, log = train_net(
+        tmp_path, coco_args(shapes_dataset), "MODEL.RETINANET.NUM_CLASSES", "3",
+        "SOLVER.MAX_ITER", "2", expect_ok=False,
+    )
+    assert code != 0
+    assert "NUM_CLASSES is 3, but dataset 'shapes_train' has 4 classes" in log
+    assert "Starting training" not in log
+
+
+def test_finetune_to_fewer_classes(trained, shapes_dataset, tmp_path):
+    """A 4-class checkpoint fine-tunes on a 2-class dataset: compatible weights load, the
+    classification layer is re-initialised, and the log names the skipped tensors."""
+    two_classes = keep_classes(shapes_dataset["train"][0], str(tmp_path / "two.json"), {1, 2})
+    dataset_args = coco_args(shapes_dataset, train_json=two_classes)
+    dataset_args[-3:] = ["shapes_val", two_classes, shapes_dataset["train"][1]]
+    weights = str(trained[0] / "model_final.pth")
+    _, log = train_net(tmp_path, dataset_args, "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", "2")
+    assert "NUM_CLASSES set to 2" in log
+    assert "Skip loading parameter 'head.cls_score.weight'" in log
+    assert "Skip loading parameter 'head.cls_score.bias'" in log
+    assert "re-initialised the classification layer with prior probability 0.01" in log
+    model = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
+    base = torch.load(weights, map_location="cpu", weights_only=True)
+    assert model["model"]["head.cls_score.weight"].shape[0] == 9 * 2
+    # Everything else was loaded (then trained 2 iterations from there: close, not random).
+    before, after = base["model"]["head.bbox_pred.weight"], model["model"]["head.bbox_pred.weight"]
+    assert (after - before).abs().max() < 0.1 * before.abs().max()
+
+
+def test_predict_skips_a_corrupt_file_and_writes_the_rest(trained, shapes_dataset, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    val_root = shapes_dataset["val"][1]
+    for name in sorted(os.listdir(val_root))[:3]:
+        shutil.copy(os.path.join(val_root, name), images / name)
+    (images / "corrupt.jpg").write_bytes(b"not an image at all")
+    output = tmp_path / "predictions"
+    code, log = run(
+        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input", str(images),
+        "--output", str(output), "--score-threshold", "0.0", "--batch-size", "2",
+        *coco_args(shapes_dataset), "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
+        expect_ok=False,
+    )
+    assert code == 1
+    assert "corrupt.jpg" in log
+    written = sorted(p.name for p in output.glob("*.png"))
+    assert written == ["00001.png", "00002.png", "00003.png"]
+    assert cv2.imread(str(output / "00001.png")).shape == (128, 128, 3)
+    results = json.loads((output / "coco_results.json").read_text())
+    assert results and {r["file_name"] for r in results} <= {str(images / n) for n in written}
+    assert {r["category_id"] for r in results} <= {1, 2, 3, 4}  # the dataset's category ids
+
+
+def test_predict_refuses_a_checkpoint_with_other_classes(trained, shapes_dataset, tmp_path):
+    """Without a dataset the model has detectron2's default 80 classes, the checkpoint 4: a clear
+    error instead of predictions from a randomly initialised classifier."""
+    code, log = run(
+        "-m", "retinanet_plugin.predict", "--config-file", TINY,
+        "--input", shapes_dataset["val"][1], "--output", str(tmp_path),
+        "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"), expect_ok=False,
+    )
+    assert code != 0
+    assert "made for different numbers of classes" in log

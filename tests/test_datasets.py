@@ -1,0 +1,105 @@
+"""Dataset registration: COCO and VOC through detectron2's loaders, class counts, errors."""
+import argparse
+import json
+
+import pytest
+
+from conftest import plugin_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+from retinanet_plugin import get_config_file
+from retinanet_plugin.config import config_sets_key
+from retinanet_plugin.data import (
+    SHAPE_CLASSES,
+    add_dataset_arguments,
+    register_coco_dataset,
+    register_datasets_from_args,
+    register_voc_dataset,
+    resolve_num_classes,
+    voc_class_names,
+)
+
+
+XYXY = BoxMode.XYXY_ABS
+
+
+def unique(name, request):
+    """A dataset name unique to this test (the catalogs are process-global)."""
+    return f"{name}_{request.node.name}"
+
+
+def test_voc_boxes_equal_the_coco_boxes(shapes_dataset, voc_dataset, request):
+    """VOC registration with class names read from the XML: same images and boxes as COCO."""
+    voc_name, coco_name = unique("voc", request), unique("coco", request)
+    classes = register_voc_dataset(voc_name, voc_dataset, "train")
+    register_coco_dataset(coco_name, *shapes_dataset["train"])
+    with open(shapes_dataset["train"][0]) as f:
+        present = {a["category_id"] for a in json.load(f)["annotations"]}
+    assert classes == sorted(SHAPE_CLASSES[i - 1] for i in present)
+    assert MetadataCatalog.get(voc_name).thing_classes == classes
+    voc, coco = DatasetCatalog.get(voc_name), DatasetCatalog.get(coco_name)
+    assert len(voc) == len(coco) == 16
+    coco_classes = MetadataCatalog.get(coco_name).thing_classes
+    for v, c in zip(voc, coco):
+        boxes_v = [(classes[a["category_id"]], a["bbox"]) for a in v["annotations"]]
+        boxes_c = [
+            (coco_classes[a["category_id"]], BoxMode.convert(a["bbox"], a["bbox_mode"], XYXY))
+            for a in c["annotations"]
+        ]
+        assert len(boxes_v) == len(boxes_c)
+        for (name_v, box_v), (name_c, box_c) in zip(boxes_v, boxes_c):
+            assert name_v == name_c
+            assert box_v == pytest.approx(box_c, abs=1e-4)
+
+
+def test_voc_splits_of_one_folder_share_class_names(voc_dataset, request):
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    train, val = unique("voc_train", request), unique("voc_val", request)
+    args = parser.parse_args(
+        ["--register-voc", train, voc_dataset, "train", "--register-voc", val, voc_dataset, "val"]
+    )
+    register_datasets_from_args(args)
+    expected = sorted(
+        set(voc_class_names(voc_dataset, "train")) | set(voc_class_names(voc_dataset, "val"))
+    )
+    assert MetadataCatalog.get(train).thing_classes == expected
+    assert MetadataCatalog.get(val).thing_classes == expected
+
+
+def test_missing_paths_and_duplicate_names_are_clear_errors(shapes_dataset, tmp_path, request):
+    json_file, image_root = shapes_dataset["train"]
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        register_coco_dataset(unique("a", request), str(tmp_path / "nope.json"), image_root)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        register_coco_dataset(unique("a", request), json_file, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="Annotations"):
+        register_voc_dataset(unique("v", request), str(tmp_path), "train")
+    register_coco_dataset(unique("b", request), json_file, image_root)
+    with pytest.raises(ValueError, match="already registered"):
+        register_coco_dataset(unique("b", request), json_file, image_root)
+
+
+def test_num_classes_follows_the_dataset_unless_set(shapes_dataset, request):
+    name = unique("coco", request)
+    register_coco_dataset(name, *shapes_dataset["train"])
+    cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml")
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 80  # detectron2's default, not set by the config
+    resolve_num_classes(cfg, name, set_by_user=False)
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == len(SHAPE_CLASSES)
+
+    cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml", "MODEL.RETINANET.NUM_CLASSES", "3")
+    with pytest.raises(ValueError, match=r"NUM_CLASSES is 3, but dataset .* has 4 classes"):
+        resolve_num_classes(cfg, name, set_by_user=True)
+
+
+def test_config_sets_key_reads_file_chain_and_overrides(tmp_path):
+    tiny = get_config_file("retinanet_R18_GN_tiny.yaml")
+    key = "MODEL.RETINANET.NUM_CLASSES"
+    assert not config_sets_key(tiny, [], key)
+    assert config_sets_key(tiny, [key, "3"], key)
+    assert config_sets_key(tiny, [], "MODEL.RETINANET.NUM_CONVS")  # in the file
+    assert config_sets_key(tiny, [], "MODEL.RETINANET.IOU_THRESHOLDS")  # in its _BASE_
+    child = tmp_path / "child.yaml"
+    child.write_text(f'_BASE_: "{tiny}"\nMODEL:\n  RETINANET:\n    NUM_CLASSES: 2\n')
+    assert config_sets_key(str(child), [], key)
