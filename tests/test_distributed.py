@@ -1,0 +1,59 @@
+"""Data-parallel training in 2 CPU processes (gloo): ranks stay in sync, losses are finite."""
+import json
+import os
+import sys
+
+import torch
+
+from retinanet_plugin.launch import launch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_and_dump(argv, dump_dir):
+    """Runs in every process: train_net's setup and Trainer for 3 iterations, then saves this
+    rank's weights and losses."""
+    sys.path.insert(0, REPO)
+    import train_net
+    from detectron2.utils import comm
+    from retinanet_plugin.data import register_datasets_from_args
+
+    args = train_net.argument_parser().parse_args(argv)
+    register_datasets_from_args(args)
+    trainer = train_net.Trainer(train_net.setup(args))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+    rank = comm.get_rank()
+    torch.save(trainer.model.module.state_dict(), os.path.join(dump_dir, f"rank{rank}.pth"))
+    if comm.is_main_process():  # detectron2 gathers every rank's losses into rank 0's storage
+        losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+        with open(os.path.join(dump_dir, "losses.json"), "w") as f:
+            json.dump({"world_size": comm.get_world_size(), "losses": losses}, f)
+
+
+def test_two_cpu_processes_stay_in_sync(shapes_dataset, tmp_path):
+    (train_json, train_root), (val_json, val_root) = shapes_dataset["train"], shapes_dataset["val"]
+    argv = [
+        "--config-file", os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"),
+        "--num-gpus", "2",
+        "--register-coco", "shapes_train", train_json, train_root,
+        "--register-coco", "shapes_val", val_json, val_root,
+        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()",
+        "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4",
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160",
+        "DATALOADER.NUM_WORKERS", "0", "SEED", "3", "OUTPUT_DIR", str(tmp_path / "out"),
+    ]
+    launch(_train_and_dump, 2, dist_url="auto", args=(argv, str(tmp_path)), device="cpu")
+
+    # The ranks started from different seeds and saw different images; DDP broadcast rank 0's
+    # initial weights and averaged every gradient, so their weights must be identical.
+    rank0 = torch.load(tmp_path / "rank0.pth", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pth", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    record = json.loads((tmp_path / "losses.json").read_text())
+    assert record["world_size"] == 2
+    assert len(record["losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(record["losses"])))
