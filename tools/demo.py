@@ -1,18 +1,36 @@
 #!/usr/bin/env python
-"""The demo: generate the shapes dataset, train the tiny RetinaNet from scratch, evaluate.
+"""The demo: RetinaNet learns a class-imbalanced detection task from scratch on the CPU.
 
-Runs the same path a user's own dataset takes: the generated COCO files are registered with
-``train_net.py --register-coco`` and trained with ``configs/retinanet_R18_GN_tiny.yaml``.
-Everything goes under ``output/demo/`` (dataset, checkpoints, metrics.json, tensorboard events,
-COCO evaluation). Extra ``KEY VALUE`` arguments override the config, e.g.
+1. generates the shapes dataset (seeded) and registers it through the COCO path a user's own
+   dataset takes (``train_net.py --register-coco``);
+2. trains ``configs/retinanet_R18_GN_tiny.yaml`` and evaluates it on the validation split with
+   detectron2's COCOEvaluator;
+3. plots losses / learning rate / AP, and draws the predictions on validation images.
+
+Everything lands in ``output/demo/``: ``metrics.json``, tensorboard events, checkpoints,
+``demo_results.json`` (COCO metrics and wall time), ``training_curves.png`` and
+``predictions/*.png``. Extra ``KEY VALUE`` arguments override the config, e.g.
 ``python tools/demo.py SOLVER.MAX_ITER 100``.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
+
+
+def final_metrics(metrics_file: str) -> dict:
+    """The last evaluation record of a detectron2 metrics.json ("bbox/..." keys)."""
+    from retinanet_plugin.plot_metrics import read_metrics
+
+    evaluations = [r for r in read_metrics(metrics_file) if "bbox/AP" in r]
+    if not evaluations:
+        raise RuntimeError(f"{metrics_file} has no evaluation results")
+    return {k[len("bbox/"):]: v for k, v in evaluations[-1].items() if k.startswith("bbox/")}
 
 
 def main():
@@ -20,24 +38,53 @@ def main():
     parser.add_argument("--output", default=os.path.join(REPO, "output", "demo"))
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=100)
+    parser.add_argument("--num-pictures", type=int, default=8, help="validation images to draw")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
+    start = time.perf_counter()
 
+    from retinanet_plugin import predict
     from retinanet_plugin.data import make_shapes_dataset
+    from retinanet_plugin.plot_metrics import plot_metrics
 
     splits = make_shapes_dataset(
         os.path.join(args.output, "data"), num_train=args.num_train, num_val=args.num_val, seed=0
     )
-    command = [
-        sys.executable, os.path.join(REPO, "train_net.py"),
-        "--config-file", os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"),
+    datasets = [
         "--register-coco", "retinanet_demo_train", *splits["train"],
         "--register-coco", "retinanet_demo_val", *splits["val"],
-        "OUTPUT_DIR", args.output,
-        *args.opts,
+    ]
+    command = [
+        sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *datasets,
+        "OUTPUT_DIR", args.output, *args.opts,
     ]
     print("+", " ".join(command), flush=True)
-    sys.exit(subprocess.call(command))
+    subprocess.run(command, check=True)
+
+    curves = plot_metrics(
+        os.path.join(args.output, "metrics.json"),
+        os.path.join(args.output, "training_curves.png"),
+    )
+    val_root = splits["val"][1]
+    inputs = [os.path.join(val_root, name) for name in sorted(os.listdir(val_root))]
+    pictures = os.path.join(args.output, "predictions")
+    predict_args = ["--config-file", CONFIG, *datasets, "--dataset", "retinanet_demo_val"]
+    for path in inputs[: args.num_pictures]:
+        predict_args += ["--input", path]
+    weights = os.path.join(args.output, "model_final.pth")
+    predict_args += ["--output", pictures, *args.opts, "MODEL.WEIGHTS", weights]
+    if predict.main(predict_args) != 0:
+        sys.exit("drawing the predictions failed")
+
+    results = {"bbox": final_metrics(os.path.join(args.output, "metrics.json"))}
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    with open(os.path.join(args.output, "demo_results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nDemo finished in {results['wall_time_s']:.0f} s. Validation box AP: "
+          f"{results['bbox']['AP']:.1f} (AP50 {results['bbox']['AP50']:.1f}, "
+          f"AP75 {results['bbox']['AP75']:.1f})")
+    print(f"Metrics: {os.path.join(args.output, 'demo_results.json')}\nCurves: {curves}\n"
+          f"Pictures: {pictures}/")
 
 
 if __name__ == "__main__":

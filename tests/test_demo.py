@@ -1,0 +1,48 @@
+"""The demo pipeline, shortened (tiny dataset, 3 iterations), and the metrics plot."""
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from retinanet_plugin.plot_metrics import plot_metrics, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shortened_demo_writes_every_output(tmp_path):
+    command = [
+        sys.executable, os.path.join(REPO, "tools", "demo.py"), "--output", str(tmp_path),
+        "--num-train", "8", "--num-val", "4", "--num-pictures", "2",
+        "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128",
+        "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    summary = json.loads((tmp_path / "demo_results.json").read_text())
+    assert 0.0 <= summary["bbox"]["AP"] <= 100.0
+    assert {"AP-ellipse", "AP-cross"} <= set(summary["bbox"])  # per-category AP
+    assert summary["wall_time_s"] > 0
+    assert "Validation box AP" in result.stdout
+    assert Image.open(tmp_path / "training_curves.png").size[0] > 0
+    assert len(list((tmp_path / "predictions").glob("*.png"))) == 2
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert (tmp_path / "model_final.pth").is_file()
+    assert json.loads((tmp_path / "data" / "train.json").read_text())["images"]
+
+
+def test_plot_metrics_draws_losses_lr_and_ap(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    records = [
+        {"iteration": i, "total_loss": 2.0 / (i + 1), "loss_cls": 1.0 / (i + 1),
+         "loss_box_reg": 1.0 / (i + 1), "lr": 0.01 * min(1.0, (i + 1) / 10)}
+        for i in range(19, -1, -1)  # written out of order on purpose
+    ]
+    records.append({"iteration": 19, "bbox/AP": 12.5, "bbox/AP50": 30.0, "bbox/AP75": 10.0})
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert [r["iteration"] for r in read_metrics(str(metrics))][:3] == [0, 1, 2]
+    output = plot_metrics(str(metrics), str(tmp_path / "curves.png"))
+    width, height = Image.open(output).size
+    assert width == 1500 and height == 400  # three panels (AP present) at 100 dpi
