@@ -33,18 +33,24 @@ from retinanet_plugin.data import (
     resolve_num_classes,
 )
 from retinanet_plugin.launch import launch
+from retinanet_plugin.solver import build_optimizer
 
 logger = logging.getLogger("retinanet_plugin.train_net")
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with COCO evaluation and fine-tuning-aware checkpoint loading."""
+    """detectron2's DefaultTrainer with COCO evaluation, SOLVER.OPTIMIZER and fine-tuning-aware
+    checkpoint loading."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     def build_hooks(self):
         # Swap in the plugin's checkpointer before the hooks capture self.checkpointer.

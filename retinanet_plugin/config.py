@@ -42,6 +42,11 @@ def add_retinanet_config(cfg: CN) -> None:
     # (the paper: 3 scales, sizes 32..512 on P3..P7, so 9 anchors per location with 3 ratios).
     _C.MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE = 3
 
+    # Optimizer: "SGD" (detectron2's, with SOLVER.MOMENTUM) or "AdamW" (SOLVER.ADAMW_BETAS,
+    # no weight decay on norm and bias parameters). BASE_LR and WEIGHT_DECAY apply to both.
+    _C.SOLVER.OPTIMIZER = "SGD"
+    _C.SOLVER.ADAMW_BETAS = (0.9, 0.999)
+
     if was_frozen:
         _C.freeze()
 

@@ -42,6 +42,7 @@ from retinanet_plugin.data import (
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MIN_DRAWING_SIDE = 512
 
 
 def expand_inputs(inputs: Sequence[str]) -> List[str]:
@@ -126,7 +127,9 @@ def predict_files(
         for (image_id, path, image), instances in zip(batch, outputs):
             instances = instances[instances.scores >= score_threshold]
             rgb = convert_image_to_rgb(image, predictor.input_format)
-            drawing = Visualizer(rgb, metadata).draw_instance_predictions(instances)
+            # Small images are drawn enlarged so that labels stay readable.
+            scale = max(1.0, MIN_DRAWING_SIDE / max(rgb.shape[:2]))
+            drawing = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances)
             drawing.save(os.path.join(output_dir, _output_name(path, used_names)))
             for record in instances_to_coco_json(instances, image_id):
                 if to_dataset_id:

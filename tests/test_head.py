@@ -99,8 +99,9 @@ def test_registered_and_built_from_plugin_config():
 
 
 def test_built_from_tiny_config_uses_group_norm():
-    """The tiny config (2 convs, GN, 4 classes) builds a GN head for 128-channel features."""
-    head = FocalLossHead(plugin_cfg("retinanet_R18_GN_tiny.yaml"), _shapes(channels=128))
+    """The tiny config (2 convs, GN) builds a GN head for 128-channel features."""
+    cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml", "MODEL.RETINANET.NUM_CLASSES", "4")
+    head = FocalLossHead(cfg, _shapes(channels=128))
     assert head.num_classes == 4
     kinds = [type(m) for m in head.cls_subnet]
     assert kinds == [nn.Conv2d, nn.GroupNorm, nn.ReLU] * 2

@@ -14,6 +14,7 @@ Everything lands in ``output/demo/``: ``metrics.json``, tensorboard events, chec
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,12 @@ def final_metrics(metrics_file: str) -> dict:
     evaluations = [r for r in read_metrics(metrics_file) if "bbox/AP" in r]
     if not evaluations:
         raise RuntimeError(f"{metrics_file} has no evaluation results")
-    return {k[len("bbox/"):]: v for k, v in evaluations[-1].items() if k.startswith("bbox/")}
+    # NaN (e.g. APl without large objects) becomes null, so the file is strict JSON.
+    return {
+        k[len("bbox/"):]: None if isinstance(v, float) and math.isnan(v) else v
+        for k, v in evaluations[-1].items()
+        if k.startswith("bbox/")
+    }
 
 
 def main():
@@ -38,6 +44,7 @@ def main():
     parser.add_argument("--output", default=os.path.join(REPO, "output", "demo"))
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=192, help="side of the square images")
     parser.add_argument("--num-pictures", type=int, default=8, help="validation images to draw")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
@@ -48,7 +55,11 @@ def main():
     from retinanet_plugin.plot_metrics import plot_metrics
 
     splits = make_shapes_dataset(
-        os.path.join(args.output, "data"), num_train=args.num_train, num_val=args.num_val, seed=0
+        os.path.join(args.output, "data"),
+        num_train=args.num_train,
+        num_val=args.num_val,
+        image_size=args.image_size,
+        seed=0,
     )
     datasets = [
         "--register-coco", "retinanet_demo_train", *splits["train"],

@@ -22,10 +22,10 @@ CLASS_FREQUENCIES = (0.55, 0.27, 0.13, 0.05)
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Low-frequency colour texture plus pixel noise and a few line segments, (size, size, 3)."""
-    coarse = rng.uniform(0, 255, size=(rng.integers(3, 9),) * 2 + (3,)).astype(np.float32)
+    coarse = rng.uniform(30, 225, size=(rng.integers(3, 9),) * 2 + (3,)).astype(np.float32)
     image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-    image += rng.normal(0, 18, size=image.shape).astype(np.float32)
-    for _ in range(rng.integers(2, 7)):
+    image += rng.normal(0, 12, size=image.shape).astype(np.float32)
+    for _ in range(rng.integers(1, 5)):
         p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
         color = rng.uniform(0, 255, 3).tolist()
         cv2.line(image, tuple(int(v) for v in p1), tuple(int(v) for v in p2), color, 1)
@@ -64,7 +64,7 @@ def _make_image(
     objects = []
     for _ in range(rng.integers(1, max_objects + 1)):
         cls = int(rng.choice(len(SHAPE_CLASSES), p=CLASS_FREQUENCIES))
-        side = float(np.exp(rng.uniform(np.log(10), np.log(size * 0.5))))  # sqrt of area
+        side = float(np.exp(rng.uniform(np.log(12), np.log(size * 0.5))))  # sqrt of area
         ratio = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))  # height / width
         w, h = side / np.sqrt(ratio), side * np.sqrt(ratio)
         cx, cy = rng.uniform(w / 2, size - w / 2), rng.uniform(h / 2, size - h / 2)
