@@ -71,12 +71,12 @@ def build_config(args):
 def setup(args):
     cfg = build_config(args)
     if cfg.TEST.AUG.ENABLED:
-        raise ValueError("TEST.AUG.ENABLED: test-time augmentation is not implemented for RetinaNet")
+        raise ValueError("TEST.AUG.ENABLED: RetinaNet has no test-time augmentation")
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
     if datasets:
-        num_classes_set = config_sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
-        resolve_num_classes(cfg, datasets[0], num_classes_set)
+        key = "MODEL.RETINANET.NUM_CLASSES"
+        resolve_num_classes(cfg, datasets[0], config_sets_key(args.config_file, args.opts, key))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

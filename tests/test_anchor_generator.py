@@ -86,7 +86,8 @@ def test_octave_scaled_sizes_equal_model_zoo_sizes_exactly():
         plugin_cfg("retinanet_R50_FPN_1x.yaml").MODEL.ANCHOR_GENERATOR.SIZES,
         plugin_cfg("retinanet_R50_FPN_1x.yaml").MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE,
     )
-    assert ours == [list(level) for level in detectron2_cfg("COCO-Detection/retinanet_R_50_FPN_1x.yaml").MODEL.ANCHOR_GENERATOR.SIZES]
+    zoo = detectron2_cfg("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    assert ours == [list(level) for level in zoo.MODEL.ANCHOR_GENERATOR.SIZES]
 
 
 @pytest.mark.parametrize("scales_per_octave", [0, -1, -3])

@@ -102,7 +102,8 @@ def test_eval_only_reports_coco_metrics_per_category(trained, shapes_dataset, tm
     ap = copypaste_ap(log)
     assert 0.0 <= ap["AP"] <= 100.0
     assert "Per-category bbox AP" in log and "rectangle" in log
-    results = json.loads((tmp_path / "inference/shapes_val/coco_instances_results.json").read_text())
+    results_file = tmp_path / "inference" / "shapes_val" / "coco_instances_results.json"
+    results = json.loads(results_file.read_text())
     assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
 
 

@@ -107,7 +107,7 @@ def write_wheel_project(sdist: Path, project_dir: Path) -> None:
             setup(
                 name="detectron2",
                 version={WHEEL_VERSION!r},
-                description="detectron2 {WHEEL_VERSION} Python code (no native ops), from {SDIST_REQUIREMENT}",
+                description="detectron2 {WHEEL_VERSION} Python code, no native ops",
                 packages=find_packages(include=["detectron2", "detectron2.*"]) + {packages[1:]!r},
                 package_dir={package_dir!r},
                 package_data={{"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}},

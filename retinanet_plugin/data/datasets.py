@@ -173,5 +173,6 @@ def register_datasets_from_args(args) -> None:
         if given is None and voc_dir not in classes_per_dir:
             # One class list for all splits of a folder, so train and val labels agree.
             splits = [s for _, d, s in args.register_voc if d == voc_dir]
-            classes_per_dir[voc_dir] = sorted({c for s in splits for c in voc_class_names(voc_dir, s)})
+            names = {c for s in splits for c in voc_class_names(voc_dir, s)}
+            classes_per_dir[voc_dir] = sorted(names)
         register_voc_dataset(name, voc_dir, split, given or classes_per_dir[voc_dir])
