@@ -2,7 +2,7 @@
 
 Used by the demo and the tests: no download, deterministic for a given seed, and hard enough
 to be a real detection task: four shape classes with very different frequencies (the imbalance
-focal loss is about), sizes from ~10 px to half the image, aspect ratios 1:2..2:1, overlapping
+focal loss is about), sizes from 12 px to half the image, aspect ratios 1:2..2:1, overlapping
 objects, random colours (so the class is the shape, not the colour) and textured, noisy
 backgrounds with shape-like clutter.
 """
