@@ -21,7 +21,7 @@ import os
 import retinanet_plugin  # noqa: F401  (applies detectron2 compat patches, registers components)
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from retinanet_plugin import add_retinanet_config
@@ -32,6 +32,7 @@ from retinanet_plugin.data import (
     register_datasets_from_args,
     resolve_num_classes,
 )
+from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.launch import launch
 from retinanet_plugin.solver import build_optimizer
 
@@ -44,9 +45,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """detectron2's COCOEvaluator with the COCOeval of TEST.COCO_EVAL_BACKEND."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return build_coco_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

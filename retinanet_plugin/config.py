@@ -42,10 +42,20 @@ def add_retinanet_config(cfg: CN) -> None:
     # (the paper: 3 scales, sizes 32..512 on P3..P7, so 9 anchors per location with 3 ratios).
     _C.MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE = 3
 
+    # Precision of the backbone and head at inference: "float32", or "bfloat16" (autocast on CPUs
+    # with bf16 support, e.g. avx512_bf16 / AMX, and on GPUs). Box decoding, scores and NMS stay
+    # in float32. Training is unaffected (see SOLVER.AMP for mixed-precision training on GPU).
+    _C.MODEL.INFERENCE_DTYPE = "float32"
+
     # Optimizer: "SGD" (detectron2's, with SOLVER.MOMENTUM) or "AdamW" (SOLVER.ADAMW_BETAS,
     # no weight decay on norm and bias parameters). BASE_LR and WEIGHT_DECAY apply to both.
     _C.SOLVER.OPTIMIZER = "SGD"
     _C.SOLVER.ADAMW_BETAS = (0.9, 0.999)
+
+    # COCO evaluation backend: "faster_coco_eval" (the faster-coco-eval package: same numbers as
+    # pycocotools, several times faster) or "pycocotools" (the official implementation). Falls
+    # back to pycocotools, with a warning, when faster-coco-eval is not installed.
+    _C.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
 
     if was_frozen:
         _C.freeze()

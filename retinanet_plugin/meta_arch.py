@@ -1,13 +1,15 @@
 """The RetinaNet detector (Lin et al. 2017): backbone + FPN, dense head, focal loss."""
 import logging
-from typing import Dict, List, Sequence, Tuple
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.ops import batched_nms, nms
 
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, cat
+from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
@@ -16,7 +18,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_star
+from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .head import build_retinanet_head
 
 __all__ = ["FocalLossRetinaNet"]
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 CLS_LOSS_TYPES = ("focal", "focal_star")
 LOSS_NORMALIZERS = ("ema", "batch")
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def flatten_per_anchor(tensor: Tensor, dim_per_anchor: int) -> Tensor:
@@ -75,6 +78,7 @@ class FocalLossRetinaNet(DenseDetector):
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 100,
+        inference_dtype: str = "float32",
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         input_format: str = "BGR",
@@ -100,6 +104,8 @@ class FocalLossRetinaNet(DenseDetector):
             test_topk_candidates: candidates kept per level before NMS.
             test_nms_thresh: IoU threshold of the class-wise NMS.
             max_detections_per_image: detections kept per image after NMS.
+            inference_dtype: "float32", or "bfloat16" to run backbone and head under bfloat16
+                autocast at inference (box decoding, scores and NMS stay float32).
             pixel_mean, pixel_std: input normalisation, per channel.
             input_format: channel order of input images ("BGR" or "RGB").
         """
@@ -127,6 +133,11 @@ class FocalLossRetinaNet(DenseDetector):
         self.focal_loss_star_beta = focal_loss_star_beta
         self.box_reg_loss_type = box_reg_loss_type
         self.smooth_l1_beta = smooth_l1_beta
+        if inference_dtype not in INFERENCE_DTYPES:
+            raise ValueError(
+                f"MODEL.INFERENCE_DTYPE must be one of {sorted(INFERENCE_DTYPES)}, "
+                f"got {inference_dtype!r}"
+            )
         self.loss_normalizer_type = loss_normalizer
         self.loss_normalizer_momentum = loss_normalizer_momentum
         # Current value of the "ema" normalizer.
@@ -135,6 +146,7 @@ class FocalLossRetinaNet(DenseDetector):
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
+        self.inference_dtype = INFERENCE_DTYPES[inference_dtype]
         self.input_format = input_format
 
     @classmethod
@@ -173,10 +185,19 @@ class FocalLossRetinaNet(DenseDetector):
             "test_topk_candidates": retinanet.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": retinanet.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "inference_dtype": cfg.MODEL.INFERENCE_DTYPE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
         }
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """detectron2's ``DenseDetector.forward``; at inference with ``inference_dtype``
+        bfloat16, backbone and head run under autocast."""
+        if self.training or self.inference_dtype == torch.float32:
+            return super().forward(batched_inputs)
+        with torch.autocast(device_type=self.device.type, dtype=self.inference_dtype):
+            return super().forward(batched_inputs)
 
     # ---------------------------------------------------------------- training
     def forward_training(
@@ -234,23 +255,28 @@ class FocalLossRetinaNet(DenseDetector):
             boxes_per_image.append(instances.gt_boxes.tensor[matched_idxs])
         return torch.stack(labels_per_image), torch.stack(boxes_per_image)
 
-    def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Summed classification loss over (M, K) logits and one-hot (M, K) targets."""
+    def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Summed classification loss.
+
+        Args:
+            logits: (M, K) logits of all anchors of the batch.
+            labels: (M,) anchor labels as from :meth:`label_anchors`: class in [0, K),
+                K = background, -1 = ignored (no loss).
+        """
         if self.cls_loss_type == "focal_star":
+            valid = labels >= 0
+            targets = F.one_hot(labels[valid], num_classes=self.num_classes + 1)[:, :-1]
             return sigmoid_focal_loss_star(
-                logits,
+                logits[valid],
                 targets,
                 gamma=self.focal_loss_star_gamma,
                 beta=self.focal_loss_star_beta,
                 alpha=self.focal_loss_alpha,
                 reduction="sum",
             )
-        return sigmoid_focal_loss(
-            logits,
-            targets,
-            alpha=self.focal_loss_alpha,
-            gamma=self.focal_loss_gamma,
-            reduction="sum",
+        # Fused: loss and gradient in one pass, no one-hot matrix, no copy of the valid rows.
+        return focal_loss_from_labels(
+            logits, labels, alpha=self.focal_loss_alpha, gamma=self.focal_loss_gamma
         )
 
     def losses(
@@ -284,9 +310,9 @@ class FocalLossRetinaNet(DenseDetector):
         else:
             normalizer = max(num_pos_anchors, 1)
 
-        # One-hot over K + 1 columns, then drop background: background rows are all zeros.
-        targets = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
-        loss_cls = self.classification_loss(cat(pred_logits, dim=1)[valid_mask], targets)
+        loss_cls = self.classification_loss(
+            cat(pred_logits, dim=1).view(-1, self.num_classes), gt_labels.view(-1)
+        )
         loss_box_reg = _dense_box_regression_loss(
             anchors,
             self.box2box_transform,
@@ -305,54 +331,151 @@ class FocalLossRetinaNet(DenseDetector):
         features: List[Tensor],
         predictions: Tuple[List[Tensor], List[Tensor]],
     ) -> List[Instances]:
-        logits, deltas = predictions
-        anchors = [a.tensor for a in self.anchor_generator(features)]
-        logits = [flatten_per_anchor(x, self.num_classes) for x in logits]
-        deltas = [flatten_per_anchor(x, 4) for x in deltas]
-        return [
-            self.inference_single_image(
-                anchors, [x[i] for x in logits], [x[i] for x in deltas], image_size
-            )
-            for i, image_size in enumerate(images.image_sizes)
-        ]
+        """Detections of every image of the batch, all images and levels processed together.
 
-    def inference_single_image(
-        self,
-        anchors: List[Tensor],
-        logits: List[Tensor],
-        deltas: List[Tensor],
-        image_size: Tuple[int, int],
-    ) -> Instances:
-        """Detections of one image.
+        Same result as detectron2's per-image, per-level ``RetinaNet.inference_single_image``
+        (score threshold, top-k candidates per level and image, class-wise NMS, top detections
+        per image), but the threshold is applied to the logits in the head's own (N, A*K, H, W)
+        layout, so neither the sigmoid nor the (N, H*W*A, K) transpose of the full logit maps is
+        computed: both run on the few candidates only. One NMS call covers all images.
 
         Args:
-            anchors: per level, (Hi*Wi*A, 4) anchors.
-            logits: per level, (Hi*Wi*A, K) class logits.
-            deltas: per level, (Hi*Wi*A, 4) box deltas.
-            image_size: (height, width) of the image in the padded batch.
+            images: the batch; only ``image_sizes`` is used.
+            features: per level, (N, C, Hi, Wi) features (for the anchors' grid sizes).
+            predictions: per level, (N, A*K, Hi, Wi) logits and (N, A*4, Hi, Wi) deltas.
 
         Returns:
-            ``Instances`` with ``pred_boxes`` (D, 4), ``scores`` (D,), ``pred_classes`` (D,),
-            sorted by decreasing score, D <= max_detections_per_image.
+            per image, ``Instances`` with ``pred_boxes`` (D, 4), ``scores`` (D,) and
+            ``pred_classes`` (D,), sorted by decreasing score, D <= max_detections_per_image.
         """
-        boxes_all, scores_all, classes_all = [], [], []
-        for anchors_i, logits_i, deltas_i in zip(anchors, logits, deltas):
-            scores_i = logits_i.flatten().sigmoid()
-            candidates = torch.nonzero(scores_i > self.test_score_thresh).squeeze(1)
-            scores_i = scores_i[candidates]
-            num_topk = min(self.test_topk_candidates, candidates.numel())
-            scores_i, order = scores_i.topk(num_topk)
-            candidates = candidates[order]
-            anchor_idxs = candidates // self.num_classes
-            boxes_all.append(
-                self.box2box_transform.apply_deltas(deltas_i[anchor_idxs], anchors_i[anchor_idxs])
+        logits, deltas = predictions
+        anchors = self.anchor_generator(features)
+        num_images = len(images.image_sizes)
+        # Post-processing in float32 even when the head ran under bfloat16 autocast.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            candidates = [
+                self._level_candidates(anchors_i.tensor, logits_i, deltas_i)
+                for anchors_i, logits_i, deltas_i in zip(anchors, logits, deltas)
+            ]
+            boxes, scores, classes, image_ids = (cat(list(x)) for x in zip(*candidates))
+            # One class-wise NMS for the whole batch: groups are (image, class) pairs.
+            keep = grouped_nms(
+                boxes, scores, image_ids * self.num_classes + classes, self.test_nms_thresh
             )
-            scores_all.append(scores_i)
-            classes_all.append(candidates % self.num_classes)
-        boxes, scores, classes = cat(boxes_all), cat(scores_all), cat(classes_all)
-        keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)
-        keep = keep[: self.max_detections_per_image]
-        return Instances(
-            image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep],
-            pred_classes=classes[keep],
+            keep = keep[_top_k_per_image(image_ids[keep], num_images, self.max_detections_per_image)]
+            counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
+            return [
+                Instances(image_size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
+                for image_size, b, s, c in zip(
+                    images.image_sizes,
+                    boxes[keep].split(counts),
+                    scores[keep].split(counts),
+                    classes[keep].split(counts),
+                )
+            ]
+
+    def _level_candidates(
+        self, anchors: Tensor, logits: Tensor, deltas: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Decoded top-k candidates above the score threshold of one level, for all images.
+
+        Args:
+            anchors: (H*W*A, 4) anchors of the level, location-major.
+            logits: (N, A*K, H, W) class logits.
+            deltas: (N, A*4, H, W) box deltas.
+
+        Returns:
+            boxes (C, 4), scores (C,), classes (C,), image indices (C,) of the C candidates.
+        """
+        num_images, _, height, width = logits.shape
+        num_anchors = logits.shape[1] // self.num_classes
+        # float32 (a no-op unless the head ran in bfloat16): the threshold is compared exactly.
+        flat_logits = logits.reshape(num_images, -1).float()
+        # sigmoid is increasing, so thresholding logits at logit(thresh) selects the same ones.
+        image_ids, flat_idxs = torch.nonzero(
+            flat_logits > _logit(self.test_score_thresh), as_tuple=True
         )
+        scores = flat_logits[image_ids, flat_idxs].sigmoid()
+        keep = _top_k_per_image(
+            image_ids, num_images, self.test_topk_candidates, scores=scores
+        )
+        image_ids, flat_idxs, scores = image_ids[keep], flat_idxs[keep], scores[keep]
+        # flat index -> (anchor a, class k, location y * W + x) of the (A, K, H, W) layout.
+        locations = flat_idxs % (height * width)
+        anchor_and_class = flat_idxs // (height * width)
+        anchor_in_cell = anchor_and_class // self.num_classes
+        classes = anchor_and_class % self.num_classes
+        box_deltas = deltas.reshape(num_images, num_anchors, 4, height * width)[
+            image_ids, anchor_in_cell, :, locations
+        ]
+        boxes = self.box2box_transform.apply_deltas(
+            box_deltas.float(), anchors[locations * num_anchors + anchor_in_cell]
+        )
+        return boxes, scores, classes, image_ids
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each group (e.g. image x class): torchvision's ``batched_nms`` result.
+
+    On CPU, torchvision's ``batched_nms`` either runs one NMS over all boxes with per-group
+    offsets, quadratic in the total box count, or, above 1000 boxes, scans the whole array once
+    per group. Sorting by group once and running NMS on each contiguous slice costs one sort plus
+    one small NMS per group. On GPUs torchvision's single-kernel version is faster and is used.
+
+    Args:
+        boxes: (C, 4) boxes (x1, y1, x2, y2).
+        scores: (C,) scores.
+        groups: (C,) int64 group of each box; boxes in different groups never suppress each
+            other.
+        iou_threshold: boxes with IoU above this with a higher-scoring box of their group are
+            removed.
+
+    Returns:
+        (D,) int64 indices of the kept boxes in decreasing order of score.
+    """
+    if boxes.device.type != "cpu" or len(boxes) <= 1000:
+        return batched_nms(boxes, scores, groups, iou_threshold)
+    order = groups.argsort(stable=True)
+    counts = torch.unique_consecutive(groups[order], return_counts=True)[1].tolist()
+    kept, start = [], 0
+    for count in counts:
+        group = order[start : start + count]
+        kept.append(group if count == 1 else group[nms(boxes[group], scores[group], iou_threshold)])
+        start += count
+    keep = cat(kept)
+    return keep[scores[keep].argsort(descending=True)]
+
+
+def _logit(probability: float) -> float:
+    """Inverse of the sigmoid (-inf / inf outside (0, 1))."""
+    if probability <= 0:
+        return -math.inf
+    if probability >= 1:
+        return math.inf
+    return math.log(probability / (1.0 - probability))
+
+
+def _top_k_per_image(
+    image_ids: Tensor, num_images: int, k: int, scores: Optional[Tensor] = None
+) -> Tensor:
+    """Indices of the first ``k`` elements of every image, in order of decreasing score.
+
+    Args:
+        image_ids: (C,) image index of each element.
+        num_images: N, the number of images.
+        k: elements kept per image.
+        scores: (C,) scores to order by; None = the elements are already in decreasing order.
+
+    Returns:
+        (C',) int64 indices into the C elements, grouped by image, each group ordered by
+        decreasing score.
+    """
+    order = torch.arange(len(image_ids), device=image_ids.device)
+    if scores is not None:
+        order = scores.argsort(descending=True)
+    # Stable: the order by score is kept within each image.
+    order = order[image_ids[order].argsort(stable=True)]
+    counts = torch.bincount(image_ids, minlength=num_images)
+    first_of_image = counts.cumsum(0) - counts
+    rank = torch.arange(len(order), device=order.device) - first_of_image[image_ids[order]]
+    return order[rank < k]

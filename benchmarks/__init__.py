@@ -1,0 +1,1 @@
+"""Benchmarks of the plugin against detectron2's and torchvision's RetinaNet (``make bench``)."""
