@@ -136,3 +136,20 @@ def test_fused_gives_no_gradient_to_targets():
 def test_fused_bad_arguments_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_fused_cpu_gradient_has_no_subnormals():
+    """Gradients of confident logits are flushed to 0 below tiny / eps (CPU arithmetic on
+    subnormals is ~100x slower); larger ones equal the float64 reference."""
+    logits = torch.linspace(-90.0, 90.0, 4000).view(500, 8)
+    targets = (torch.arange(4000).view(500, 8) % 3 == 0).float()
+    _, grad = _loss_and_grad(sigmoid_focal_loss_fused, logits, targets, 0.25, 2.0, "sum", 1e-3)
+    _, ref = _loss_and_grad(
+        sigmoid_focal_loss, logits.double(), targets.double(), 0.25, 2.0, "sum", 1e-3
+    )
+    finfo = torch.finfo(torch.float32)
+    assert not ((grad != 0) & (grad.abs() < finfo.tiny)).any()
+    assert ((ref != 0) & (ref.abs() < finfo.tiny)).any()  # the reference does have them
+    kept = ref.abs() >= 1e-3 * finfo.tiny / finfo.eps  # clear of the flush threshold
+    torch.testing.assert_close(grad.double()[kept], ref[kept], rtol=1e-4, atol=0)
+    assert (grad[ref.abs() < 1e-3 * finfo.tiny] == 0).all()
