@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 INSTALL_INPUTS := requirements.txt requirements-dev.txt setup.py tools/install_detectron2.py
 STAMP := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install test demo env clean
+.PHONY: install test demo bench env clean
 
 install: $(STAMP)
 
@@ -25,6 +26,11 @@ test: install
 
 demo: install
 	$(PY) tools/demo.py
+
+# Benchmarks against detectron2's and torchvision's RetinaNet (several minutes on 2 cores); writes
+# benchmarks/results/<machine>.{json,md} and the README's table for this machine.
+bench: install
+	$(PY) -m benchmarks.run --update-readme $(BENCH_ARGS)
 
 env: install
 	$(PY) -m retinanet_plugin.env

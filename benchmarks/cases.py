@@ -4,6 +4,7 @@ A case maps implementation names to factories ``factory(args, device) -> fn``; `
 timed call. Factories build only their own implementation, so a memory run (one process per
 implementation) loads nothing else.
 """
+
 import contextlib
 import io
 import math
@@ -49,12 +50,15 @@ class Case:
         reference: the implementation the ratios are relative to.
         impls: implementation name -> factory.
         images_per_call: images one call processes (for throughput), from the arguments.
+        slow: calls take many seconds at the default sizes: at most 3 timed repetitions, and
+            one call (not two) for the peak memory.
     """
 
     description: str
     reference: str
     impls: Dict[str, Factory]
     images_per_call: Callable[[object], int] = field(default=lambda args: 1)
+    slow: bool = False
 
 
 # ---------------------------------------------------------------------------- models
@@ -122,7 +126,9 @@ def _detectron2_train(amp: bool) -> Factory:
     def factory(args, device):
         cfg = _detectron2_cfg(args, device)
         model = _build(cfg)
-        return _train_step(model, build_detectron2_optimizer(cfg, model), _training_batch(args, device), amp)
+        return _train_step(
+            model, build_detectron2_optimizer(cfg, model), _training_batch(args, device), amp
+        )
 
     return factory
 
@@ -131,7 +137,9 @@ def _plugin_train(amp: bool) -> Factory:
     def factory(args, device):
         cfg = _plugin_cfg(args, device)
         model = _build(cfg)
-        return _train_step(model, build_plugin_optimizer(cfg, model), _training_batch(args, device), amp)
+        return _train_step(
+            model, build_plugin_optimizer(cfg, model), _training_batch(args, device), amp
+        )
 
     return factory
 
@@ -139,7 +147,10 @@ def _plugin_train(amp: bool) -> Factory:
 def _inference_images(args, device, batch: int) -> List[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     shape = (3, args.infer_height, args.infer_width)
-    return [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device) for _ in range(batch)]
+    return [
+        torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)
+        for _ in range(batch)
+    ]
 
 
 def _detectron2_style_inference(model, images):
@@ -153,9 +164,7 @@ def _detectron2_style_inference(model, images):
     return infer
 
 
-def _inference_impls(
-    batch_of: Callable[[object], int], device: torch.device
-) -> Dict[str, Factory]:
+def _inference_impls(batch_of: Callable[[object], int], device: torch.device) -> Dict[str, Factory]:
     def detectron2_factory(args, device):
         model = _build(_detectron2_cfg(args, device))
         return _detectron2_style_inference(model, _inference_images(args, device, batch_of(args)))
@@ -199,7 +208,7 @@ def bf16_inference_supported(device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------------- focal loss
-def _focal_loss_inputs(args, device):
+def focal_loss_inputs(args, device):
     """(logits (M, K), one-hot targets (M, K), labels (M,)) of 2 images' anchors: ~0.2% of the
     anchors foreground (a few hundred per image), logits around the prior -log(99)."""
     g = torch.Generator().manual_seed(2)
@@ -214,7 +223,7 @@ def _focal_loss_inputs(args, device):
 
 def _focal_loss_impl(loss_fn, uses_labels=False) -> Factory:
     def factory(args, device):
-        logits, targets, labels = _focal_loss_inputs(args, device)
+        logits, targets, labels = focal_loss_inputs(args, device)
         second = labels if uses_labels else targets
 
         def forward_backward():
@@ -238,6 +247,16 @@ def _torchvision_focal_loss(logits, targets, alpha, gamma, reduction):
     return torchvision_sigmoid_focal_loss(logits, targets, alpha, gamma, reduction)
 
 
+# name: (loss function, whether it takes labels instead of one-hot targets)
+FOCAL_LOSSES = {
+    "fvcore sigmoid_focal_loss_jit": (_fvcore_jit, False),
+    "torchvision sigmoid_focal_loss": (_torchvision_focal_loss, False),
+    "plugin sigmoid_focal_loss (plain)": (sigmoid_focal_loss, False),
+    "plugin sigmoid_focal_loss_fused": (sigmoid_focal_loss_fused, False),
+    "plugin focal_loss_from_labels": (focal_loss_from_labels, True),
+}
+
+
 # ------------------------------------------------------------------ post-processing
 def head_outputs(args, device, batch: int):
     """Synthetic head outputs for ``batch`` images: per level (N, A*K, H, W) logits with
@@ -252,7 +271,9 @@ def head_outputs(args, device, batch: int):
     features = [torch.zeros(batch, 1, h, w, device=device) for h, w in sizes]
     logits = [torch.randn(batch, 9 * args.num_classes, h, w, generator=g) + mean for h, w in sizes]
     deltas = [torch.randn(batch, 9 * 4, h, w, generator=g) * 0.2 for h, w in sizes]
-    images = ImageList(torch.zeros(batch, 3, height, width, device=device), [(height, width)] * batch)
+    images = ImageList(
+        torch.zeros(batch, 3, height, width, device=device), [(height, width)] * batch
+    )
     return images, features, ([x.to(device) for x in logits], [x.to(device) for x in deltas])
 
 
@@ -284,22 +305,39 @@ def synthetic_coco(num_images: int, num_classes: int = 80, seed: int = 4):
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
             category = rng.randint(1, num_classes)
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
             )
             if rng.random() < 0.85:
                 jitter = [rng.gauss(0, 0.1 * w), rng.gauss(0, 0.1 * h)]
                 detections.append(
-                    {"image_id": image_id, "category_id": category, "score": rng.random(),
-                     "bbox": [x + jitter[0], y + jitter[1], w * rng.uniform(0.8, 1.2),
-                              h * rng.uniform(0.8, 1.2)]}
+                    {
+                        "image_id": image_id,
+                        "category_id": category,
+                        "score": rng.random(),
+                        "bbox": [
+                            x + jitter[0],
+                            y + jitter[1],
+                            w * rng.uniform(0.8, 1.2),
+                            h * rng.uniform(0.8, 1.2),
+                        ],
+                    }
                 )
         for _ in range(100 - (len(detections) - first_detection)):
             w, h = rng.uniform(4, 200), rng.uniform(4, 200)
             detections.append(
-                {"image_id": image_id, "category_id": rng.randint(1, num_classes),
-                 "score": rng.random() * 0.5,
-                 "bbox": [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h]}
+                {
+                    "image_id": image_id,
+                    "category_id": rng.randint(1, num_classes),
+                    "score": rng.random() * 0.5,
+                    "bbox": [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h],
+                }
             )
     categories = [{"id": i, "name": f"class{i}"} for i in range(1, num_classes + 1)]
     gt = {"images": images, "annotations": annotations, "categories": categories}
@@ -358,17 +396,15 @@ def build_cases(device: torch.device) -> Dict[str, Case]:
             DETECTRON2,
             throughput_impls,
             images_per_call=lambda args: args.throughput_batch,
+            slow=True,
         ),
         "focal_loss": Case(
             "focal loss forward + backward, {loss_images} x {loss_anchors} anchors x "
             "{num_classes} classes",
             "fvcore sigmoid_focal_loss_jit",
             {
-                "fvcore sigmoid_focal_loss_jit": _focal_loss_impl(_fvcore_jit),
-                "torchvision sigmoid_focal_loss": _focal_loss_impl(_torchvision_focal_loss),
-                "plugin sigmoid_focal_loss (plain)": _focal_loss_impl(sigmoid_focal_loss),
-                "plugin sigmoid_focal_loss_fused": _focal_loss_impl(sigmoid_focal_loss_fused),
-                "plugin focal_loss_from_labels": _focal_loss_impl(focal_loss_from_labels, True),
+                name: _focal_loss_impl(loss_fn, uses_labels)
+                for name, (loss_fn, uses_labels) in FOCAL_LOSSES.items()
             },
         ),
         "postprocess": Case(
@@ -397,5 +433,6 @@ def build_cases(device: torch.device) -> Dict[str, Case]:
                 "pycocotools": _coco_eval_impl("pycocotools"),
                 "faster-coco-eval": _coco_eval_impl("faster_coco_eval"),
             },
+            slow=True,
         ),
     }

@@ -1,4 +1,5 @@
 """Timing and peak-memory measurement shared by the benchmark cases."""
+
 import os
 import platform
 import re

@@ -17,6 +17,7 @@ detectron2's. :func:`coco_eval_class` gives the bare COCOeval classes, e.g. for 
         coco_eval = coco_eval_class(backend)(coco_gt, coco_gt.loadRes(results), "bbox")
         coco_eval.evaluate(); coco_eval.accumulate(); coco_eval.summarize()
 """
+
 import functools
 import importlib
 import itertools

@@ -10,6 +10,7 @@ intermediate is kept for backward: the extra memory is one gradient-sized tensor
 loss of :class:`FocalLossRetinaNet` uses ``focal_loss_from_labels``, which also never builds the
 one-hot target matrix.
 """
+
 import math
 from typing import Optional
 
@@ -94,9 +95,7 @@ def sigmoid_focal_loss(
     if gamma != 0:
         # log(1 - p_t) with 1 - p_t = t (1 - p) + (1 - t) p; log(0) = -inf terms vanish in
         # logaddexp, so hard 0/1 targets give exactly logsigmoid(-+x).
-        log_one_minus_p_t = torch.logaddexp(
-            torch.log(t) + log_one_minus_p, torch.log1p(-t) + log_p
-        )
+        log_one_minus_p_t = torch.logaddexp(torch.log(t) + log_one_minus_p, torch.log1p(-t) + log_p)
         loss = loss * torch.exp(gamma * log_one_minus_p_t)
     if alpha >= 0:
         loss = _alpha_weight(t, alpha) * loss
@@ -245,7 +244,9 @@ class _FusedFocalLoss(torch.autograd.Function):
 def _check_fused_args(logits: Tensor, alpha: float, gamma: float, reduction: str) -> None:
     _check_reduction(reduction)
     if logits.dim() != 2:
-        raise ValueError(f"the fused focal loss takes (M, K) logits, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"the fused focal loss takes (M, K) logits, got shape {tuple(logits.shape)}"
+        )
     if gamma < 0 or not math.isfinite(gamma):
         raise ValueError(f"focal loss gamma must be >= 0, got {gamma}")
 
@@ -276,9 +277,7 @@ def sigmoid_focal_loss_fused(
             f"targets shape {tuple(targets.shape)} differs from logits shape {tuple(logits.shape)}"
         )
     targets = targets.detach()
-    return _FusedFocalLoss.apply(
-        logits, lambda rows: targets[rows], None, alpha, gamma, reduction
-    )
+    return _FusedFocalLoss.apply(logits, lambda rows: targets[rows], None, alpha, gamma, reduction)
 
 
 def focal_loss_from_labels(

@@ -1,7 +1,8 @@
 """The RetinaNet detector (Lin et al. 2017): backbone + FPN, dense head, focal loss."""
+
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +34,10 @@ INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def flatten_per_anchor(tensor: Tensor, dim_per_anchor: int) -> Tensor:
     """Reshapes a head output (N, A*D, H, W) to (N, H*W*A, D), location-major like the anchors."""
     n, _, h, w = tensor.shape
-    return tensor.view(n, -1, dim_per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(
-        n, -1, dim_per_anchor
+    return (
+        tensor.view(n, -1, dim_per_anchor, h, w)
+        .permute(0, 3, 4, 1, 2)
+        .reshape(n, -1, dim_per_anchor)
     )
 
 
@@ -248,8 +251,9 @@ class FocalLossRetinaNet(DenseDetector):
             if len(instances) == 0:
                 # An image without annotations trains as all background.
                 labels_per_image.append(
-                    torch.full((len(anchors),), self.num_classes, dtype=torch.int64,
-                               device=anchors.device)
+                    torch.full(
+                        (len(anchors),), self.num_classes, dtype=torch.int64, device=anchors.device
+                    )
                 )
                 boxes_per_image.append(torch.zeros_like(anchors.tensor))
                 continue
@@ -370,7 +374,8 @@ class FocalLossRetinaNet(DenseDetector):
             keep = grouped_nms(
                 boxes, scores, image_ids * self.num_classes + classes, self.test_nms_thresh
             )
-            keep = keep[_top_k_per_image(image_ids[keep], num_images, self.max_detections_per_image)]
+            max_per_image = self.max_detections_per_image
+            keep = keep[_top_k_per_image(image_ids[keep], num_images, max_per_image)]
             counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
             return [
                 Instances(image_size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
@@ -400,14 +405,20 @@ class FocalLossRetinaNet(DenseDetector):
         # float32 (a no-op unless the head ran in bfloat16): the threshold is compared exactly.
         flat_logits = logits.reshape(num_images, -1).float()
         # sigmoid is increasing, so thresholding logits at logit(thresh) selects the same ones.
-        image_ids, flat_idxs = torch.nonzero(
-            flat_logits > _logit(self.test_score_thresh), as_tuple=True
-        )
-        scores = flat_logits[image_ids, flat_idxs].sigmoid()
-        keep = _top_k_per_image(
-            image_ids, num_images, self.test_topk_candidates, scores=scores
-        )
-        image_ids, flat_idxs, scores = image_ids[keep], flat_idxs[keep], scores[keep]
+        threshold = _logit(self.test_score_thresh)
+        above = flat_logits > threshold
+        if int(above.sum(dim=1).max()) <= self.test_topk_candidates:
+            # Usual for a trained model: every candidate is kept, nothing needs ranking.
+            image_ids, flat_idxs = above.nonzero(as_tuple=True)
+            candidate_logits = flat_logits[image_ids, flat_idxs]
+        else:
+            # Too many candidates: a linear-time top-k of the dense rows, not a sort of them.
+            k = min(self.test_topk_candidates, flat_logits.shape[1])
+            top_logits, top_idxs = flat_logits.topk(k, dim=1)
+            image_ids, ranks = (top_logits > threshold).nonzero(as_tuple=True)
+            flat_idxs = top_idxs[image_ids, ranks]
+            candidate_logits = top_logits[image_ids, ranks]
+        scores = candidate_logits.sigmoid()
         # flat index -> (anchor a, class k, location y * W + x) of the (A, K, H, W) layout.
         locations = flat_idxs % (height * width)
         anchor_and_class = flat_idxs // (height * width)
@@ -463,26 +474,19 @@ def _logit(probability: float) -> float:
     return math.log(probability / (1.0 - probability))
 
 
-def _top_k_per_image(
-    image_ids: Tensor, num_images: int, k: int, scores: Optional[Tensor] = None
-) -> Tensor:
-    """Indices of the first ``k`` elements of every image, in order of decreasing score.
+def _top_k_per_image(image_ids: Tensor, num_images: int, k: int) -> Tensor:
+    """Indices of the first ``k`` elements of every image, keeping their order within it.
 
     Args:
-        image_ids: (C,) image index of each element.
+        image_ids: (C,) image index of each element, e.g. of detections sorted by score.
         num_images: N, the number of images.
         k: elements kept per image.
-        scores: (C,) scores to order by; None = the elements are already in decreasing order.
 
     Returns:
-        (C',) int64 indices into the C elements, grouped by image, each group ordered by
-        decreasing score.
+        (C',) int64 indices into the C elements, grouped by image.
     """
-    order = torch.arange(len(image_ids), device=image_ids.device)
-    if scores is not None:
-        order = scores.argsort(descending=True)
-    # Stable: the order by score is kept within each image.
-    order = order[image_ids[order].argsort(stable=True)]
+    # Stable: the order (by score) is kept within each image.
+    order = image_ids.argsort(stable=True)
     counts = torch.bincount(image_ids, minlength=num_images)
     first_of_image = counts.cumsum(0) - counts
     rank = torch.arange(len(order), device=order.device) - first_of_image[image_ids[order]]

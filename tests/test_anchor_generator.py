@@ -280,8 +280,9 @@ def test_config_reproduces_model_zoo_config(ours, zoo):
     }
     added = set(plugin) - set(detectron)
     assert not set(detectron) - set(plugin)
-    plugin_prefixes = ("MODEL.RETINANET.", "MODEL.ANCHOR_GENERATOR.", "SOLVER.OPTIMIZER")
-    assert all(k.startswith(plugin_prefixes) or k == "SOLVER.ADAMW_BETAS" for k in added), added
+    with_plugin_keys = get_cfg()
+    add_retinanet_config(with_plugin_keys)
+    assert added == set(_flatten(with_plugin_keys)) - set(_flatten(get_cfg()))
     differing = {k for k in detectron if plugin[k] != detectron[k]}
     assert differing == expected_differences, {k: (plugin[k], detectron[k]) for k in differing}
 

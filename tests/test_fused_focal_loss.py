@@ -1,4 +1,5 @@
 """The fused focal loss equals the plain one (values and gradients), chunk boundaries included."""
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -41,7 +42,12 @@ def test_fused_equals_plain_float64_reference(alpha, gamma, reduction, soft):
         sigmoid_focal_loss, logits, targets, alpha, gamma, reduction, upstream
     )
     loss, grad = _loss_and_grad(
-        sigmoid_focal_loss_fused, logits.float(), targets.float(), alpha, gamma, reduction,
+        sigmoid_focal_loss_fused,
+        logits.float(),
+        targets.float(),
+        alpha,
+        gamma,
+        reduction,
         upstream.float() if reduction == "none" else upstream,
     )
     assert loss.dtype == grad.dtype == torch.float32
@@ -70,14 +76,13 @@ def test_fused_extreme_logits_finite_and_equal_to_plain(dtype, gamma):
     ref_loss, ref_grad = _loss_and_grad(
         sigmoid_focal_loss, logits, targets, 0.25, gamma, "none", 1.0
     )
-    loss, grad = _loss_and_grad(
-        sigmoid_focal_loss_fused, logits, targets, 0.25, gamma, "none", 1.0
-    )
+    loss, grad = _loss_and_grad(sigmoid_focal_loss_fused, logits, targets, 0.25, gamma, "none", 1.0)
     assert grad.dtype == dtype
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-30)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-2 if dtype != torch.float32 else 1e-6,
-                               atol=1e-30)
+    torch.testing.assert_close(
+        grad, ref_grad, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-30
+    )
 
 
 def test_from_labels_equals_plain_on_one_hot_of_valid_rows():
@@ -129,8 +134,10 @@ def test_fused_gives_no_gradient_to_targets():
         (lambda: sigmoid_focal_loss_fused(torch.zeros(5, 2), torch.zeros(5, 3)), "differs"),
         (lambda: focal_loss_from_labels(torch.zeros(5, 2), torch.zeros(4)), "one label per row"),
         (lambda: focal_loss_from_labels(torch.zeros(5, 2), torch.zeros(5), gamma=-1), "gamma"),
-        (lambda: sigmoid_focal_loss_fused(torch.zeros(5, 2), torch.zeros(5, 2), reduction="x"),
-         "reduction"),
+        (
+            lambda: sigmoid_focal_loss_fused(torch.zeros(5, 2), torch.zeros(5, 2), reduction="x"),
+            "reduction",
+        ),
     ],
 )
 def test_fused_bad_arguments_are_named(call, message):

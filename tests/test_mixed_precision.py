@@ -1,5 +1,6 @@
 """Mixed precision: bfloat16 inference option, autocast training with float32 loss math, and
 detectron2's AMP trainer on GPU (runs only where CUDA is present)."""
+
 import copy
 
 import pytest

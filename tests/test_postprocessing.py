@@ -1,4 +1,5 @@
 """The batched inference post-processing equals detectron2's RetinaNet post-processing."""
+
 import math
 
 import pytest

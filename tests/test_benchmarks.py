@@ -1,0 +1,134 @@
+"""The benchmark suite runs, compares like with like, and writes its report (no timing here)."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import cases as bench_cases  # noqa: E402
+from benchmarks.run import SIZES, markdown_table, update_readme  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _quick_args(**overrides):
+    args = {name: quick for name, (_, quick, _) in SIZES.items()}
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def test_focal_loss_implementations_compute_the_same_loss():
+    """Every implementation of the focal-loss case gives the same loss and gradient on the
+    case's inputs, so the case compares speed and memory of one computation."""
+    args = _quick_args(loss_anchors=300)
+    case = bench_cases.build_cases(CPU)["focal_loss"]
+    assert set(case.impls) == set(bench_cases.FOCAL_LOSSES)
+    losses, grads = {}, {}
+    for name, (loss_fn, uses_labels) in bench_cases.FOCAL_LOSSES.items():
+        case.impls[name](args, CPU)()  # the timed call runs
+        logits, targets, labels = bench_cases.focal_loss_inputs(args, CPU)
+        loss = loss_fn(
+            logits, labels if uses_labels else targets, alpha=0.25, gamma=2.0, reduction="sum"
+        )
+        loss.backward()
+        losses[name], grads[name] = loss.detach(), logits.grad
+    reference = case.reference
+    for name in losses:
+        torch.testing.assert_close(losses[name], losses[reference], rtol=1e-5, atol=0)
+        torch.testing.assert_close(grads[name], grads[reference], rtol=1e-4, atol=1e-9)
+
+
+def test_postprocess_case_gives_detectron2_detections():
+    args = _quick_args()
+    case = bench_cases.build_cases(CPU)["postprocess_batch"]
+    results = {name: factory(args, CPU)() for name, factory in case.impls.items()}
+    ours, theirs = results[bench_cases.PLUGIN], results[bench_cases.DETECTRON2]
+    assert sum(len(x) for x in ours) > 0
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+def test_coco_eval_case_backends_agree():
+    args = _quick_args(eval_images=30)
+    case = bench_cases.build_cases(CPU)["coco_eval"]
+    stats = {name: factory(args, CPU)() for name, factory in case.impls.items()}
+    assert stats["pycocotools"][0] > 0
+    for name, value in stats.items():
+        assert value == pytest.approx(stats["pycocotools"], abs=1e-4), name
+
+
+def test_report_table_and_readme_block(tmp_path):
+    report = {
+        "device": "cpu-test",
+        "date": "2026-01-01",
+        "versions": {"torch": "t", "detectron2": "d", "torch_threads": 2},
+        "cases": {
+            "case_a": {
+                "description": "something",
+                "reference": "ref",
+                "images_per_call": 4,
+                "results": {
+                    "ref": {
+                        "median_s": 2.0,
+                        "peak_mib": 100.0,
+                        "time_ratio": 1.0,
+                        "memory_ratio": 1.0,
+                    },
+                    "ours": {
+                        "median_s": 1.0,
+                        "peak_mib": 50.0,
+                        "time_ratio": 0.5,
+                        "memory_ratio": 0.5,
+                    },
+                    "broken": {"error": "exit code 1"},
+                },
+            }
+        },
+    }
+    table = markdown_table(report)
+    assert "| case_a | ref | reference | reference | 2.000 s (2.00 img/s) | 100 MiB |" in table
+    assert "| case_a | ours | 0.50x | 0.50x | 1.000 s (4.00 img/s) | 50 MiB |" in table
+    assert "| case_a | broken | n/a | n/a | failed | n/a |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- bench:cpu-test -->\nold\n<!-- /bench:cpu-test -->\nafter\n")
+    assert update_readme("cpu-test", table, str(readme))
+    text = readme.read_text()
+    assert text.startswith("before\n<!-- bench:cpu-test -->\n" + table)
+    assert text.endswith("<!-- /bench:cpu-test -->\nafter\n") and "old" not in text
+    assert not update_readme("other-machine", table, str(readme))
+
+
+def test_make_bench_runs_end_to_end(tmp_path):
+    """``python -m benchmarks.run`` on tiny sizes: one timing and one memory process per
+    implementation, ratios against the reference, JSON and markdown written."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--quick",
+        "--cases",
+        "postprocess",
+        "--reps",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    (json_file,) = tmp_path.glob("*.json")
+    report = json.loads(json_file.read_text())
+    case = report["cases"]["postprocess"]
+    assert case["reference"] == bench_cases.DETECTRON2
+    for name, r in case["results"].items():
+        assert "error" not in r and "memory_error" not in r, r
+        assert len(r["times_s"]) == 1 and r["peak_mib"] >= 0
+        ref = case["results"][case["reference"]]
+        assert r["time_ratio"] == pytest.approx(r["median_s"] / ref["median_s"])
+    assert json_file.with_suffix(".md").read_text().startswith("Machine: `")
