@@ -122,24 +122,11 @@ def _train_step(model, optimizer, batch, amp: bool):
     return step
 
 
-def _detectron2_train(amp: bool) -> Factory:
+def _train_impl(build_cfg, build_optimizer, amp: bool) -> Factory:
     def factory(args, device):
-        cfg = _detectron2_cfg(args, device)
+        cfg = build_cfg(args, device)
         model = _build(cfg)
-        return _train_step(
-            model, build_detectron2_optimizer(cfg, model), _training_batch(args, device), amp
-        )
-
-    return factory
-
-
-def _plugin_train(amp: bool) -> Factory:
-    def factory(args, device):
-        cfg = _plugin_cfg(args, device)
-        model = _build(cfg)
-        return _train_step(
-            model, build_plugin_optimizer(cfg, model), _training_batch(args, device), amp
-        )
+        return _train_step(model, build_optimizer(cfg, model), _training_batch(args, device), amp)
 
     return factory
 
@@ -373,10 +360,13 @@ def _coco_eval_impl(backend: str) -> Factory:
 def build_cases(device: torch.device) -> Dict[str, Case]:
     """All cases for ``device``, in report order."""
     cuda = device.type == "cuda"
-    train_impls = {DETECTRON2: _detectron2_train(False), PLUGIN: _plugin_train(False)}
-    if cuda:
-        train_impls[DETECTRON2 + ", AMP"] = _detectron2_train(True)
-        train_impls[PLUGIN + ", AMP"] = _plugin_train(True)
+    train_impls = {}
+    for amp in (False, True) if cuda else (False,):
+        suffix = ", AMP" if amp else ""
+        train_impls[DETECTRON2 + suffix] = _train_impl(
+            _detectron2_cfg, build_detectron2_optimizer, amp
+        )
+        train_impls[PLUGIN + suffix] = _train_impl(_plugin_cfg, build_plugin_optimizer, amp)
     inference_impls = _inference_impls(lambda args: 1, device)
     throughput_impls = _inference_impls(lambda args: args.throughput_batch, device)
     return {

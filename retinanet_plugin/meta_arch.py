@@ -2,7 +2,7 @@
 
 import logging
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -375,7 +375,7 @@ class FocalLossRetinaNet(DenseDetector):
                 boxes, scores, image_ids * self.num_classes + classes, self.test_nms_thresh
             )
             max_per_image = self.max_detections_per_image
-            keep = keep[_top_k_per_image(image_ids[keep], num_images, max_per_image)]
+            keep = keep[_first_k_per_image(image_ids[keep], num_images, max_per_image)]
             counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
             return [
                 Instances(image_size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
@@ -405,19 +405,14 @@ class FocalLossRetinaNet(DenseDetector):
         # float32 (a no-op unless the head ran in bfloat16): the threshold is compared exactly.
         flat_logits = logits.reshape(num_images, -1).float()
         # sigmoid is increasing, so thresholding logits at logit(thresh) selects the same ones.
-        threshold = _logit(self.test_score_thresh)
-        above = flat_logits > threshold
-        if int(above.sum(dim=1).max()) <= self.test_topk_candidates:
-            # Usual for a trained model: every candidate is kept, nothing needs ranking.
-            image_ids, flat_idxs = above.nonzero(as_tuple=True)
-            candidate_logits = flat_logits[image_ids, flat_idxs]
-        else:
-            # Too many candidates: a linear-time top-k of the dense rows, not a sort of them.
-            k = min(self.test_topk_candidates, flat_logits.shape[1])
-            top_logits, top_idxs = flat_logits.topk(k, dim=1)
-            image_ids, ranks = (top_logits > threshold).nonzero(as_tuple=True)
-            flat_idxs = top_idxs[image_ids, ranks]
-            candidate_logits = top_logits[image_ids, ranks]
+        above = flat_logits > _logit(self.test_score_thresh)
+        # Row-major: candidates come grouped by image.
+        image_ids, flat_idxs = above.nonzero(as_tuple=True)
+        candidate_logits = flat_logits[image_ids, flat_idxs]
+        keep = _top_k_per_image(candidate_logits, image_ids, num_images, self.test_topk_candidates)
+        if keep is not None:
+            image_ids, flat_idxs = image_ids[keep], flat_idxs[keep]
+            candidate_logits = candidate_logits[keep]
         scores = candidate_logits.sigmoid()
         # flat index -> (anchor a, class k, location y * W + x) of the (A, K, H, W) layout.
         locations = flat_idxs % (height * width)
@@ -474,7 +469,35 @@ def _logit(probability: float) -> float:
     return math.log(probability / (1.0 - probability))
 
 
-def _top_k_per_image(image_ids: Tensor, num_images: int, k: int) -> Tensor:
+def _top_k_per_image(
+    scores: Tensor, image_ids: Tensor, num_images: int, k: int
+) -> Optional[Tensor]:
+    """Indices of the ``k`` highest scores of every image, or None if no image has more than k.
+
+    Args:
+        scores: (C,) scores (or logits), grouped by image.
+        image_ids: (C,) image index of each score, non-decreasing.
+        num_images: N, the number of images.
+        k: scores kept per image.
+
+    Returns:
+        (C',) int64 indices into the C scores, grouped by image, or None (keep all).
+    """
+    counts = torch.bincount(image_ids, minlength=num_images).tolist()
+    if max(counts, default=0) <= k:
+        return None
+    keep, start = [], 0
+    for count in counts:
+        # topk is linear in the count; a sort of all candidates is not.
+        if count > k:
+            keep.append(scores[start : start + count].topk(k).indices + start)
+        else:
+            keep.append(torch.arange(start, start + count, device=scores.device))
+        start += count
+    return torch.cat(keep)
+
+
+def _first_k_per_image(image_ids: Tensor, num_images: int, k: int) -> Tensor:
     """Indices of the first ``k`` elements of every image, keeping their order within it.
 
     Args:
