@@ -31,5 +31,9 @@ setup(
         "tensorboard>=2.5",
         "PyYAML>=5.1",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout>=2"]},
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        # TEST.COCO_EVAL_BACKEND "faster_coco_eval"; without it evaluation uses pycocotools.
+        "fast-eval": ["faster-coco-eval>=1.6"],
+    },
 )
