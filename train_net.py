@@ -13,20 +13,21 @@ plus dataset registration (repeatable), after which the names go in DATASETS.TRA
     --register-voc NAME VOC_DIR SPLIT        [--voc-classes a,b,c]
 
 MODEL.RETINANET.NUM_CLASSES follows the training dataset unless set. With MODEL.DEVICE cpu,
---num-gpus N starts N CPU processes (gloo).
+--num-gpus N starts N CPU processes (gloo). Weight files (MODEL.WEIGHTS, checkpoints to resume
+from) may only hold arrays, numbers, strings and containers unless --trust-weights is given.
 """
 import logging
 import os
 
 import retinanet_plugin  # noqa: F401  (applies detectron2 compat patches, registers components)
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from retinanet_plugin import add_retinanet_config
-from retinanet_plugin.checkpoint import RetinaNetCheckpointer
+from retinanet_plugin.atomic_io import check_output_dir
+from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
 from retinanet_plugin.config import config_sets_key
+from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
     register_datasets_from_args,
@@ -40,8 +41,39 @@ logger = logging.getLogger("retinanet_plugin.train_net")
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with COCO evaluation, SOLVER.OPTIMIZER and fine-tuning-aware
-    checkpoint loading."""
+    """detectron2's DefaultTrainer with COCO evaluation, SOLVER.OPTIMIZER and the plugin's
+    checkpoint loading (safe by default, fine-tuning-aware).
+
+    Args:
+        cfg: the config.
+        trust_weights: see ``RetinaNetCheckpointer``.
+    """
+
+    def __init__(self, cfg, trust_weights=False):
+        self.trust_weights = trust_weights  # set first: the base constructor calls build_hooks
+        super().__init__(cfg)
+        if comm.is_main_process():
+            # Room for a checkpoint (weights plus optimizer state, ~2x the weights), checked
+            # now rather than at the first checkpoint hours into the run.
+            weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+            check_output_dir(cfg.OUTPUT_DIR, min_free_bytes=2 * weights)
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            # detectron2's message has the iteration and the loss terms; add where to resume.
+            checkpointer = self.checkpointer
+            last = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else ""
+            resume = (
+                f"The last checkpoint, safe to resume from with --resume, is {last}."
+                if last
+                else "No checkpoint was written before it."
+            )
+            raise FloatingPointError(
+                f"{e}\nTraining stopped. {resume} Lower SOLVER.BASE_LR or enable "
+                "SOLVER.CLIP_GRADIENTS before resuming."
+            ) from e
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -57,21 +89,25 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         # Swap in the plugin's checkpointer before the hooks capture self.checkpointer.
         c = self.checkpointer
-        self.checkpointer = RetinaNetCheckpointer(c.model, c.save_dir, **c.checkpointables)
+        self.checkpointer = RetinaNetCheckpointer(
+            c.model,
+            c.save_dir,
+            save_to_disk=c.save_to_disk,  # only the main process writes
+            trust_weights=self.trust_weights,
+            **c.checkpointables,
+        )
         return super().build_hooks()
 
 
 def build_config(args):
     """The config from the file and trailing KEY VALUE overrides (not frozen, no side effects)."""
-    cfg = get_cfg()
-    add_retinanet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg
+    return load_config(args.config_file, args.opts)
 
 
 def setup(args):
     cfg = build_config(args)
+    if comm.is_main_process():
+        check_output_dir(cfg.OUTPUT_DIR)  # fail now, not at the first checkpoint
     if cfg.TEST.AUG.ENABLED:
         raise ValueError("TEST.AUG.ENABLED: RetinaNet has no test-time augmentation")
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
@@ -89,13 +125,14 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        RetinaNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        checkpointer = RetinaNetCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, trust_weights=args.trust_weights
         )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)
         return results
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, trust_weights=args.trust_weights)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -103,6 +140,7 @@ def main(args):
 def argument_parser():
     parser = default_argument_parser(epilog=__doc__)
     add_dataset_arguments(parser)
+    parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
     return parser
 
 

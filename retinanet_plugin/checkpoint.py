@@ -1,17 +1,77 @@
-"""Checkpoint loading for fine-tuning on other classes."""
+"""Checkpoint loading that runs no code from the file, and fine-tuning on other classes."""
+import contextlib
+import errno
+import functools
 import logging
+import os
+import types
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint import detection_checkpoint
+from fvcore.common.checkpoint import Checkpointer
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["RetinaNetCheckpointer"]
+from .atomic_io import atomic_write
+from .safe_loading import load_pickle, load_torch
+
+__all__ = ["CheckpointWriteError", "RetinaNetCheckpointer", "TRUST_WEIGHTS_HELP"]
 
 logger = logging.getLogger(__name__)
 
 CLASSIFICATION_LAYER = "head.cls_score."
+TRUST_WEIGHTS_HELP = (
+    "load MODEL.WEIGHTS and checkpoints with full unpickling, which can run code from the file: "
+    "only for files from a trusted source (default: only arrays, numbers, strings, containers)"
+)
 
 
-class RetinaNetCheckpointer(DetectionCheckpointer):
-    """detectron2's DetectionCheckpointer, plus what fine-tuning to another class count needs.
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is intact."""
+
+
+class _TorchLoading(Checkpointer):
+    """fvcore's ``.pth`` loading step with ``weights_only=True`` unless ``self.trust_weights``.
+
+    It sits between DetectionCheckpointer and fvcore's Checkpointer in RetinaNetCheckpointer's
+    method order, so detectron2's handling of the loaded dict still applies.
+    """
+
+    def _load_file(self, filename):
+        return load_torch(filename, trust=self.trust_weights)
+
+
+@contextlib.contextmanager
+def _restricted_pickle(filename):
+    """Makes detectron2's ``.pkl`` loading unpickle with the allow-list, for one call.
+
+    detectron2 reads ``.pkl`` files with ``pickle.load(f, encoding="latin1")`` inside
+    ``DetectionCheckpointer._load_file``; replacing only that call keeps its model-zoo handling
+    (``__author__``, Caffe2 ``blobs``, ``matching_heuristics``) instead of copying it.
+    """
+    original = detection_checkpoint.pickle
+    detection_checkpoint.pickle = types.SimpleNamespace(
+        load=functools.partial(load_pickle, filename=filename)
+    )
+    try:
+        yield
+    finally:
+        detection_checkpoint.pickle = original
+
+
+class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
+    """detectron2's DetectionCheckpointer, loading files safely, plus what fine-tuning to another
+    class count needs.
+
+    Weight files are untrusted by default: ``.pkl`` files may only hold numpy arrays, numbers,
+    strings, bytes and containers (:mod:`retinanet_plugin.safe_loading`), ``.pth`` files are read
+    with ``torch.load(weights_only=True)``; anything else is refused with an error naming the file
+    and the global it refers to. A missing file is a FileNotFoundError rather than fvcore's
+    assertion.
+
+    Checkpoints and the ``last_checkpoint`` pointer are written atomically (temporary file,
+    fsync, rename): a kill or a full disk at any moment leaves the previous checkpoint loadable,
+    and ``--resume`` never finds a truncated file.
 
     Every tensor whose shape matches is loaded. detectron2 skips (and logs) tensors whose shape
     differs; when the skipped ones are the classification output layer (a checkpoint trained
@@ -22,12 +82,74 @@ class RetinaNetCheckpointer(DetectionCheckpointer):
     Args:
         allow_new_classes: False for inference, where a re-initialised classification layer
             would give random classes: a class-count mismatch is then an error.
+        trust_weights: load files the way detectron2 does, unpickling arbitrary objects (which
+            can run code from the file). Only for files from a trusted source.
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
     """
 
-    def __init__(self, model, save_dir="", *, allow_new_classes=True, **kwargs):
+    def __init__(
+        self, model, save_dir="", *, allow_new_classes=True, trust_weights=False, **kwargs
+    ):
         super().__init__(model, save_dir, **kwargs)
         self.allow_new_classes = allow_new_classes
+        self.trust_weights = trust_weights
+
+    def load(self, path, *args, **kwargs):
+        # With DistributedDataParallel detectron2 checks the file itself: a worker without it
+        # skips loading and gets the weights from the main worker.
+        if path and not isinstance(self.model, DistributedDataParallel):
+            path = self.path_manager.get_local_path(path)  # downloads URLs, keeps local paths
+            if not os.path.isfile(path):
+                raise FileNotFoundError(errno.ENOENT, "Checkpoint file not found", path)
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        if self.trust_weights:
+            logger.warning(
+                "Loading %s with --trust-weights: unpickling arbitrary objects can run code from "
+                "the file",
+                filename,
+            )
+            return super()._load_file(filename)
+        # .pth files need nothing here: _TorchLoading already loads them weights-only.
+        restricted = _restricted_pickle(filename) if filename.endswith(".pkl") else None
+        with restricted or contextlib.nullcontext():
+            return super()._load_file(filename)
+
+    def save(self, name: str, **kwargs) -> None:
+        """fvcore's ``Checkpointer.save`` (model, checkpointables and ``kwargs`` in
+        ``<save_dir>/<name>.pth``, then the pointer), with both files written atomically.
+
+        Raises:
+            CheckpointWriteError: the file could not be written; names the previous checkpoint,
+                which stays intact.
+        """
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        try:
+            with atomic_write(save_file) as f:
+                torch.save(data, f)
+        except OSError as e:
+            previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+            raise CheckpointWriteError(
+                f"Could not write checkpoint {save_file} ({e.strerror or e}). "
+                + (
+                    f"The previous checkpoint {previous} is intact; --resume starts from it."
+                    if previous
+                    else "There is no earlier checkpoint in this directory."
+                )
+            ) from e
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
+            f.write(last_filename_basename)
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)

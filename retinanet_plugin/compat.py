@@ -20,6 +20,11 @@ Patches:
   class histogram, visualizer and masks: those modules get a ``np`` that has the aliases.
 * ``create_ddp_model`` passes ``device_ids`` even for CPU models, which DDP rejects: CPU models
   are wrapped without it, so multi-process CPU training (gloo) works.
+* ``MapDataset.__getitem__`` draws a replacement for a failed element with
+  ``random.sample(set, k=1)``, a TypeError since Python 3.11, so the first image it cannot load
+  crashed training: it draws from a tuple, and an image that cannot be read (``OSError``, e.g. a
+  truncated file, or PIL's ``SyntaxError``) is skipped with a warning naming its file and the
+  number skipped so far, then another element is tried, as detectron2 intends.
 """
 import functools
 import importlib
@@ -208,6 +213,59 @@ def _patch_create_ddp_model_for_cpu() -> None:
     APPLIED.append("create_ddp_model: no device_ids for CPU models (DDP with gloo)")
 
 
+# What reading a truncated, corrupt or missing image raises in detectron2's read_image: PIL's
+# UnidentifiedImageError and "image file is truncated" are OSErrors; some broken PNG chunks give
+# SyntaxError.
+_UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError)
+
+
+def _patch_map_dataset_retry() -> None:
+    from detectron2.data import common
+
+    map_dataset = common.MapDataset
+    if "sample(self._fallback_candidates" not in inspect.getsource(map_dataset.__getitem__):
+        return
+    data_logger = logging.getLogger("detectron2.data.common")
+
+    def skip(self, element, cur_idx: int, reason: str) -> None:
+        self._num_skipped = getattr(self, "_num_skipped", 0) + 1
+        name = element.get("file_name") if isinstance(element, dict) else None
+        data_logger.warning(
+            "Skipped %s: %s; %d elements skipped so far by this data loader process",
+            name or f"dataset element {cur_idx}", reason, self._num_skipped,
+        )
+
+    def __getitem__(self, idx):
+        retry_count = 0
+        cur_idx = int(idx)
+        while True:
+            element = self._dataset[cur_idx]
+            try:
+                data = self._map_func(element)
+                reason = "the mapper returned None"
+            except _UNREADABLE_IMAGE_ERRORS as e:
+                data, reason = None, f"cannot read it ({type(e).__name__}: {e})"
+            if data is not None:
+                self._fallback_candidates.add(cur_idx)
+                return data
+            skip(self, element, cur_idx, reason)
+
+            # As detectron2: try a random other element that has not failed.
+            retry_count += 1
+            self._fallback_candidates.discard(cur_idx)
+            if not self._fallback_candidates:
+                raise RuntimeError(f"none of the {len(self)} dataset elements could be loaded")
+            cur_idx = self._rng.choice(tuple(self._fallback_candidates))
+            if retry_count >= 3:
+                data_logger.warning(
+                    "Failed to apply `_map_func` for idx: %d, retry count: %d", idx, retry_count
+                )
+
+    __getitem__.__wrapped__ = map_dataset.__getitem__
+    map_dataset.__getitem__ = __getitem__
+    APPLIED.append("MapDataset: skip unreadable images with a warning (random.sample on a set)")
+
+
 def _silence_import_time_warnings() -> None:
     # detectron2 0.6 and fvcore script functions with torch.jit, and model_zoo imports
     # pkg_resources, at import time; both warn on every run and nothing a user does fixes them.
@@ -236,6 +294,7 @@ def apply() -> Dict[str, object]:
         if NATIVE_OPS_ERROR is not None:
             _patch_coco_evaluator_fast_path()
         _patch_create_ddp_model_for_cpu()
+        _patch_map_dataset_retry()
         for patch in APPLIED:
             logger.debug("retinanet_plugin.compat: %s", patch)
     return {"patches": list(APPLIED), "native_ops_error": NATIVE_OPS_ERROR}

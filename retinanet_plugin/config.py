@@ -75,10 +75,17 @@ def get_config_file(name: str) -> str:
 def config_sets_key(config_file: str, opts: Sequence[str], key: str) -> bool:
     """Whether ``key`` (e.g. "MODEL.RETINANET.NUM_CLASSES") is set by ``config_file`` (with its
     ``_BASE_`` chain) or by the ``KEY VALUE`` overrides ``opts``, rather than left at its default.
+
+    Raises:
+        ConfigError: ``config_file`` cannot be loaded safely (see ``load_yaml_safely``).
     """
+    # Imported here: config_validation imports this module (for add_retinanet_config).
+    from .config_validation import load_yaml_safely
+
     if key in list(opts)[::2]:
         return True
-    node = CN.load_yaml_with_base(config_file, allow_unsafe=True)
+    # Safe loading: never run the Python tags of an untrusted file (see config_validation).
+    node = load_yaml_safely(config_file)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return False

@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 import retinanet_plugin  # noqa: F401  (compat patches, registered components)
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image
@@ -31,8 +30,9 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
-from retinanet_plugin.checkpoint import RetinaNetCheckpointer
-from retinanet_plugin.config import add_retinanet_config, config_sets_key
+from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
+from retinanet_plugin.config import config_sets_key
+from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
     register_datasets_from_args,
@@ -65,11 +65,15 @@ class BatchPredictor:
 
     Args:
         cfg: a frozen config; MODEL.WEIGHTS is loaded.
+        trust_weights: see ``RetinaNetCheckpointer``.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, trust_weights=False):
         self.model = build_model(cfg).eval()
-        RetinaNetCheckpointer(self.model, allow_new_classes=False).load(cfg.MODEL.WEIGHTS)
+        checkpointer = RetinaNetCheckpointer(
+            self.model, allow_new_classes=False, trust_weights=trust_weights
+        )
+        checkpointer.load(cfg.MODEL.WEIGHTS)
         self.resize = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
@@ -167,6 +171,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-threshold", type=float, default=0.5, help="default: 0.5")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--dataset", default=None, help="registered dataset for class names")
+    parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
     add_dataset_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
@@ -177,10 +182,7 @@ def main(argv=None) -> int:
     setup_logger(name="retinanet_plugin")
     setup_logger(name="fvcore")
     register_datasets_from_args(args)
-    cfg = get_cfg()
-    add_retinanet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     registered = [entry[0] for entry in args.register_coco + args.register_voc]
     dataset = args.dataset or next(iter(registered + list(cfg.DATASETS.TEST)), None)
     if dataset in DatasetCatalog.list():
@@ -192,9 +194,10 @@ def main(argv=None) -> int:
     if not files:
         logger.error("No input images matched %s", args.input)
         return 2
+    predictor = BatchPredictor(cfg, trust_weights=args.trust_weights)
     results, failures = predict_files(
-        BatchPredictor(cfg), files, args.output, _metadata(cfg, dataset),
-        args.score_threshold, args.batch_size,
+        predictor, files, args.output, _metadata(cfg, dataset), args.score_threshold,
+        args.batch_size,
     )
     results_file = os.path.join(args.output, "coco_results.json")
     with open(results_file, "w") as f:

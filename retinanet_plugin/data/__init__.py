@@ -1,5 +1,6 @@
 """Datasets: registration of users' COCO / VOC datasets and a generated demo dataset."""
 from .datasets import (
+    DatasetError,
     add_dataset_arguments,
     dataset_class_names,
     register_coco_dataset,
@@ -11,6 +12,7 @@ from .datasets import (
 from .synthetic_shapes import SHAPE_CLASSES, make_shapes_dataset
 
 __all__ = [
+    "DatasetError",
     "add_dataset_arguments",
     "register_datasets_from_args",
     "register_coco_dataset",

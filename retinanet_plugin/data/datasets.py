@@ -1,18 +1,27 @@
 """Registering users' datasets in detectron2's DatasetCatalog / MetadataCatalog.
 
-Loading is detectron2's own (``load_coco_json``, ``load_voc_instances``); this module checks the
-paths up front, reads VOC class names from the XML files when none are given, and works out the
-number of classes a training set has.
+Loading is detectron2's own (``load_coco_json``, ``load_voc_instances``), wrapped in the checks
+of :mod:`.validation`; this module checks the paths up front, reads VOC class names from the XML
+files when none are given, and works out the number of classes a training set has.
 """
 import logging
 import os
-import xml.etree.ElementTree as ET
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+from detectron2.data.datasets import load_coco_json, load_voc_instances
+
+from .validation import (
+    DatasetError,
+    check_coco_json,
+    check_voc_split,
+    clean_boxes,
+    parse_voc_xml,
+    resolve_inside,
+)
 
 __all__ = [
+    "DatasetError",
     "register_coco_dataset",
     "register_voc_dataset",
     "voc_class_names",
@@ -30,8 +39,18 @@ def _check_new_name(name: str) -> None:
         raise ValueError(f"dataset {name!r} is already registered")
 
 
+def _load_coco(name: str, json_file: str, image_root: str) -> List[Dict]:
+    check_coco_json(json_file, image_root)
+    return clean_boxes(name, load_coco_json(json_file, image_root, name))
+
+
 def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
     """Registers a COCO-format detection dataset under ``name`` (detectron2's COCO loader).
+
+    The annotations are checked when the dataset is loaded (see :mod:`.validation`): a broken
+    file, a missing image, an image outside ``image_root`` or an unknown category raise
+    :class:`DatasetError`; unusable boxes are dropped and boxes reaching outside their image are
+    clipped, with counts in the log.
 
     Args:
         name: the name to use in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
@@ -43,7 +62,11 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"dataset {name!r}: image root {image_root} is not a folder")
     _check_new_name(name)
-    register_coco_instances(name, {}, json_file, image_root)
+    DatasetCatalog.register(name, lambda: _load_coco(name, json_file, image_root))
+    # The metadata detectron2's register_coco_instances sets, which COCOEvaluator reads.
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco"
+    )
     logger.info("Registered COCO dataset %r: %s, images in %s", name, json_file, image_root)
 
 
@@ -55,18 +78,21 @@ def _voc_split_ids(voc_dir: str, split: str) -> List[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def _load_voc(name: str, voc_dir: str, split: str, class_names: List[str]) -> List[Dict]:
+    check_voc_split(voc_dir, _voc_split_ids(voc_dir, split), class_names)
+    return clean_boxes(name, load_voc_instances(voc_dir, split, class_names))
+
+
 def voc_class_names(voc_dir: str, split: str) -> List[str]:
     """Sorted object class names found in the XML annotations of a VOC split."""
     names = set()
+    annotation_dir = os.path.join(voc_dir, "Annotations")
     for file_id in _voc_split_ids(voc_dir, split):
-        xml_file = os.path.join(voc_dir, "Annotations", f"{file_id}.xml")
-        try:
-            tree = ET.parse(xml_file)
-        except (OSError, ET.ParseError) as e:
-            raise ValueError(f"VOC annotation {xml_file}: {e}") from e
-        names.update(obj.findtext("name").strip() for obj in tree.findall("object"))
+        what = f"VOC split entry {file_id!r}"
+        tree = parse_voc_xml(resolve_inside(annotation_dir, f"{file_id}.xml", what))
+        names.update((obj.findtext("name") or "").strip() for obj in tree.findall("object"))
     if not names:
-        raise ValueError(f"VOC split {split!r} in {voc_dir} has no annotated objects")
+        raise DatasetError(f"VOC split {split!r} in {voc_dir} has no annotated objects")
     return sorted(names)
 
 
@@ -75,6 +101,11 @@ def register_voc_dataset(
 ) -> List[str]:
     """Registers a Pascal VOC split (``Annotations/``, ``JPEGImages/``,
     ``ImageSets/Main/<split>.txt``) under ``name`` with detectron2's VOC loader.
+
+    The split is checked when it is loaded (see :mod:`.validation`): an XML file that does not
+    parse, a class not in ``class_names``, a missing image or an id leading outside the folder
+    raise :class:`DatasetError`; unusable boxes are dropped and boxes reaching outside their
+    image are clipped, with counts in the log.
 
     Args:
         name: the dataset name for ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
@@ -92,8 +123,13 @@ def register_voc_dataset(
     if class_names is None:
         class_names = voc_class_names(voc_dir, split)
     _check_new_name(name)
-    # year only selects the VOC2007 11-point metric of PascalVOCDetectionEvaluator.
-    register_pascal_voc(name, voc_dir, split, year=2012, class_names=list(class_names))
+    class_names = list(class_names)
+    DatasetCatalog.register(name, lambda: _load_voc(name, voc_dir, split, class_names))
+    # The metadata detectron2's register_pascal_voc sets; year only selects the VOC2007
+    # 11-point metric of PascalVOCDetectionEvaluator.
+    MetadataCatalog.get(name).set(
+        thing_classes=class_names, dirname=voc_dir, year=2012, split=split
+    )
     logger.info(
         "Registered VOC dataset %r: %s split %r, classes %s", name, voc_dir, split, class_names
     )

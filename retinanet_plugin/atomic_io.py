@@ -1,0 +1,90 @@
+"""Crash-safe file writes: a kill or a full disk at any moment leaves the previous file intact.
+
+A file is written to a temporary file in the same directory, flushed and fsync-ed, then renamed
+over the target (``os.replace`` is atomic on POSIX and Windows within one file system), and the
+directory entry is fsync-ed. Readers therefore see either the old file or the complete new one,
+never a truncated one.
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import IO, Iterator
+
+__all__ = ["OutputDirError", "atomic_write", "check_output_dir"]
+
+TEMP_SUFFIX = ".tmp"
+
+
+class OutputDirError(OSError):
+    """The output directory cannot take the run's files (not writable, or too little space)."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+    """Opens a temporary file that replaces ``path`` when the ``with`` block completes.
+
+    If the block raises (including ``OSError`` for a full disk), the temporary file is removed
+    and ``path`` is untouched. A process killed mid-write leaves at most a hidden
+    ``.<name>.<random>.tmp`` file next to ``path``.
+
+    Args:
+        path: the file to write.
+        mode: "wb" or "w".
+
+    Yields:
+        the open temporary file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp_path = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=directory
+    )
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp_path)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable; not possible (nor needed) on every platform.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_output_dir(directory: str, min_free_bytes: int = 0) -> None:
+    """Fails now, with the directory named, if the run could not write its files there later.
+
+    Args:
+        directory: the output directory (created if missing).
+        min_free_bytes: free space required, e.g. the size of one checkpoint.
+
+    Raises:
+        OutputDirError: the directory cannot be created or written, or has too little space.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with atomic_write(os.path.join(directory, ".write_test"), "wb") as f:
+            f.write(b"ok")
+        os.remove(os.path.join(directory, ".write_test"))
+    except OSError as e:
+        raise OutputDirError(
+            f"Output directory {directory} is not writable ({e.strerror or e}); set OUTPUT_DIR to "
+            "a writable directory"
+        ) from e
+    free = shutil.disk_usage(directory).free
+    if free < min_free_bytes:
+        raise OutputDirError(
+            f"Output directory {directory} has {free / 2**20:.0f} MiB free, less than the "
+            f"{min_free_bytes / 2**20:.0f} MiB one checkpoint needs; free space or set OUTPUT_DIR"
+        )

@@ -1,0 +1,297 @@
+"""Checks on users' COCO and VOC datasets, made around detectron2's own loaders.
+
+A bad dataset stops with one :class:`DatasetError` that names the file, the record and what is
+wrong, before training starts, instead of a traceback from inside detectron2 at some later step.
+Problems that only cost a few boxes (degenerate or out-of-image boxes) are fixed or dropped with
+one warning per kind, giving the count and an example.
+"""
+import json
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from typing import Dict, List, Sequence
+
+from detectron2.structures import BoxMode
+
+__all__ = [
+    "DatasetError",
+    "resolve_inside",
+    "read_coco_json",
+    "check_coco_json",
+    "parse_voc_xml",
+    "check_voc_split",
+    "clean_boxes",
+]
+
+logger = logging.getLogger(__name__)
+
+# How many missing files an error lists; the count covers all of them.
+_MAX_LISTED = 5
+
+
+class DatasetError(ValueError):
+    """A dataset's files or annotations cannot be used as they are."""
+
+
+def resolve_inside(root: str, entry: str, what: str) -> str:
+    """The path of ``entry`` inside ``root``, refusing entries that lead out of it.
+
+    Symbolic links are followed, so neither ``..``, an absolute path nor a link can make the
+    loader read files outside the folder the user named.
+
+    Args:
+        root: the folder entries are relative to.
+        entry: a relative path from the annotations.
+        what: where the entry comes from, for the error message.
+
+    Returns:
+        ``os.path.join(root, entry)``.
+
+    Raises:
+        DatasetError: the entry resolves to a path outside ``root``.
+    """
+    path = os.path.join(root, entry)
+    real_root = os.path.realpath(root)
+    real_path = os.path.realpath(path)
+    if os.path.commonpath([real_root, real_path]) != real_root:
+        raise DatasetError(
+            f"{what}: {entry!r} points outside the folder {root} (resolves to {real_path})"
+        )
+    return path
+
+
+def _check_files_exist(paths: Sequence[str], what: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        listed = ", ".join(missing[:_MAX_LISTED])
+        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        raise DatasetError(
+            f"{what}: {len(missing)} of {len(paths)} images do not exist: {listed}{more}"
+        )
+
+
+def read_coco_json(json_file: str) -> dict:
+    """Reads a COCO annotation file, with the file and the position of a JSON syntax error.
+
+    Raises:
+        DatasetError: the file is not valid JSON or lacks the COCO ``images`` /
+            ``annotations`` / ``categories`` lists.
+    """
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            coco = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(
+            f"{json_file} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{json_file} is not valid JSON: not UTF-8 text ({e})") from e
+    if not isinstance(coco, dict):
+        raise DatasetError(f"{json_file}: expected a JSON object, found {type(coco).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise DatasetError(f"{json_file}: no {key!r} list, so not a COCO instances file")
+    return coco
+
+
+def _check_keys(json_file: str, kind: str, record: dict, keys: Sequence[str]) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DatasetError(
+            f"{json_file}: {kind} {record.get('id', '(without id)')} has no "
+            f"{', '.join(repr(k) for k in missing)}"
+        )
+
+
+def check_coco_json(json_file: str, image_root: str) -> None:
+    """Checks what detectron2's ``load_coco_json`` would otherwise fail on deep inside.
+
+    Checks that every image has an id, file name and size, that its file is inside
+    ``image_root`` and exists, and that every annotation's category is listed in
+    ``categories``.
+
+    Raises:
+        DatasetError: naming the file and the first offending image or annotation.
+    """
+    coco = read_coco_json(json_file)
+    for category in coco["categories"]:
+        _check_keys(json_file, "category", category, ("id", "name"))
+    category_ids = {c["id"] for c in coco["categories"]}
+    if not category_ids:
+        raise DatasetError(f"{json_file}: the 'categories' list is empty")
+    paths = []
+    for image in coco["images"]:
+        _check_keys(json_file, "image", image, ("id", "file_name", "height", "width"))
+        what = f"{json_file}: image {image['id']}"
+        paths.append(resolve_inside(image_root, image["file_name"], what))
+    _check_files_exist(paths, f"{json_file} (image root {image_root})")
+    file_names = {image["id"]: image["file_name"] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        _check_keys(json_file, "annotation", annotation, ("image_id", "category_id", "bbox"))
+        bbox = annotation["bbox"]
+        if not (
+            isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+        ):
+            raise DatasetError(
+                f"{json_file}: annotation {annotation.get('id', '(without id)')} of image "
+                f"{annotation['image_id']}: bbox {bbox!r} is not 4 numbers [x, y, width, height]"
+            )
+        if annotation["category_id"] not in category_ids:
+            image = file_names.get(annotation["image_id"], "not in 'images'")
+            raise DatasetError(
+                f"{json_file}: annotation {annotation.get('id', '(without id)')} of image "
+                f"{annotation['image_id']} ({image}) has category_id {annotation['category_id']}"
+                f", which is not in 'categories' (ids {sorted(category_ids)})"
+            )
+
+
+def parse_voc_xml(xml_file: str) -> ET.ElementTree:
+    """Parses a VOC annotation file.
+
+    Raises:
+        DatasetError: the file cannot be read or is not well-formed XML (with the parser's
+            line and column).
+    """
+    try:
+        return ET.parse(xml_file)
+    except ET.ParseError as e:
+        raise DatasetError(f"VOC annotation {xml_file} is not valid XML: {e}") from e
+    except OSError as e:
+        raise DatasetError(f"VOC annotation {xml_file} cannot be read: {e}") from e
+
+
+_VOC_CORNERS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_voc_split(voc_dir: str, file_ids: Sequence[str], class_names: Sequence[str]) -> None:
+    """Checks what detectron2's ``load_voc_instances`` would otherwise fail on deep inside.
+
+    Checks that each id's XML and JPEG are inside ``Annotations/`` and ``JPEGImages/`` and
+    exist, that the XML parses and has a size, and that every object's class is in
+    ``class_names``.
+
+    Raises:
+        DatasetError: naming the file and what is wrong.
+    """
+    annotation_dir = os.path.join(voc_dir, "Annotations")
+    image_dir = os.path.join(voc_dir, "JPEGImages")
+    image_files = []
+    for file_id in file_ids:
+        what = f"VOC split entry {file_id!r}"
+        xml_file = resolve_inside(annotation_dir, file_id + ".xml", what)
+        image_files.append(resolve_inside(image_dir, file_id + ".jpg", what))
+        tree = parse_voc_xml(xml_file)
+        for field in ("./size/width", "./size/height"):
+            text = tree.findtext(field)
+            if text is None or not text.strip().isdigit():
+                raise DatasetError(f"VOC annotation {xml_file}: {field[2:]} missing or not an int")
+        for obj in tree.findall("object"):
+            # Unstripped, as detectron2's loader looks the name up.
+            name = obj.findtext("name")
+            if name not in class_names:
+                raise DatasetError(
+                    f"VOC annotation {xml_file}: class {name!r} is not in the class list "
+                    f"{list(class_names)} (set them with --voc-classes)"
+                )
+            box = obj.find("bndbox")
+            corners = [None] if box is None else [box.findtext(k) for k in _VOC_CORNERS]
+            if not all(_is_number(text) for text in corners):
+                raise DatasetError(
+                    f"VOC annotation {xml_file}: object {name!r} has no bndbox with numeric "
+                    f"{', '.join(_VOC_CORNERS)}"
+                )
+    _check_files_exist(image_files, f"VOC folder {image_dir}")
+
+
+def _box_xyxy(annotation: dict) -> List[float]:
+    # Plain Python instead of BoxMode.convert: that builds a tensor per box, which takes
+    # seconds on COCO-sized datasets.
+    x0, y0, a, b = (float(v) for v in annotation["bbox"])
+    if annotation["bbox_mode"] == BoxMode.XYWH_ABS:
+        return [x0, y0, x0 + a, y0 + b]
+    return [x0, y0, a, b]
+
+
+def _from_xyxy(box: List[float], mode: BoxMode) -> List[float]:
+    if mode == BoxMode.XYWH_ABS:
+        return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+    return box
+
+
+def clean_boxes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
+    """Drops unusable boxes and clips boxes to their image, in place, with counts in the log.
+
+    Boxes with a NaN/inf coordinate or no area would give NaN or infinite regression targets;
+    boxes entirely outside the image can never be matched by an anchor. Both are dropped. Boxes
+    partly outside are clipped to the image, which detectron2's transforms would otherwise do
+    only after augmentation.
+
+    Args:
+        dataset_name: for the log and the error.
+        dicts: records in detectron2's standard format, with ``width`` and ``height``.
+
+    Returns:
+        ``dicts``.
+
+    Raises:
+        DatasetError: no image or no box is left.
+    """
+    # kind -> [count, example]
+    found = {"invalid": [0, None], "outside": [0, None], "clipped": [0, None]}
+
+    def note(kind, record, box):
+        found[kind][0] += 1
+        if found[kind][1] is None:
+            found[kind][1] = f"{box} in {record['file_name']}"
+
+    num_boxes = 0
+    for record in dicts:
+        width, height = record["width"], record["height"]
+        kept = []
+        for annotation in record.get("annotations", []):
+            if annotation["bbox_mode"] not in (BoxMode.XYXY_ABS, BoxMode.XYWH_ABS):
+                kept.append(annotation)  # the COCO and VOC loaders make only these two
+                continue
+            x0, y0, x1, y1 = box = _box_xyxy(annotation)
+            if not all(math.isfinite(v) for v in box) or x1 <= x0 or y1 <= y0:
+                note("invalid", record, annotation["bbox"])
+                continue
+            clipped = [min(max(x0, 0), width), min(max(y0, 0), height),
+                       min(max(x1, 0), width), min(max(y1, 0), height)]
+            if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+                note("outside", record, annotation["bbox"])
+                continue
+            if clipped != box:
+                note("clipped", record, annotation["bbox"])
+                annotation["bbox"] = _from_xyxy(clipped, annotation["bbox_mode"])
+            kept.append(annotation)
+        record["annotations"] = kept
+        num_boxes += len(kept)
+
+    messages = {
+        "invalid": "had a NaN/inf coordinate or zero or negative width/height and were dropped",
+        "outside": "lay entirely outside their image and were dropped",
+        "clipped": "reached outside their image and were clipped to it",
+    }
+    for kind, (count, example) in found.items():
+        if count:
+            logger.warning(
+                "Dataset %r: %d boxes %s (e.g. %s)", dataset_name, count, messages[kind], example
+            )
+    if not dicts or num_boxes == 0:
+        dropped = found["invalid"][0] + found["outside"][0]
+        raise DatasetError(
+            f"dataset {dataset_name!r} is empty: {len(dicts)} images, no usable boxes "
+            f"({dropped} dropped as invalid or outside their image)"
+        )
+    return dicts

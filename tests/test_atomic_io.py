@@ -1,0 +1,76 @@
+"""Crash-safe writes and the output-directory check."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from retinanet_plugin.atomic_io import OutputDirError, atomic_write, check_output_dir
+
+
+def test_atomic_write_replaces_the_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with atomic_write(str(path)) as f:
+        f.write(b"new")
+        assert path.read_bytes() == b"old"  # not visible before the block completes
+    assert path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_failure_mid_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="No space"):
+        with atomic_write(str(path)) as f:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]  # the temporary file is gone
+
+
+def test_sigkill_mid_write_keeps_the_old_file(tmp_path):
+    """A process killed while writing leaves the previous content readable."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old" * 1000)
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from retinanet_plugin.atomic_io import atomic_write
+        with atomic_write({str(path)!r}) as f:
+            f.write(b"new" * 10)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == -signal.SIGKILL
+    assert path.read_bytes() == b"old" * 1000
+
+
+def test_check_output_dir_creates_and_accepts_a_writable_dir(tmp_path):
+    check_output_dir(str(tmp_path / "new" / "dir"))
+    assert os.listdir(tmp_path / "new" / "dir") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
+def test_check_output_dir_names_an_unwritable_dir(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(OutputDirError, match=f"{locked} is not writable"):
+        check_output_dir(str(locked))
+
+
+def test_check_output_dir_names_a_path_that_is_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="is not writable"):
+        check_output_dir(str(blocker / "sub"))
+
+
+def test_check_output_dir_needs_the_free_space(tmp_path):
+    with pytest.raises(OutputDirError, match="MiB free"):
+        check_output_dir(str(tmp_path), min_free_bytes=2**62)

@@ -1,0 +1,201 @@
+"""Bad dataset input: one clear DatasetError naming the file and record, or a counted warning."""
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+
+import pytest
+
+from conftest import plugin_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
+from retinanet_plugin import compat
+from retinanet_plugin.data import (
+    SHAPE_CLASSES,
+    DatasetError,
+    register_coco_dataset,
+    register_voc_dataset,
+)
+
+
+@pytest.fixture
+def coco(shapes_dataset, tmp_path):
+    """A writable copy of the shapes train split: (coco dict, image root, write(coco) -> json)."""
+    json_file, image_root = shapes_dataset["train"]
+    root = tmp_path / "images"
+    shutil.copytree(image_root, root)
+    with open(json_file) as f:
+        data = json.load(f)
+
+    def write(content):
+        path = tmp_path / "annotations.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        return str(path)
+
+    return data, str(root), write
+
+
+def load_coco(request, json_file, image_root):
+    name = f"coco_{request.node.name}"
+    register_coco_dataset(name, json_file, image_root)
+    return DatasetCatalog.get(name)
+
+
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def warnings_of(logger_name):
+    """The warning messages of one logger (caplog misses loggers that do not propagate, as
+    detectron2's setup_logger leaves them)."""
+    logger, handler = logging.getLogger(logger_name), _Messages()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_coco_json_that_does_not_parse_names_file_line_and_column(coco, request):
+    _, root, write = coco
+    json_file = write('{"images": [],\n  "annotations": [}\n')
+    expected = rf"{re.escape(json_file)} is not valid JSON: .* line 2, column 19"
+    with pytest.raises(DatasetError, match=expected):
+        load_coco(request, json_file, root)
+
+
+def test_missing_images_are_counted_and_the_first_five_named(coco, request):
+    data, root, write = coco
+    for i in range(7):
+        data["images"].append(dict(data["images"][0], id=1000 + i, file_name=f"gone_{i}.png"))
+    with pytest.raises(DatasetError, match=r"7 of 23 images do not exist: .*gone_4.png and 2 more"):
+        load_coco(request, write(data), root)
+
+
+def test_unknown_category_names_annotation_image_and_id(coco, request):
+    data, root, write = coco
+    bad = data["annotations"][3]
+    bad["category_id"] = 77
+    image = next(i for i in data["images"] if i["id"] == bad["image_id"])
+    with pytest.raises(
+        DatasetError,
+        match=rf"annotation {bad['id']} of image {bad['image_id']} \({image['file_name']}\) "
+        r"has category_id 77",
+    ):
+        load_coco(request, write(data), root)
+
+
+def test_bad_boxes_are_dropped_and_boxes_outside_clipped_with_counts(coco, request):
+    data, root, write = coco
+    annotations = data["annotations"]
+    image_size = {i["id"]: (i["width"], i["height"]) for i in data["images"]}
+    annotations[0]["bbox"][2] = 0  # no width
+    annotations[1]["bbox"][3] = -4  # negative height
+    annotations[2]["bbox"][0] = math.nan
+    annotations[3]["bbox"][:2] = [-10, -10]  # partly outside: clipped
+    width, height = image_size[annotations[4]["image_id"]]
+    annotations[4]["bbox"][:2] = [width + 5, 0]  # entirely outside: dropped
+    with warnings_of("retinanet_plugin.data.validation") as messages:
+        dicts = load_coco(request, write(data), root)
+    assert len(messages) == 3, messages
+    assert "3 boxes had a NaN/inf coordinate or zero or negative width" in messages[0]
+    assert "1 boxes lay entirely outside their image" in messages[1]
+    assert "1 boxes reached outside their image and were clipped" in messages[2]
+    boxes = {(r["image_id"], tuple(a["bbox"])) for r in dicts for a in r["annotations"]}
+    assert len(boxes) == len(annotations) - 4
+    clipped = annotations[3]
+    x, y, w, h = clipped["bbox"]
+    assert (clipped["image_id"], (0.0, 0.0, x + w, y + h)) in boxes
+
+
+def test_dataset_left_without_boxes_is_an_error_naming_it(coco, request):
+    data, root, write = coco
+    for annotation in data["annotations"]:
+        annotation["bbox"][2] = 0
+    with pytest.raises(DatasetError, match=rf"dataset 'coco_{request.node.name}' is empty"):
+        load_coco(request, write(data), root)
+
+
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "/etc/passwd", "link.png"])
+def test_coco_file_names_outside_the_image_root_are_rejected(coco, request, entry):
+    data, root, write = coco
+    os.symlink("/etc/passwd", os.path.join(root, "link.png"))
+    data["images"][2]["file_name"] = entry
+    expected = rf"{re.escape(repr(entry))} points outside the folder {re.escape(root)}"
+    with pytest.raises(DatasetError, match=expected):
+        load_coco(request, write(data), root)
+
+
+@pytest.fixture
+def voc(voc_dataset, tmp_path):
+    """A writable copy of the VOC-layout shapes dataset; returns its folder."""
+    voc_dir = tmp_path / "voc"
+    shutil.copytree(voc_dataset, voc_dir)
+    return str(voc_dir)
+
+
+def first_train_xml(voc_dir):
+    with open(os.path.join(voc_dir, "ImageSets", "Main", "train.txt")) as f:
+        return os.path.join(voc_dir, "Annotations", f.readline().strip() + ".xml")
+
+
+def test_voc_xml_that_does_not_parse_names_file_and_line(voc, request):
+    xml_file = first_train_xml(voc)
+    with open(xml_file, "a") as f:
+        f.write("\n<annotation>")
+    with pytest.raises(DatasetError, match=rf"{re.escape(xml_file)} is not valid XML: .*line 2"):
+        register_voc_dataset(f"voc_{request.node.name}", voc, "train")
+
+
+def test_voc_class_not_in_the_list_names_file_class_and_list(voc, request):
+    name = f"voc_{request.node.name}"
+    known = list(SHAPE_CLASSES[:1])
+    register_voc_dataset(name, voc, "train", known)
+    with pytest.raises(
+        DatasetError, match=rf"\.xml: class '\w+' is not in the class list {re.escape(str(known))}"
+    ):
+        DatasetCatalog.get(name)
+
+
+def test_voc_split_entry_outside_the_folder_is_rejected(voc, request):
+    with open(os.path.join(voc, "ImageSets", "Main", "train.txt"), "a") as f:
+        f.write("../../../escape\n")
+    name = f"voc_{request.node.name}"
+    register_voc_dataset(name, voc, "train", list(SHAPE_CLASSES))
+    expected = r"'\.\./\.\./\.\./escape\.xml' points outside the folder .*Annotations"
+    with pytest.raises(DatasetError, match=expected):
+        DatasetCatalog.get(name)
+
+
+@pytest.mark.skipif(
+    not any(patch.startswith("MapDataset") for patch in compat.APPLIED),
+    reason="the installed detectron2's MapDataset needs no patch; errors propagate as upstream",
+)
+def test_truncated_image_is_skipped_with_a_warning_naming_it(coco, request):
+    data, root, write = coco
+    bad = os.path.join(root, data["images"][5]["file_name"])
+    with open(bad, "rb") as f:
+        content = f.read()
+    with open(bad, "wb") as f:
+        f.write(content[: len(content) // 2])
+    dicts = load_coco(request, write(data), root)
+    cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml")
+    loader = build_detection_train_loader(
+        dataset=dicts, mapper=DatasetMapper(cfg, is_train=True), total_batch_size=2, num_workers=0
+    )
+    with warnings_of("detectron2.data.common") as messages:
+        # 16 images in batches of 2: 10 batches pass every image at least once.
+        for _, batch in zip(range(10), loader):
+            assert len(batch) == 2
+    skips = [m for m in messages if m.startswith("Skipped")]
+    assert skips, "the truncated image was not read"
+    assert f"Skipped {bad}: cannot read it (OSError" in skips[0]
+    assert "1 elements skipped so far" in skips[0]
