@@ -58,6 +58,19 @@ class Trainer(DefaultTrainer):
             weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
             check_output_dir(cfg.OUTPUT_DIR, min_free_bytes=2 * weights)
 
+    def state_dict(self):
+        state = super().state_dict()
+        # detectron2 0.6's DefaultTrainer leaves out its inner trainer's state, so the optimizer
+        # (SGD momentum, AdamW moments) and AMP's grad scaler restarted on --resume; later
+        # versions save it under the same key.
+        state.setdefault("_trainer", self._trainer.state_dict())
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if "_trainer" in state:  # idempotent where the base class loaded it already
+            self._trainer.load_state_dict(state["_trainer"])
+
     def run_step(self):
         try:
             super().run_step()
