@@ -23,12 +23,12 @@ from detectron2.solver import build_optimizer as build_detectron2_optimizer
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import (
-    add_retinanet_config,
     focal_loss_from_labels,
     get_config_file,
     sigmoid_focal_loss,
     sigmoid_focal_loss_fused,
 )
+from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.evaluation import coco_eval_class
 from retinanet_plugin.solver import build_optimizer as build_plugin_optimizer
 
@@ -69,11 +69,7 @@ def _detectron2_cfg(args, device):
 
 
 def _plugin_cfg(args, device, *opts):
-    cfg = get_cfg()
-    add_retinanet_config(cfg)
-    cfg.merge_from_file(get_config_file("retinanet_R50_FPN_1x.yaml"))
-    cfg.merge_from_list(list(opts))
-    return _common(cfg, args, device)
+    return _common(load_config(get_config_file("retinanet_R50_FPN_1x.yaml"), opts), args, device)
 
 
 def _common(cfg, args, device):

@@ -19,13 +19,12 @@ import torch
 
 import retinanet_plugin  # noqa: F401  (compat patches, registrations)
 from benchmarks.measure import device_label, interleaved_times, median
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
-from retinanet_plugin import add_retinanet_config
 from retinanet_plugin.checkpoint import RetinaNetCheckpointer
 from retinanet_plugin.config import config_sets_key
+from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
     register_datasets_from_args,
@@ -52,11 +51,9 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def build(args, dtype: str):
-    cfg = get_cfg()
-    add_retinanet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(["MODEL.WEIGHTS", os.path.join(DEMO, "model_final.pth"), *args.opts])
-    cfg.merge_from_list(["MODEL.INFERENCE_DTYPE", dtype, "DATASETS.TEST", (args.dataset,)])
+    weights = ["MODEL.WEIGHTS", os.path.join(DEMO, "model_final.pth")]
+    cfg = load_config(args.config_file, [*weights, *args.opts, "MODEL.INFERENCE_DTYPE", dtype])
+    cfg.DATASETS.TEST = (args.dataset,)
     user_set = config_sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
     resolve_num_classes(cfg, args.dataset, user_set)
     model = build_model(cfg).eval()

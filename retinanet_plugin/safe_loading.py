@@ -160,9 +160,7 @@ def load_torch(filename: str, *, trust: bool = False) -> dict:
         if unsafe:
             raise UnsafeCheckpointError(filename, ", ".join(unsafe)) from None
         raise _not_a_torch_checkpoint(filename, e) from None
-    except (EOFError, RuntimeError, IndexError, KeyError, ValueError, UnicodeDecodeError) as e:
-        # Empty file, zip archive without torch's records, or bytes that torch's unpickler
-        # reads as a malformed (legacy-format) pickle.
+    except Exception as e:  # what malformed input raises varies: EOFError, RuntimeError, ...
         raise _not_a_torch_checkpoint(filename, e) from None
     if not isinstance(data, dict):
         raise _not_a_torch_checkpoint(filename, f"it holds a {type(data).__name__}")
