@@ -25,6 +25,8 @@ Patches:
   crashed training: it draws from a tuple, and an image that cannot be read (``OSError``, e.g. a
   truncated file, or PIL's ``SyntaxError``) is skipped with a warning naming its file and the
   number skipped so far, then another element is tried, as detectron2 intends.
+* ``load_voc_instances`` reads the split file with ``np.loadtxt``, which gives a 0-d array for a
+  split of one image, and then fails to iterate it: its ``np.loadtxt`` returns at least 1-d.
 """
 import functools
 import importlib
@@ -168,28 +170,42 @@ _MODULES_USING_NUMPY = {
 }
 
 
-class _NumpyWithRemovedAliases(types.ModuleType):
-    """numpy plus the removed aliases, as the ``np`` of one detectron2 module (numpy itself is
-    left alone)."""
+class _NumpyProxy(types.ModuleType):
+    """The ``np`` of one detectron2 module: numpy (or the module's previous ``np``) with some
+    attributes replaced; numpy itself is left alone."""
 
-    def __init__(self):
-        super().__init__("numpy", "numpy with np.int/float/bool/str/object for detectron2 0.6")
+    def __init__(self, base: types.ModuleType, overrides: Dict[str, object], why: str):
+        super().__init__("numpy", why)
+        self._base = base
+        self._overrides = overrides
 
     def __getattr__(self, name: str):
-        if name in _NUMPY_ALIASES:
-            return _NUMPY_ALIASES[name]
-        return getattr(numpy, name)
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._base, name)
 
 
 def _patch_numpy_aliases() -> None:
     if all(hasattr(numpy, alias) for alias in _NUMPY_ALIASES):
         return
-    numpy_with_aliases = _NumpyWithRemovedAliases()
     for module_name, relative_path in _MODULES_USING_NUMPY.items():
         if _NUMPY_ALIAS_USE.search(_detectron2_source(relative_path)):
             module = importlib.import_module(module_name)
-            module.np = numpy_with_aliases
+            module.np = _NumpyProxy(module.np, _NUMPY_ALIASES, "np.int/... for detectron2 0.6")
             APPLIED.append(f"{module_name}: np.int/np.str/... aliases (removed in numpy 2)")
+
+
+def _patch_voc_single_id_split() -> None:
+    """detectron2's VOC loader reads the split file with ``np.loadtxt``, which returns a 0-d
+    array for a file with one id, and then fails to iterate it; ``ndmin=1`` keeps it a list."""
+    from detectron2.data.datasets import pascal_voc
+
+    source = inspect.getsource(pascal_voc.load_voc_instances)
+    if "np.loadtxt(" not in source or "ndmin" in source:
+        return
+    loadtxt = functools.partial(numpy.loadtxt, ndmin=1)
+    pascal_voc.np = _NumpyProxy(pascal_voc.np, {"loadtxt": loadtxt}, "np.loadtxt(ndmin=1)")
+    APPLIED.append("load_voc_instances: a split file with a single id")
 
 
 def _patch_create_ddp_model_for_cpu() -> None:
@@ -295,6 +311,7 @@ def apply() -> Dict[str, object]:
             _patch_coco_evaluator_fast_path()
         _patch_create_ddp_model_for_cpu()
         _patch_map_dataset_retry()
+        _patch_voc_single_id_split()
         for patch in APPLIED:
             logger.debug("retinanet_plugin.compat: %s", patch)
     return {"patches": list(APPLIED), "native_ops_error": NATIVE_OPS_ERROR}

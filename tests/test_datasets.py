@@ -1,6 +1,7 @@
 """Dataset registration: COCO and VOC through detectron2's loaders, class counts, errors."""
 import argparse
 import json
+import os
 
 import pytest
 
@@ -103,3 +104,16 @@ def test_config_sets_key_reads_file_chain_and_overrides(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f'_BASE_: "{tiny}"\nMODEL:\n  RETINANET:\n    NUM_CLASSES: 2\n')
     assert config_sets_key(str(child), [], key)
+
+
+def test_voc_split_of_a_single_image_loads(voc_dataset, request):
+    """detectron2's loader reads split files with np.loadtxt, which makes one id a 0-d array."""
+    ids = os.path.join(voc_dataset, "ImageSets", "Main", "train.txt")
+    with open(ids) as f:
+        first = f.readline().strip()
+    with open(os.path.join(voc_dataset, "ImageSets", "Main", "one.txt"), "w") as f:
+        f.write(first + "\n")
+    name = unique("voc_one", request)
+    register_voc_dataset(name, voc_dataset, "one", class_names=list(SHAPE_CLASSES))
+    records = DatasetCatalog.get(name)
+    assert [os.path.basename(r["file_name"]) for r in records] == [first + ".jpg"]
