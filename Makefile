@@ -7,8 +7,14 @@ INSTALL_INPUTS := requirements.txt requirements-dev.txt setup.py tools/install_d
 STAMP := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# Default `make ablate`: the gamma/alpha grid of the paper's Table 1a/1b (9 distinct runs) with
+# the tiny model on the demo's shapes dataset, 200 iterations each (docs/ablations/).
+ABLATE_ARGS ?= --configs "configs/ablations/table1a_ce_alpha0.[257]*.yaml" \
+	"configs/ablations/table1b_*.yaml" --model-config configs/retinanet_R18_GN_tiny.yaml \
+	--demo-data --output output/ablations/gamma_alpha SOLVER.MAX_ITER 200 \
+	SOLVER.STEPS "(155, 185)" SOLVER.WARMUP_ITERS 50 SOLVER.CHECKPOINT_PERIOD 100000 SEED 0
 
-.PHONY: install test demo bench env clean
+.PHONY: install test test-slow demo bench ablate env clean
 
 install: $(STAMP)
 
@@ -24,6 +30,10 @@ $(STAMP): $(INSTALL_INPUTS)
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Long fault-injection tests (random SIGKILLs during training and checkpoint writes, ~5 min).
+test-slow: install
+	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
+
 demo: install
 	$(PY) tools/demo.py
 
@@ -31,6 +41,11 @@ demo: install
 # benchmarks/results/<machine>.{json,md} and the README's table for this machine.
 bench: install
 	$(PY) -m benchmarks.run --update-readme $(BENCH_ARGS)
+
+# Trains and evaluates each config, then writes a comparison table (.md, .json) and an AP chart;
+# see `python tools/ablate.py --help`.
+ablate: install
+	$(PY) tools/ablate.py $(ABLATE_ARGS)
 
 env: install
 	$(PY) -m retinanet_plugin.env

@@ -35,5 +35,9 @@ setup(
         "dev": ["pytest>=7", "pytest-timeout>=2"],
         # TEST.COCO_EVAL_BACKEND "faster_coco_eval"; without it evaluation uses pycocotools.
         "fast-eval": ["faster-coco-eval>=1.6"],
+        # timm backbones (MODEL.BACKBONE.NAME build_retinanet_timm_*_backbone).
+        "timm": ["timm>=1.0"],
+        # ONNX export and running it (tools/export.py, retinanet_plugin.export); versions tested.
+        "export": ["onnx>=1.23", "onnxruntime>=1.31"],
     },
 )

@@ -30,12 +30,15 @@ from retinanet_plugin.config import config_sets_key
 from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
+    build_train_loader,
     register_datasets_from_args,
     resolve_num_classes,
 )
 from retinanet_plugin.evaluation import build_coco_evaluator
+from retinanet_plugin.data.resumable import ResumableTrainLoader
 from retinanet_plugin.launch import launch
-from retinanet_plugin.solver import build_optimizer
+from retinanet_plugin.resume import load_training_state, restart_data_iterator, training_state
+from retinanet_plugin.solver import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("retinanet_plugin.train_net")
 
@@ -64,12 +67,22 @@ class Trainer(DefaultTrainer):
         # (SGD momentum, AdamW moments) and AMP's grad scaler restarted on --resume; later
         # versions save it under the same key.
         state.setdefault("_trainer", self._trainer.state_dict())
+        state["resume"] = training_state(self.model, self.data_loader)
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if "_trainer" in state:  # idempotent where the base class loaded it already
             self._trainer.load_state_dict(state["_trainer"])
+        if "resume" in state:
+            load_training_state(state["resume"], self.model, self.data_loader)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if isinstance(self.data_loader, ResumableTrainLoader) and self.start_iter:
+            # Continue the data stream at the batch the checkpointed run would have read next.
+            self.data_loader.start_iter = self.start_iter
+            restart_data_iterator(self._trainer)
 
     def run_step(self):
         try:
@@ -98,6 +111,16 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader with the augmentations of INPUT.AUG (none by default)."""
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's schedules plus "WarmupPolyLR" and "WarmupExponentialLR"."""
+        return build_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
         # Swap in the plugin's checkpointer before the hooks capture self.checkpointer.

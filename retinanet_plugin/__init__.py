@@ -9,6 +9,7 @@ from . import compat
 
 compat.apply()  # before anything below imports detectron2's submodules
 
+from . import backbone  # noqa: E402, F401  (registers the timm and PANet backbones)
 from .anchor_generator import RetinaNetAnchorGenerator, octave_scaled_sizes  # noqa: E402
 from .config import add_retinanet_config, get_config_file  # noqa: E402
 from .focal_loss import (  # noqa: E402

@@ -24,8 +24,17 @@ def add_retinanet_config(cfg: CN) -> None:
     _C.MODEL.RETINANET.HEAD_NAME = "FocalLossHead"
     # Classification loss: "focal" is FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) with
     # FOCAL_LOSS_ALPHA / FOCAL_LOSS_GAMMA (gamma 0 = alpha-balanced cross-entropy);
-    # "focal_star" is the paper's appendix variant FL* = -log(sigmoid(gamma* x_t + beta)) / gamma*.
+    # "focal_star" is the paper's appendix variant FL* = -log(sigmoid(gamma* x_t + beta)) / gamma*;
+    # "ohem" is the Table 1d baseline: sigmoid cross-entropy averaged over online hard examples.
     _C.MODEL.RETINANET.CLS_LOSS_TYPE = "focal"
+    # CLS_LOSS_TYPE "ohem": per image, the non-ignored anchors are scored by their cross-entropy,
+    # NMS with IoU threshold OHEM_NMS_THRESH runs over their predicted boxes with the loss as
+    # score, and the OHEM_BATCH_SIZE_PER_IMAGE highest-loss survivors form the minibatch.
+    # OHEM_POSITIVE_FRACTION caps the positives at that fraction of it (0.25 = the paper's
+    # "OHEM 1:3"), -1 = no ratio. Paper's best (Table 1d): 128, -1, 0.5.
+    _C.MODEL.RETINANET.OHEM_BATCH_SIZE_PER_IMAGE = 128
+    _C.MODEL.RETINANET.OHEM_POSITIVE_FRACTION = -1.0
+    _C.MODEL.RETINANET.OHEM_NMS_THRESH = 0.5
     # gamma* and beta of FL* (the paper's appendix reports gamma* = 4, beta = 0 as best).
     _C.MODEL.RETINANET.FOCAL_LOSS_STAR_GAMMA = 4.0
     _C.MODEL.RETINANET.FOCAL_LOSS_STAR_BETA = 0.0
@@ -51,11 +60,78 @@ def add_retinanet_config(cfg: CN) -> None:
     # no weight decay on norm and bias parameters). BASE_LR and WEIGHT_DECAY apply to both.
     _C.SOLVER.OPTIMIZER = "SGD"
     _C.SOLVER.ADAMW_BETAS = (0.9, 0.999)
+    # SOLVER.LR_SCHEDULER_NAME also takes "WarmupPolyLR": LR multiplier (1 - iter/MAX_ITER)^power
+    # after warmup, with this power (0.9 as in DeepLab), and "WarmupExponentialLR": the LR falls
+    # geometrically to this fraction of BASE_LR at MAX_ITER (0.01 = where the default step
+    # schedule, GAMMA 0.1 twice, ends).
+    _C.SOLVER.POLY_LR_POWER = 0.9
+    _C.SOLVER.EXPONENTIAL_LR_FINAL_FACTOR = 0.01
+
+    # timm backbones (MODEL.BACKBONE.NAME "build_retinanet_timm_fpn_backbone" or
+    # "build_retinanet_timm_panet_backbone"; needs `pip install retinanet_plugin[timm]`).
+    _C.MODEL.TIMM = CN()
+    # timm model name, e.g. "efficientnet_b0", "resnext50_32x4d".
+    _C.MODEL.TIMM.NAME = "resnet50"
+    # Indices of timm's feature levels (its `feature_info`) fed to the FPN. Each is named
+    # "res<k>" after its stride 2^k, so that MODEL.FPN.IN_FEATURES can name them; (2, 3, 4) gives
+    # res3..res5 (strides 8..32) on most CNNs.
+    _C.MODEL.TIMM.OUT_INDICES = (2, 3, 4)
+    # Local timm checkpoint (.pth/.bin/.safetensors of the whole timm model) to start from;
+    # "" = random initialisation. Nothing is ever downloaded.
+    _C.MODEL.TIMM.WEIGHTS = ""
+    # Batch norm of the timm model: "FrozenBN" (fixed statistics and affine, for fine-tuning
+    # pretrained weights with few images per GPU, as detectron2's ResNets), "BN" (trained as is)
+    # or "SyncBN" (synchronised across GPUs).
+    _C.MODEL.TIMM.NORM = "FrozenBN"
+
+    # PANet bottom-up path augmentation on the FPN outputs (MODEL.BACKBONE.NAME
+    # "build_retinanet_resnet_panet_backbone" / "build_retinanet_timm_panet_backbone"): norm of
+    # its 3x3 convs ("" = none, "GN", "BN", ... as MODEL.FPN.NORM); each conv is followed by ReLU.
+    _C.MODEL.PANET = CN()
+    _C.MODEL.PANET.NORM = ""
 
     # COCO evaluation backend: "faster_coco_eval" (the faster-coco-eval package: same numbers as
     # pycocotools, several times faster) or "pycocotools" (the official implementation). Falls
     # back to pycocotools, with a warning, when faster-coco-eval is not installed.
     _C.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
+
+    # Training augmentations beyond detectron2's resize and flip (retinanet_plugin.data
+    # .augmentations and .mixing), all off by default (the paper's setting). Each section has
+    # ENABLED and PROB: the probability of applying it to an image.
+    _C.INPUT.AUG = CN()
+    # Rotation by an angle drawn uniformly in ANGLE (degrees, counter-clockwise), before the
+    # resize; boxes become the boxes around their rotated corners. EXPAND: enlarge the image to
+    # hold all of the rotated one (else keep its size and cut the corners off).
+    _C.INPUT.AUG.ROTATION = CN({"ENABLED": False, "PROB": 0.5})
+    _C.INPUT.AUG.ROTATION.ANGLE = (-10.0, 10.0)
+    _C.INPUT.AUG.ROTATION.EXPAND = True
+    # Scale-and-crop (detectron2's large-scale jitter) instead of the shortest-edge resize:
+    # resize to fit SIZE (height, width) times a scale drawn uniformly in SCALE_RANGE, then crop
+    # a random SIZE window (padding smaller images); boxes are clipped, emptied ones removed.
+    _C.INPUT.AUG.SCALE_CROP = CN({"ENABLED": False, "PROB": 0.5})
+    _C.INPUT.AUG.SCALE_CROP.SCALE_RANGE = (0.1, 2.0)
+    _C.INPUT.AUG.SCALE_CROP.SIZE = (1024, 1024)
+    # Colour jitter: brightness, contrast and saturation factors drawn uniformly in these
+    # (min, max) ranges (1 = unchanged), applied together with probability PROB.
+    _C.INPUT.AUG.COLOR_JITTER = CN({"ENABLED": False, "PROB": 0.5})
+    _C.INPUT.AUG.COLOR_JITTER.BRIGHTNESS = (0.8, 1.2)
+    _C.INPUT.AUG.COLOR_JITTER.CONTRAST = (0.8, 1.2)
+    _C.INPUT.AUG.COLOR_JITTER.SATURATION = (0.8, 1.2)
+    # Mosaic: the image and 3 random others as a 2x2 grid around a centre drawn uniformly in
+    # CENTER_RANGE times the image's width and height; boxes cut to MIN_SIZE pixels or less in
+    # width or height are dropped.
+    _C.INPUT.AUG.MOSAIC = CN({"ENABLED": False, "PROB": 0.5})
+    _C.INPUT.AUG.MOSAIC.CENTER_RANGE = (0.25, 0.75)
+    _C.INPUT.AUG.MOSAIC.MIN_SIZE = 2.0
+    # MixUp: lambda * image + (1 - lambda) * a random other image, lambda ~ Beta(ALPHA, ALPHA);
+    # keeps the boxes of both, unweighted.
+    _C.INPUT.AUG.MIXUP = CN({"ENABLED": False, "PROB": 0.5})
+    _C.INPUT.AUG.MIXUP.ALPHA = 1.5
+    # CutMix: a rectangle of about (1 - lambda) of the area, lambda ~ Beta(ALPHA, ALPHA), from
+    # a random other image; boxes with less than MIN_VISIBLE of their area visible are dropped.
+    _C.INPUT.AUG.CUTMIX = CN({"ENABLED": False, "PROB": 0.5})
+    _C.INPUT.AUG.CUTMIX.ALPHA = 1.0
+    _C.INPUT.AUG.CUTMIX.MIN_VISIBLE = 0.3
 
     if was_frozen:
         _C.freeze()

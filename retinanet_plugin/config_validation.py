@@ -156,7 +156,9 @@ def _merge_dicts(source: Dict[str, Any], target: Dict[str, Any], filename: str) 
             target[key] = value
 
 
-def load_yaml_safely(filename: str, referenced_by: Optional[str] = None) -> Dict[str, Any]:
+def load_yaml_safely(
+    filename: str, referenced_by: Optional[str] = None, merge_bases: bool = True
+) -> Dict[str, Any]:
     """The mapping in a YAML config file, merged over its ``_BASE_`` files, loaded safely.
 
     Like fvcore's ``CfgNode.load_yaml_with_base``: ``_BASE_`` is a path or list of paths,
@@ -165,6 +167,8 @@ def load_yaml_safely(filename: str, referenced_by: Optional[str] = None) -> Dict
     Args:
         filename: the config file.
         referenced_by: the config file whose ``_BASE_`` names ``filename``, for error messages.
+        merge_bases: False for the file's own keys only (its ``_BASE_`` key dropped), e.g. what
+            an ablation config changes relative to its base.
 
     Raises:
         ConfigError: the file (or a base) does not exist, is not valid YAML (the message gives
@@ -193,6 +197,8 @@ def load_yaml_safely(filename: str, referenced_by: Optional[str] = None) -> Dict
     if BASE_KEY not in loaded:
         return loaded
     bases = loaded.pop(BASE_KEY)
+    if not merge_bases:
+        return loaded
     merged: Dict[str, Any] = {}
     for base in bases if isinstance(bases, list) else [bases]:
         if not isinstance(base, str):
@@ -327,9 +333,11 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
     """One "KEY = value: rule" line for each invalid value of ``cfg``."""
     # Imported here: these modules import torch and detectron2's models, which config.py (and so
     # `import retinanet_plugin`) must not depend on to load a config.
+    from .backbone.timm_fpn import TIMM_NORMS
     from .evaluation import BACKENDS
-    from .meta_arch import CLS_LOSS_TYPES, INFERENCE_DTYPES, LOSS_NORMALIZERS
-    from .solver import OPTIMIZERS
+    from .meta_arch import BOX_REG_LOSS_TYPES, CLS_LOSS_TYPES, INFERENCE_DTYPES, LOSS_NORMALIZERS
+    from .ohem import NO_RATIO as OHEM_NO_RATIO
+    from .solver import LR_SCHEDULERS, OPTIMIZERS, WARMUP_METHODS
 
     def check(key: str, ok: bool, rule: str) -> Iterator[str]:
         if not ok:
@@ -355,6 +363,15 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
         "must be positive and strictly increasing",
     )
     yield from one_of("SOLVER.OPTIMIZER", solver.OPTIMIZER, OPTIMIZERS)
+    yield from one_of("SOLVER.LR_SCHEDULER_NAME", solver.LR_SCHEDULER_NAME, LR_SCHEDULERS)
+    yield from one_of("SOLVER.WARMUP_METHOD", solver.WARMUP_METHOD, WARMUP_METHODS)
+    yield from check("SOLVER.WARMUP_ITERS", solver.WARMUP_ITERS >= 0, "must be >= 0")
+    yield from check("SOLVER.POLY_LR_POWER", solver.POLY_LR_POWER > 0, "must be > 0")
+    yield from check(
+        "SOLVER.EXPONENTIAL_LR_FINAL_FACTOR",
+        0 < solver.EXPONENTIAL_LR_FINAL_FACTOR <= 1,
+        "must be in (0, 1]",
+    )
 
     yield from check("MODEL.RETINANET.NUM_CLASSES", retina.NUM_CLASSES >= 1, "must be >= 1")
     yield from check(
@@ -369,6 +386,19 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
     )
     yield from check(
         "MODEL.RETINANET.FOCAL_LOSS_STAR_GAMMA", retina.FOCAL_LOSS_STAR_GAMMA > 0, "must be > 0"
+    )
+    yield from check(
+        "MODEL.RETINANET.OHEM_BATCH_SIZE_PER_IMAGE",
+        retina.OHEM_BATCH_SIZE_PER_IMAGE >= 1,
+        "must be >= 1",
+    )
+    yield from check(
+        "MODEL.RETINANET.OHEM_POSITIVE_FRACTION",
+        retina.OHEM_POSITIVE_FRACTION == OHEM_NO_RATIO or 0 < retina.OHEM_POSITIVE_FRACTION <= 1,
+        f"must be in (0, 1], or {OHEM_NO_RATIO} for no positive:negative ratio",
+    )
+    yield from check(
+        "MODEL.RETINANET.OHEM_NMS_THRESH", 0 <= retina.OHEM_NMS_THRESH <= 1, "must be in [0, 1]"
     )
     thresholds = list(retina.IOU_THRESHOLDS)
     yield from check(
@@ -391,9 +421,76 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
     )
     yield from check("MODEL.RETINANET.PRIOR_PROB", 0 < retina.PRIOR_PROB < 1, "must be in (0, 1)")
     yield from one_of("MODEL.RETINANET.CLS_LOSS_TYPE", retina.CLS_LOSS_TYPE, CLS_LOSS_TYPES)
+    yield from one_of(
+        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", retina.BBOX_REG_LOSS_TYPE, BOX_REG_LOSS_TYPES
+    )
+    yield from check(
+        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", retina.SMOOTH_L1_LOSS_BETA >= 0, "must be >= 0"
+    )
     yield from one_of("MODEL.RETINANET.LOSS_NORMALIZER", retina.LOSS_NORMALIZER, LOSS_NORMALIZERS)
     yield from one_of("MODEL.INFERENCE_DTYPE", cfg.MODEL.INFERENCE_DTYPE, tuple(INFERENCE_DTYPES))
     yield from one_of("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND, BACKENDS)
+
+    timm = cfg.MODEL.TIMM
+    yield from one_of("MODEL.TIMM.NORM", timm.NORM, TIMM_NORMS)
+    indices = list(timm.OUT_INDICES)
+    yield from check(
+        "MODEL.TIMM.OUT_INDICES",
+        bool(indices)
+        and all(isinstance(i, int) and i >= 0 for i in indices)
+        and all(a < b for a, b in zip(indices, indices[1:])),
+        "must be non-negative integers in increasing order",
+    )
+    yield from check(
+        "MODEL.TIMM.WEIGHTS",
+        not timm.WEIGHTS or os.path.isfile(timm.WEIGHTS),
+        "must be an existing local file, or empty for random initialisation",
+    )
+
+    aug = cfg.INPUT.AUG
+
+    def is_range(values, low=-float("inf"), high=float("inf")) -> bool:
+        """Whether ``values`` is a (min, max) pair of numbers, low <= min <= max <= high."""
+        values = list(values)
+        return (
+            len(values) == 2
+            and all(isinstance(v, (int, float)) for v in values)
+            and low <= values[0] <= values[1] <= high
+        )
+
+    for name in ("ROTATION", "SCALE_CROP", "COLOR_JITTER", "MOSAIC", "MIXUP", "CUTMIX"):
+        yield from check(f"INPUT.AUG.{name}.PROB", 0 <= aug[name].PROB <= 1, "must be in [0, 1]")
+    yield from check(
+        "INPUT.AUG.ROTATION.ANGLE", is_range(aug.ROTATION.ANGLE), "must be (min, max) degrees"
+    )
+    yield from check(
+        "INPUT.AUG.SCALE_CROP.SCALE_RANGE",
+        is_range(aug.SCALE_CROP.SCALE_RANGE, low=0) and aug.SCALE_CROP.SCALE_RANGE[0] > 0,
+        "must be (min, max) with 0 < min <= max",
+    )
+    size = list(aug.SCALE_CROP.SIZE)
+    yield from check(
+        "INPUT.AUG.SCALE_CROP.SIZE",
+        len(size) == 2 and all(isinstance(s, int) and s >= 1 for s in size),
+        "must be (height, width) in pixels",
+    )
+    for key in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
+        yield from check(
+            f"INPUT.AUG.COLOR_JITTER.{key}",
+            is_range(aug.COLOR_JITTER[key], low=0),
+            "must be (min, max) factors with 0 <= min <= max",
+        )
+    yield from check(
+        "INPUT.AUG.MOSAIC.CENTER_RANGE",
+        is_range(aug.MOSAIC.CENTER_RANGE, low=0, high=1),
+        "must be (min, max) with 0 <= min <= max <= 1",
+    )
+    yield from check("INPUT.AUG.MOSAIC.MIN_SIZE", aug.MOSAIC.MIN_SIZE >= 0, "must be >= 0")
+    for name in ("MIXUP", "CUTMIX"):
+        yield from check(f"INPUT.AUG.{name}.ALPHA", aug[name].ALPHA > 0, "must be > 0")
+    yield from check(
+        "INPUT.AUG.CUTMIX.MIN_VISIBLE", 0 < aug.CUTMIX.MIN_VISIBLE <= 1, "must be in (0, 1]"
+    )
 
     # Like detectron2's anchor generator: a list of lists gives one entry per feature level, or
     # one entry for all levels; a flat list is one entry for all levels.

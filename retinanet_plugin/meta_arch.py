@@ -21,12 +21,15 @@ from detectron2.utils.events import get_event_storage
 
 from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .head import build_retinanet_head
+from .ohem import NO_RATIO, ohem_cross_entropy
 
 __all__ = ["FocalLossRetinaNet"]
 
 logger = logging.getLogger(__name__)
 
-CLS_LOSS_TYPES = ("focal", "focal_star")
+CLS_LOSS_TYPES = ("focal", "focal_star", "ohem")
+# Those of detectron2's _dense_box_regression_loss ("smooth_l1" with beta 0 is the L1 loss).
+BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
 LOSS_NORMALIZERS = ("ema", "batch")
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -48,7 +51,9 @@ class FocalLossRetinaNet(DenseDetector):
     Training: anchors are matched to ground truth by IoU (>= 0.5 foreground, < 0.4 background,
     in between ignored; each ground-truth box also keeps its best anchors), the classification
     loss is summed over all non-ignored anchors, the box loss over foreground anchors, and both
-    are divided by the number of foreground anchors (an EMA of it by default). Inference: per
+    are divided by the number of foreground anchors (an EMA of it by default); with
+    ``CLS_LOSS_TYPE`` "ohem" the classification loss is instead the mean cross-entropy over the
+    online hard examples (:mod:`retinanet_plugin.ohem`). Inference: per
     level the top-k candidates above a score threshold are decoded, then merged over levels,
     class-wise NMS, and the top detections per image are kept.
 
@@ -72,6 +77,9 @@ class FocalLossRetinaNet(DenseDetector):
         focal_loss_gamma: float = 2.0,
         focal_loss_star_gamma: float = 4.0,
         focal_loss_star_beta: float = 0.0,
+        ohem_batch_size_per_image: int = 128,
+        ohem_positive_fraction: float = NO_RATIO,
+        ohem_nms_thresh: float = 0.5,
         box_reg_loss_type: str = "smooth_l1",
         smooth_l1_beta: float = 0.0,
         loss_normalizer: str = "ema",
@@ -96,9 +104,13 @@ class FocalLossRetinaNet(DenseDetector):
             box2box_transform: encodes/decodes box deltas relative to anchors.
             anchor_matcher: labels anchors 1 (foreground), 0 (background), -1 (ignored).
             num_classes: K, number of foreground classes.
-            cls_loss_type: "focal" or "focal_star" (the appendix's FL*).
+            cls_loss_type: "focal", "focal_star" (the appendix's FL*) or "ohem" (sigmoid
+                cross-entropy over the online hard examples only, Table 1d's baseline).
             focal_loss_alpha, focal_loss_gamma: alpha and gamma of the focal loss.
             focal_loss_star_gamma, focal_loss_star_beta: gamma* and beta of FL*.
+            ohem_batch_size_per_image, ohem_positive_fraction, ohem_nms_thresh: of "ohem": B
+                examples per image, the fraction of B positives may take (or ``NO_RATIO``),
+                the IoU threshold of the NMS over the examples' predicted boxes.
             box_reg_loss_type: "smooth_l1" (beta 0 = L1), "giou", "diou" or "ciou".
             smooth_l1_beta: beta of the smooth-L1 loss.
             loss_normalizer: "ema" (moving average of foreground anchors per batch) or "batch".
@@ -120,6 +132,16 @@ class FocalLossRetinaNet(DenseDetector):
                 f"MODEL.RETINANET.CLS_LOSS_TYPE must be one of {CLS_LOSS_TYPES}, "
                 f"got {cls_loss_type!r}"
             )
+        if cls_loss_type == "ohem" and not (
+            ohem_batch_size_per_image >= 1
+            and (ohem_positive_fraction == NO_RATIO or 0 < ohem_positive_fraction <= 1)
+            and 0 <= ohem_nms_thresh <= 1
+        ):
+            raise ValueError(
+                "MODEL.RETINANET.OHEM_BATCH_SIZE_PER_IMAGE must be >= 1, OHEM_POSITIVE_FRACTION "
+                f"in (0, 1] or {NO_RATIO} and OHEM_NMS_THRESH in [0, 1]; got "
+                f"{ohem_batch_size_per_image}, {ohem_positive_fraction}, {ohem_nms_thresh}"
+            )
         if loss_normalizer not in LOSS_NORMALIZERS:
             raise ValueError(
                 f"MODEL.RETINANET.LOSS_NORMALIZER must be one of {LOSS_NORMALIZERS}, "
@@ -134,6 +156,9 @@ class FocalLossRetinaNet(DenseDetector):
         self.focal_loss_gamma = focal_loss_gamma
         self.focal_loss_star_gamma = focal_loss_star_gamma
         self.focal_loss_star_beta = focal_loss_star_beta
+        self.ohem_batch_size_per_image = ohem_batch_size_per_image
+        self.ohem_positive_fraction = ohem_positive_fraction
+        self.ohem_nms_thresh = ohem_nms_thresh
         self.box_reg_loss_type = box_reg_loss_type
         self.smooth_l1_beta = smooth_l1_beta
         if inference_dtype not in INFERENCE_DTYPES:
@@ -179,6 +204,9 @@ class FocalLossRetinaNet(DenseDetector):
             "focal_loss_gamma": retinanet.FOCAL_LOSS_GAMMA,
             "focal_loss_star_gamma": retinanet.FOCAL_LOSS_STAR_GAMMA,
             "focal_loss_star_beta": retinanet.FOCAL_LOSS_STAR_BETA,
+            "ohem_batch_size_per_image": retinanet.OHEM_BATCH_SIZE_PER_IMAGE,
+            "ohem_positive_fraction": retinanet.OHEM_POSITIVE_FRACTION,
+            "ohem_nms_thresh": retinanet.OHEM_NMS_THRESH,
             "box_reg_loss_type": retinanet.BBOX_REG_LOSS_TYPE,
             "smooth_l1_beta": retinanet.SMOOTH_L1_LOSS_BETA,
             "loss_normalizer": retinanet.LOSS_NORMALIZER,
@@ -322,9 +350,11 @@ class FocalLossRetinaNet(DenseDetector):
         else:
             normalizer = max(num_pos_anchors, 1)
 
-        loss_cls = self.classification_loss(
-            cat(pred_logits, dim=1).view(-1, self.num_classes), gt_labels.view(-1)
-        )
+        if self.cls_loss_type == "ohem":
+            loss_cls = self.ohem_loss(anchors, pred_logits, gt_labels, pred_deltas)
+        else:
+            logits = cat(pred_logits, dim=1).view(-1, self.num_classes)
+            loss_cls = self.classification_loss(logits, gt_labels.view(-1)) / normalizer
         loss_box_reg = _dense_box_regression_loss(
             anchors,
             self.box2box_transform,
@@ -334,7 +364,46 @@ class FocalLossRetinaNet(DenseDetector):
             box_reg_loss_type=self.box_reg_loss_type,
             smooth_l1_beta=self.smooth_l1_beta,
         )
-        return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+
+    def ohem_loss(
+        self,
+        anchors: List[Boxes],
+        pred_logits: List[Tensor],
+        gt_labels: Tensor,
+        pred_deltas: List[Tensor],
+    ) -> Tensor:
+        """Mean sigmoid cross-entropy over the online hard examples of every image (see
+        :mod:`retinanet_plugin.ohem`); the box loss stays on all foreground anchors.
+
+        Divided by the number of selected anchors, as Fast R-CNN's OHEM averages over its
+        minibatch: the minibatch has a fixed size (B per image) whatever the number of
+        foreground anchors, so dividing by that number, as for FL, would scale the loss by
+        B / #foreground from batch to batch.
+
+        Args:
+            anchors: per level, ``Boxes`` of Hi*Wi*A anchors.
+            pred_logits: per level, (N, Hi*Wi*A, K).
+            gt_labels: (N, R), see :meth:`label_anchors`.
+            pred_deltas: per level, (N, Hi*Wi*A, 4).
+        """
+        num_images = gt_labels.shape[0]
+        with torch.no_grad():
+            # OHEM's NMS runs on the examples' predicted boxes.
+            boxes = self.box2box_transform.apply_deltas(
+                cat(pred_deltas, dim=1).reshape(-1, 4).float(),
+                Boxes.cat(anchors).tensor.repeat(num_images, 1),
+            ).view(num_images, -1, 4)
+        loss, num_selected = ohem_cross_entropy(
+            cat(pred_logits, dim=1),
+            gt_labels,
+            boxes,
+            self.ohem_batch_size_per_image,
+            self.ohem_positive_fraction,
+            self.ohem_nms_thresh,
+        )
+        get_event_storage().put_scalar("ohem_num_selected", num_selected / num_images)
+        return loss / max(num_selected, 1)
 
     # --------------------------------------------------------------- inference
     def forward_inference(

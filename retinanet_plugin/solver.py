@@ -1,12 +1,29 @@
-"""Optimizers selected by ``SOLVER.OPTIMIZER``: detectron2's SGD, or AdamW."""
+"""Optimizers selected by ``SOLVER.OPTIMIZER`` and learning-rate schedules selected by
+``SOLVER.LR_SCHEDULER_NAME``."""
 import torch
+from fvcore.common.param_scheduler import (
+    ExponentialParamScheduler,
+    ParamScheduler,
+    PolynomialDecayParamScheduler,
+)
 
+from detectron2.solver import build_lr_scheduler as build_detectron2_lr_scheduler
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 
-__all__ = ["OPTIMIZERS", "build_optimizer"]
+__all__ = [
+    "LR_SCHEDULERS",
+    "OPTIMIZERS",
+    "WARMUP_METHODS",
+    "build_lr_scheduler",
+    "build_optimizer",
+]
 
 OPTIMIZERS = ("SGD", "AdamW")
+# The first two are detectron2's own; all four are warmup + an fvcore ParamScheduler.
+LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupPolyLR", "WarmupExponentialLR")
+WARMUP_METHODS = ("linear", "constant")  # detectron2's WarmupParamScheduler
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -34,3 +51,50 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         betas=tuple(cfg.SOLVER.ADAMW_BETAS),
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
     )
+
+
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
+    """The schedule named by ``cfg.SOLVER.LR_SCHEDULER_NAME``, stepped once per iteration.
+
+    With ``t`` = iteration / ``SOLVER.MAX_ITER``, every parameter group's LR is its initial LR
+    times a multiplier, which after warmup is:
+
+    - "WarmupMultiStepLR": ``SOLVER.GAMMA ** (number of SOLVER.STEPS <= iteration)``;
+    - "WarmupCosineLR": ``(1 + cos(pi * t)) / 2``;
+    - "WarmupPolyLR": ``(1 - t) ** SOLVER.POLY_LR_POWER``;
+    - "WarmupExponentialLR": ``SOLVER.EXPONENTIAL_LR_FINAL_FACTOR ** t``, so the LR falls
+      geometrically to that fraction of the initial LR at ``MAX_ITER``.
+
+    During the first ``SOLVER.WARMUP_ITERS`` iterations ("linear" ``SOLVER.WARMUP_METHOD``) the
+    multiplier rises linearly from ``SOLVER.WARMUP_FACTOR`` times the schedule's first value to
+    its value at ``WARMUP_ITERS`` ("constant": stays at the former).
+
+    The first two are detectron2's ``build_lr_scheduler``; the others are built the same way: an
+    fvcore ``ParamScheduler`` in detectron2's ``WarmupParamScheduler`` and ``LRMultiplier``. An
+    ``LRMultiplier`` is a torch LR scheduler, which detectron2's ``LRScheduler`` hook saves in
+    checkpoints and restores on resume.
+
+    Raises:
+        ValueError: an unknown ``SOLVER.LR_SCHEDULER_NAME``.
+    """
+    solver = cfg.SOLVER
+    name = solver.LR_SCHEDULER_NAME
+    if name in ("WarmupMultiStepLR", "WarmupCosineLR"):
+        return build_detectron2_lr_scheduler(cfg, optimizer)
+    schedule: ParamScheduler
+    if name == "WarmupPolyLR":
+        schedule = PolynomialDecayParamScheduler(base_value=1.0, power=solver.POLY_LR_POWER)
+    elif name == "WarmupExponentialLR":
+        schedule = ExponentialParamScheduler(
+            start_value=1.0, decay=solver.EXPONENTIAL_LR_FINAL_FACTOR
+        )
+    else:
+        raise ValueError(f"SOLVER.LR_SCHEDULER_NAME must be one of {LR_SCHEDULERS}, got {name!r}")
+    # As detectron2's build_lr_scheduler wraps its two schedules.
+    schedule = WarmupParamScheduler(
+        schedule,
+        solver.WARMUP_FACTOR,
+        min(solver.WARMUP_ITERS / solver.MAX_ITER, 1.0),
+        solver.WARMUP_METHOD,
+    )
+    return LRMultiplier(optimizer, multiplier=schedule, max_iter=solver.MAX_ITER)

@@ -252,7 +252,8 @@ def test_config_is_safe_yaml_and_merges(path):
 def test_get_config_file_finds_the_configs_directory():
     """get_config_file resolves names to the files in configs/ and rejects unknown names."""
     for path in CONFIG_FILES:
-        assert Path(get_config_file(path.name)).resolve() == path.resolve()
+        name = str(path.relative_to(CONFIG_DIR))  # e.g. "backbones/retinanet_R18_FPN_1x.yaml"
+        assert Path(get_config_file(name)).resolve() == path.resolve()
     with pytest.raises(FileNotFoundError):
         get_config_file("no_such_config.yaml")
 

@@ -147,7 +147,7 @@ def test_inference_caps_detections_and_thresholds():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("MODEL.RETINANET.CLS_LOSS_TYPE", "ohem", "CLS_LOSS_TYPE"),
+        ("MODEL.RETINANET.CLS_LOSS_TYPE", "hinge", "CLS_LOSS_TYPE"),
         ("MODEL.RETINANET.LOSS_NORMALIZER", "median", "LOSS_NORMALIZER"),
         ("MODEL.RETINANET.IN_FEATURES", "['p3', 'p9']", "p9"),
         ("MODEL.RETINANET.PRIOR_PROB", "1.5", "PRIOR_PROB"),

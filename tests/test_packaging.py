@@ -41,3 +41,33 @@ def test_components_are_registered():
     assert RETINANET_HEAD_REGISTRY.get("FocalLossHead").__module__ == "retinanet_plugin.head"
     # detectron2's own RetinaNet stays registered under its name.
     assert META_ARCH_REGISTRY.get("RetinaNet").__module__.startswith("detectron2")
+
+
+def test_readme_lists_every_config_key_the_plugin_adds_with_its_default():
+    """The README's "Configs and options" table has a row per added key, default included."""
+    import os
+    import re
+
+    from detectron2.config import get_cfg
+    from retinanet_plugin import add_retinanet_config
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    plugin = get_cfg()
+    add_retinanet_config(plugin)
+    added = dict(flat(plugin))
+    for key in dict(flat(get_cfg())):
+        added.pop(key)
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("## Configs and options", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([A-Z0-9_.]+)` \| `([^`]*)` \|", section, re.M))
+    assert sorted(set(added) - set(rows)) == []
+    assert sorted(set(rows) - set(added)) == []
+    for key, default in added.items():
+        shown = repr(default) if isinstance(default, str) else str(default)
+        assert rows[key].replace("'", '"') == shown.replace("'", '"'), key

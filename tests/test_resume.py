@@ -1,5 +1,6 @@
-"""--resume after a kill: the run continues from the last complete checkpoint with the optimizer
-and the learning-rate schedule where they were."""
+"""--resume after a kill: the run continues from the last complete checkpoint exactly where it was
+(optimizer, learning-rate schedule, data stream), so its final weights equal an uninterrupted
+run's."""
 import os
 import signal
 import subprocess
@@ -45,25 +46,190 @@ def test_schedule_and_optimizer_state_are_restored(schedule, shapes_dataset, tmp
     assert steps_b == {float(s["step"]) for s in optimizer_a["state"].values()} == {6.0}
 
 
-def test_sigkill_after_a_checkpoint_then_resume_reaches_the_end(shapes_dataset, tmp_path):
-    command = [
+# Random augmentations on, so that their draws have to be restored too.
+AUGMENTED = [
+    "INPUT.AUG.ROTATION.ENABLED", "True", "INPUT.AUG.MIXUP.ENABLED", "True",
+    "INPUT.AUG.COLOR_JITTER.ENABLED", "True",
+]
+
+
+def _train_command(shapes_dataset, output_dir, max_iter, *opts, resume=False):
+    return [
         sys.executable, "train_net.py", "--config-file", TINY, *coco_args(shapes_dataset),
-        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()", *FAST,
-        "SOLVER.MAX_ITER", "40", "OUTPUT_DIR", str(tmp_path),
+        *(["--resume"] if resume else []),
+        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()", *FAST, *AUGMENTED,
+        "SOLVER.MAX_ITER", str(max_iter), *opts, "OUTPUT_DIR", str(output_dir),
     ]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _start(command):
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _final_weights(output_dir):
+    return _checkpoint(output_dir / "model_final.pth")["model"]
+
+
+def _assert_equal_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_dataset, tmp_path_factory):
+    """Final weights of a 10-iteration run that nothing interrupted."""
+    output = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(_train_command(shapes_dataset, output, 10), cwd=REPO, check=True,
+                   capture_output=True)
+    return _final_weights(output)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(
+    shapes_dataset, uninterrupted, tmp_path
+):
+    """Bit-exact on CPU: same data order, augmentations, optimizer, schedule, loss normaliser."""
+    proc = _start(_train_command(shapes_dataset, tmp_path, 10))
     deadline = time.time() + 300
     while not (tmp_path / "model_0000003.pth").exists() and proc.poll() is None:
         assert time.time() < deadline, "no checkpoint written"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     last = (tmp_path / "last_checkpoint").read_text()
     start = _checkpoint(tmp_path / last)["iteration"] + 1
-    assert start < 40
+    assert start < 10
 
-    _, log = train_net(tmp_path, coco_args(shapes_dataset), "--resume", "SOLVER.MAX_ITER", "40",
-                       "DATASETS.TEST", "()")
-    assert f"Starting training from iteration {start}" in log
-    assert _checkpoint(tmp_path / "model_final.pth")["iteration"] == 39
+    resumed = subprocess.run(
+        _train_command(shapes_dataset, tmp_path, 10, resume=True), cwd=REPO, capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Starting training from iteration {start}" in resumed.stderr + resumed.stdout
+    assert _checkpoint(tmp_path / "model_final.pth")["iteration"] == 9
+    _assert_equal_weights(_final_weights(tmp_path), uninterrupted)
+
+
+@pytest.mark.slow
+def test_random_kills_including_during_checkpoint_writes_never_lose_the_run(
+    shapes_dataset, uninterrupted, tmp_path
+):
+    """Kills the run at random moments (a checkpoint is written every iteration, so many kills
+    land in a write) and resumes each time: every resume starts from a complete checkpoint, the
+    run reaches its last iteration, and its weights equal the uninterrupted run's."""
+    import random
+
+    rng = random.Random(0)
+    command = _train_command(
+        shapes_dataset, tmp_path, 10, "SOLVER.CHECKPOINT_PERIOD", "1", resume=True
+    )
+    kills = resumes = 0
+    while not (tmp_path / "model_final.pth").exists():
+        proc = _start(command)
+        try:
+            # Past start-up (imports, model building: several seconds), into training.
+            proc.wait(timeout=rng.uniform(4.0, 12.0))
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        error = proc.stderr.read().decode()
+        assert proc.returncode in (0, -signal.SIGKILL), error[-3000:]
+        resumes += 1
+        assert resumes < 40, "the run does not progress"
+    assert kills >= 3
+    assert _checkpoint(tmp_path / "model_final.pth")["iteration"] == 9
+    _assert_equal_weights(_final_weights(tmp_path), uninterrupted)
+
+
+# ---------------------------------------------------------------- the resumable data stream
+class _RecordingMapper:
+    """Maps a record to its file name and draws from every global RNG, like an augmentation."""
+
+    def __call__(self, record):
+        import random
+
+        import numpy as np
+
+        return {
+            "file_name": record["file_name"],
+            "width": record["width"],
+            "height": record["height"],
+            "draws": (random.random(), float(np.random.rand()), float(torch.rand(())))
+        }
+
+
+def _records(count=23):
+    # Mixed landscape and portrait images, so that aspect-ratio buckets hold images over batches.
+    return [
+        {"file_name": f"{i}.jpg", "width": 40 if i % 3 else 30, "height": 30 if i % 3 else 40}
+        for i in range(count)
+    ]
+
+
+def _loader(records, grouping, workers, seed=7):
+    from detectron2.data.samplers import TrainingSampler
+    from retinanet_plugin.data.resumable import ResumableTrainLoader
+
+    sampler = TrainingSampler(len(records), seed=seed)
+    return ResumableTrainLoader(
+        records, _RecordingMapper(), sampler, batch_size=3, aspect_ratio_grouping=grouping,
+        num_workers=workers,
+    )
+
+
+def _take(loader, count):
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_started_at_an_iteration_continues_the_uninterrupted_stream(grouping, workers):
+    records = _records()
+    straight = _take(_loader(records, grouping, workers), 14)
+    for start in (1, 5, 9):
+        resumed = _loader(records, grouping, workers)
+        resumed.start_iter = start
+        assert _take(resumed, 14 - start) == straight[start:]
+
+
+def test_stream_follows_detectron2_sampler_order_and_groups_like_detectron2():
+    """Same images in the same batches as detectron2's own loader pieces (augmentation draws
+    aside, which detectron2 takes from whichever process maps the image)."""
+    from detectron2.data.common import AspectRatioGroupedDataset
+    from detectron2.data.samplers import TrainingSampler
+
+    records = _records()
+    ours = _take(_loader(records, grouping=True, workers=0), 10)
+    theirs = AspectRatioGroupedDataset((records[i] for i in TrainingSampler(23, seed=7)), 3)
+    reference = [next(iter_) for iter_ in [iter(theirs)] for _ in range(10)]
+    names = [[d["file_name"] for d in batch] for batch in ours]
+    assert names == [[d["file_name"] for d in batch] for batch in reference]
+
+
+def test_stream_leaves_the_global_rngs_alone_and_differs_by_seed():
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    batches = _take(_loader(_records(), True, 0), 4)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+    assert batches != _take(_loader(_records(), True, 0, seed=8), 4)
+    # Every image of the stream gets its own draws.
+    draws = [d["draws"] for batch in batches for d in batch]
+    assert len(set(draws)) == len(draws)
+
+
+def test_state_dict_carries_the_seed():
+    loader, other = _loader(_records(), True, 0, seed=7), _loader(_records(), True, 0, seed=99)
+    other.load_state_dict(loader.state_dict())
+    assert _take(other, 3) == _take(loader, 3)

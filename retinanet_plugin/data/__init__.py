@@ -1,4 +1,7 @@
-"""Datasets: registration of users' COCO / VOC datasets and a generated demo dataset."""
+"""Datasets (registration of users' COCO / VOC datasets and a generated demo dataset) and the
+training data loader with its augmentations."""
+
+from .augmentations import RandomChoice, add_train_augmentations
 from .datasets import (
     DatasetError,
     add_dataset_arguments,
@@ -9,7 +12,9 @@ from .datasets import (
     resolve_num_classes,
     voc_class_names,
 )
+from .mixing import MIXING_AUGMENTATIONS, MixingDatasetMapper, cutmix, mixup, mosaic
 from .synthetic_shapes import SHAPE_CLASSES, make_shapes_dataset
+from .train_loader import build_train_loader, build_train_mapper, mixing_enabled
 
 __all__ = [
     "DatasetError",
@@ -22,4 +27,14 @@ __all__ = [
     "resolve_num_classes",
     "make_shapes_dataset",
     "SHAPE_CLASSES",
+    "add_train_augmentations",
+    "RandomChoice",
+    "MixingDatasetMapper",
+    "MIXING_AUGMENTATIONS",
+    "mosaic",
+    "mixup",
+    "cutmix",
+    "build_train_mapper",
+    "build_train_loader",
+    "mixing_enabled",
 ]

@@ -1,0 +1,451 @@
+"""Deployment export: the network of a :class:`FocalLossRetinaNet` as TorchScript or ONNX, and a
+runtime that turns the exported file's outputs into detectron2 ``Instances``.
+
+What is exported and what stays in Python:
+
+* **Exported** (:class:`ExportableNetwork`): input normalisation, padding to the backbone's size
+  divisibility, backbone + FPN and head. Input: one image, a (3, H, W) float32 tensor of pixel
+  values in ``cfg.INPUT.FORMAT`` channel order, already resized as the test loader resizes
+  (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``; :func:`read_test_image`); H and W are dynamic.
+  Outputs, flat: per level (p3..p7) the class logits (1, A*K, Hi, Wi), then per level the box
+  deltas (1, A*4, Hi, Wi), all float32.
+* **Python** (:class:`ExportedRetinaNet`): anchors, score threshold, top-k per level, box
+  decoding, class-wise NMS and the top detections, i.e. the model's own
+  ``FocalLossRetinaNet.forward_inference`` (with ``grouped_nms``), then detectron2's
+  ``detector_postprocess`` to the original image size. These steps have data-dependent shapes
+  and loops (``nonzero``, per-image top-k, per-group NMS), which a trace would freeze to the
+  sample's sizes; in Python they are the same code as the PyTorch model's, so detections match
+  it and the thresholds can be changed without re-exporting.
+
+Formats and options (:func:`export_model`):
+
+* ``"torchscript"``: ``torch.jit.trace``. detectron2's padding (``ImageList.from_tensors``)
+  traces with symbolic sizes, so one trace serves all image sizes; every export checks this by
+  running the trace at a second size and comparing with the model (:class:`ExportError` if the
+  trace baked a size in, e.g. with a custom backbone). With ``MODEL.INFERENCE_DTYPE
+  bfloat16`` the trace runs under bfloat16 autocast, so the file holds the casts and computes
+  in bfloat16 like the PyTorch model does with that setting. (torch 2.14 marks TorchScript
+  deprecated and warns so; ONNX is the longer-lived format.)
+* ``"onnx"``: ``torch.onnx.export(dynamo=False)`` (opset 17) with dynamic H and W, run with
+  onnxruntime's CPU provider; needs ``onnx`` and ``onnxruntime``, not ``onnxscript``. The dynamo
+  exporter fails on detectron2's data-dependent checks (``x.numel() == 0 and self.training``
+  in its ``Conv2d``). bfloat16 is refused: ONNX's ``Conv`` has no bfloat16 type, so
+  onnxruntime cannot load such a graph.
+* ``quantize="int8"`` (ONNX only): onnxruntime's static quantization (QDQ, per-channel int8
+  weights, uint8 activations calibrated on images you give), which onnxruntime runs as
+  ``QLinearConv``. torch's ``quantize_dynamic`` covers only Linear/LSTM layers, of which
+  RetinaNet has none, so it would change nothing; TorchScript int8 is refused.
+
+The exported file carries the model's config (ONNX ``metadata_props`` / a TorchScript extra
+file), so :func:`load_exported` needs nothing else. Exports run on the CPU.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+import zipfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import build_augmentation, read_image
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import ImageList, Instances
+
+from .config import add_retinanet_config
+from .config_validation import validate_config
+from .meta_arch import FocalLossRetinaNet
+
+__all__ = [
+    "FORMATS",
+    "QUANTIZATIONS",
+    "ExportError",
+    "ExportableNetwork",
+    "ExportedRetinaNet",
+    "export_model",
+    "load_exported",
+    "quantize_onnx_int8",
+    "read_test_image",
+    "synthetic_test_image",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "onnx")
+QUANTIZATIONS = ("int8",)
+ONNX_OPSET = 17
+# Name of the ONNX metadata entry / TorchScript extra file holding config and export options.
+METADATA_KEY = "retinanet_plugin"
+INSTALL_HINT = "pip install 'retinanet_plugin[export]' (or pip install onnx onnxruntime)"
+# Exported outputs must equal the model's within these (float32 graphs differ by rounding only).
+OUTPUT_RTOL = OUTPUT_ATOL = 1e-3
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made (unsupported option) or whose result is wrong."""
+
+
+def _onnx_modules(purpose: str):
+    """The ``onnx`` and ``onnxruntime`` modules, or an ImportError saying how to install them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"{purpose} needs onnx and onnxruntime ({e}); {INSTALL_HINT}") from e
+    return onnx, onnxruntime
+
+
+class ExportableNetwork(nn.Module):
+    """The exported part of a :class:`FocalLossRetinaNet`: one image in, raw head outputs out.
+
+    Calls the model's own ``preprocess_image`` (normalisation, padding), backbone and head.
+    """
+
+    def __init__(self, model: FocalLossRetinaNet):
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_names(self) -> List[str]:
+        levels = self.model.head_in_features
+        return [f"logits_{f}" for f in levels] + [f"deltas_{f}" for f in levels]
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+        """
+        Args:
+            image: (3, H, W) pixel values in the model's input format.
+
+        Returns:
+            L logits (1, A*K, Hi, Wi), then L deltas (1, A*4, Hi, Wi), float32.
+        """
+        images = self.model.preprocess_image([{"image": image}])
+        features = self.model.backbone(images.tensor)
+        logits, deltas = self.model.head([features[f] for f in self.model.head_in_features])
+        # float32 whatever the compute dtype, so that consumers see one output type.
+        return tuple(x.float() for x in (*logits, *deltas))
+
+    def inference_context(self):
+        """The autocast the model runs under at inference (``MODEL.INFERENCE_DTYPE``)."""
+        if self.model.inference_dtype == torch.float32:
+            return contextlib.nullcontext()
+        # Without the weight cache: with it the trace would store the cast weights as constants
+        # (and refuses to, as they require grad) instead of recording the casts.
+        return torch.autocast("cpu", dtype=self.model.inference_dtype, cache_enabled=False)
+
+
+def read_test_image(path: str, cfg: CfgNode) -> Tensor:
+    """An image file as the test loader gives it to the model: (3, H, W) float32 in
+    ``cfg.INPUT.FORMAT``, resized by detectron2's test augmentation (shortest edge)."""
+    image = read_image(path, format=cfg.INPUT.FORMAT)
+    aug_input = T.AugInput(image)
+    T.AugmentationList(build_augmentation(cfg, is_train=False))(aug_input)
+    return torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
+
+
+def synthetic_test_image(cfg: CfgNode, seed: int = 0) -> Tensor:
+    """A random (3, MIN_SIZE_TEST, 4/3 * MIN_SIZE_TEST or MAX_SIZE_TEST) image for tracing."""
+    height = cfg.INPUT.MIN_SIZE_TEST
+    width = min(height * 4 // 3, cfg.INPUT.MAX_SIZE_TEST)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), generator=generator).float()
+
+
+def _second_size_image(sample: Tensor) -> Tensor:
+    """A random image of another size than ``sample``, padded differently for any divisibility."""
+    _, height, width = sample.shape
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (3, height + 37, width + 53), generator=generator).float()
+
+
+def _check_outputs(network: ExportableNetwork, run_exported, sample: Tensor, what: str) -> None:
+    """Raises ExportError unless the exported graph gives the model's outputs at a second size."""
+    image = _second_size_image(sample)
+    with torch.no_grad(), network.inference_context():
+        expected = network(image)
+    actual = run_exported(image)
+    for name, e, a in zip(network.output_names, expected, actual):
+        if e.shape != a.shape or not torch.allclose(a, e, rtol=OUTPUT_RTOL, atol=OUTPUT_ATOL):
+            difference = (a - e).abs().max().item() if e.shape == a.shape else "shapes differ"
+            raise ExportError(
+                f"{what}: at image size {tuple(image.shape[1:])} (traced at "
+                f"{tuple(sample.shape[1:])}), output {name} is {tuple(a.shape)} but the model "
+                f"gives {tuple(e.shape)} (max difference {difference}): the export fixed a size "
+                "of the sample image (e.g. a Python int taken from a tensor shape in the model)"
+            )
+
+
+def _export_torchscript(network: ExportableNetwork, sample: Tensor, path: str, info: str) -> None:
+    with torch.no_grad(), network.inference_context(), warnings.catch_warnings():
+        # Warnings about detectron2's shape assertions turning into constants; whether the trace
+        # generalises is checked below at another size.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(network, sample, check_trace=False)
+    _check_outputs(network, traced, sample, "TorchScript export")
+    torch.jit.save(traced, path, _extra_files={METADATA_KEY: info})
+
+
+def _export_onnx(network: ExportableNetwork, sample: Tensor, path: str, info: str) -> None:
+    onnx, _ = _onnx_modules("ONNX export")
+    names = network.output_names
+    # Every output's grid follows the input's size.
+    dynamic_axes = {"image": {1: "height", 2: "width"}}
+    dynamic_axes.update({n: {2: f"{n}_height", 3: f"{n}_width"} for n in names})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            network,
+            (sample,),
+            path,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["image"],
+            output_names=names,
+            dynamic_axes=dynamic_axes,
+        )
+    _set_onnx_metadata(onnx, path, info)
+    _check_outputs(network, _OnnxGraph(path), sample, "ONNX export")
+
+
+def _set_onnx_metadata(onnx, path: str, info: str) -> None:
+    proto = onnx.load(path)
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=METADATA_KEY, value=info)
+    onnx.save(proto, path)
+
+
+def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Sequence[Tensor]):
+    """Static int8 quantization of an exported float32 ONNX file with onnxruntime.
+
+    QDQ format: per-channel int8 weights and uint8 activations with ranges (min/max) collected on
+    ``calibration_images``; onnxruntime's CPU provider fuses them into ``QLinearConv`` (and
+    quantized Add/Mul). The metadata of ``fp32_path`` is kept.
+
+    Args:
+        fp32_path: an ONNX file written by :func:`export_model`.
+        int8_path: where to write the quantized model.
+        calibration_images: (3, H, W) float32 images as :func:`read_test_image` gives them,
+            preferably from the training set; a few dozen are usually enough.
+    """
+    onnx, _ = _onnx_modules("int8 quantization")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class ImageReader(CalibrationDataReader):
+        def __init__(self):
+            self.images = iter(calibration_images)
+
+        def get_next(self) -> Optional[Dict]:
+            image = next(self.images, None)
+            return None if image is None else {"image": image.numpy()}
+
+    info = {p.key: p.value for p in onnx.load(fp32_path).metadata_props}[METADATA_KEY]
+    with tempfile.TemporaryDirectory(prefix="retinanet_quant_") as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        # Symbolic shape inference cannot follow the size-dependent padding; ONNX's own shape
+        # inference and onnxruntime's graph optimisations, the rest of the preparation, still run.
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        quantize_static(
+            prepared,
+            int8_path,
+            ImageReader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            # GroupNorm exports as InstanceNormalization over the groups with a rank-1 scale (of
+            # ones), whose only axis is 0 (the default axis 1 gets a warning per layer).
+            extra_options={"QDQOpTypePerChannelSupportToAxis": {"InstanceNormalization": 0}},
+        )
+    _set_onnx_metadata(onnx, int8_path, info)
+
+
+def export_model(
+    cfg: CfgNode,
+    model: FocalLossRetinaNet,
+    export_format: str,
+    output: str,
+    sample_image: Tensor,
+    *,
+    quantize: Optional[str] = None,
+    calibration_images: Sequence[Tensor] = (),
+) -> None:
+    """Writes the network of ``model`` to ``output`` (see the module docstring).
+
+    Args:
+        cfg: the model's config; stored in the file for :func:`load_exported`.
+        model: a CPU :class:`FocalLossRetinaNet` with its weights; its ``inference_dtype``
+            (``MODEL.INFERENCE_DTYPE``) is the dtype exported.
+        export_format: one of :data:`FORMATS`.
+        output: the file to write.
+        sample_image: (3, H, W) float32 image to trace with (:func:`read_test_image` or
+            :func:`synthetic_test_image`).
+        quantize: None, or one of :data:`QUANTIZATIONS` (ONNX only).
+        calibration_images: images for int8 quantization.
+
+    Raises:
+        ExportError: an unsupported combination of options, or an export whose outputs differ
+            from the model's at a second image size.
+        ImportError: ONNX export without onnx/onnxruntime.
+    """
+    if not isinstance(model, FocalLossRetinaNet):
+        raise ExportError(
+            f"export needs MODEL.META_ARCHITECTURE FocalLossRetinaNet, got {type(model).__name__}"
+        )
+    if export_format not in FORMATS:
+        raise ExportError(f"format {export_format!r} is not one of {FORMATS}")
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ExportError(f"quantize {quantize!r} is not one of {QUANTIZATIONS}")
+    dtype = str(model.inference_dtype).replace("torch.", "")
+    if export_format == "onnx" and dtype != "float32":
+        raise ExportError(
+            f"ONNX export is float32 only, got dtype {dtype} (MODEL.INFERENCE_DTYPE): ONNX's Conv "
+            "has no bfloat16 type, so onnxruntime cannot load such a graph. Use --format "
+            "torchscript for bfloat16"
+        )
+    if quantize and (export_format != "onnx" or dtype != "float32"):
+        raise ExportError(
+            "int8 quantization is for float32 ONNX exports only (onnxruntime's QLinearConv); "
+            "torch's dynamic quantization covers Linear/LSTM layers, which RetinaNet has none of"
+        )
+    if quantize and not calibration_images:
+        raise ExportError("int8 quantization needs calibration images; none were given")
+    info = json.dumps(
+        {"config": cfg.dump(), "format": export_format, "dtype": dtype, "quantize": quantize}
+    )
+    network = ExportableNetwork(model).eval()
+    if export_format == "torchscript":
+        _export_torchscript(network, sample_image, output, info)
+    elif not quantize:
+        _export_onnx(network, sample_image, output, info)
+    else:
+        with tempfile.TemporaryDirectory(prefix="retinanet_export_") as tmp:
+            fp32_path = os.path.join(tmp, "float32.onnx")
+            _export_onnx(network, sample_image, fp32_path, info)
+            quantize_onnx_int8(fp32_path, output, calibration_images)
+    logger.info(
+        "Exported %s (%s%s) to %s",
+        export_format,
+        dtype,
+        f", {quantize}" if quantize else "",
+        output,
+    )
+
+
+# ------------------------------------------------------------------------------------- runtime
+class _TorchScriptGraph:
+    """A TorchScript file written by :func:`export_model`, called like the network."""
+
+    def __init__(self, path: str):
+        files = {METADATA_KEY: ""}
+        self.module = torch.jit.load(path, map_location="cpu", _extra_files=files)
+        self.info = files[METADATA_KEY]
+
+    def __call__(self, image: Tensor) -> List[Tensor]:
+        with torch.no_grad():
+            return list(self.module(image))
+
+
+class _OnnxGraph:
+    """An ONNX file written by :func:`export_model`, run by onnxruntime's CPU provider."""
+
+    def __init__(self, path: str, num_threads: Optional[int] = None):
+        _, onnxruntime = _onnx_modules("Running an ONNX export")
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self.session = onnxruntime.InferenceSession(
+            path, options, providers=["CPUExecutionProvider"]
+        )
+        self.info = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "")
+
+    def __call__(self, image: Tensor) -> List[Tensor]:
+        outputs = self.session.run(None, {"image": image.numpy()})
+        return [torch.from_numpy(x) for x in outputs]
+
+
+class ExportedRetinaNet:
+    """An exported RetinaNet with the PyTorch model's interface and output, on the CPU.
+
+    ``exported(batched_inputs)`` takes what ``FocalLossRetinaNet`` takes at inference (a list of
+    dicts with "image": (3, H, W) tensor in ``cfg.INPUT.FORMAT``, resized for the test, uint8 or
+    float, and optional "height"/"width" of the original image) and returns
+    ``[{"instances": Instances}]`` with ``pred_boxes``, ``scores`` and ``pred_classes`` in the
+    original image's coordinates, so it can replace the model, e.g. in detectron2's
+    ``inference_on_dataset``. Images run one at a time, as detectron2's test loader feeds them.
+
+    Post-processing is the model's own ``forward_inference``, on a ``FocalLossRetinaNet`` built
+    from the config stored in the file (its backbone and head are not needed and are dropped).
+
+    Args:
+        path: a ``.ts``/``.onnx`` file written by :func:`export_model` (TorchScript files are
+            recognised as zip archives, anything else is read as ONNX). TorchScript files contain
+            code that ``torch.jit.load`` runs: load only files from a trusted source.
+        num_threads: onnxruntime's intra-op threads for ONNX files (default: onnxruntime's, one
+            per physical core). TorchScript runs on torch's threads (``torch.set_num_threads``).
+    """
+
+    def __init__(self, path: str, num_threads: Optional[int] = None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"exported model {path} does not exist")
+        self.path = path
+        if zipfile.is_zipfile(path):
+            self.graph = _TorchScriptGraph(path)
+        else:
+            self.graph = _OnnxGraph(path, num_threads)
+        if not self.graph.info:
+            raise ExportError(
+                f"{path} has no {METADATA_KEY!r} metadata: it was not written by "
+                "retinanet_plugin.export (tools/export.py)"
+            )
+        info = json.loads(self.graph.info)
+        self.format, self.dtype, self.quantize = info["format"], info["dtype"], info["quantize"]
+        self.cfg = _config_from_yaml(info["config"], path)
+        self.model = build_model(self.cfg).eval()
+        del self.model.backbone, self.model.head  # the exported graph replaces them
+
+    @torch.no_grad()
+    def __call__(self, batched_inputs: Sequence[Dict]) -> List[Dict[str, Instances]]:
+        results = []
+        for inputs in batched_inputs:
+            image = inputs["image"].to(torch.float32)  # the graph's input type
+            outputs = self.graph(image)
+            num_levels = len(outputs) // 2
+            logits, deltas = outputs[:num_levels], outputs[num_levels:]
+            image_size = tuple(image.shape[-2:])
+            # forward_inference reads only the image sizes of the batch, and only the grid size
+            # of each level's features (for the anchors), which the head outputs share.
+            (instances,) = self.model.forward_inference(
+                ImageList(image[None], [image_size]), logits, (logits, deltas)
+            )
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            results.append({"instances": detector_postprocess(instances, height, width)})
+        return results
+
+
+def load_exported(path: str, num_threads: Optional[int] = None) -> ExportedRetinaNet:
+    """The :class:`ExportedRetinaNet` of a file written by :func:`export_model`."""
+    return ExportedRetinaNet(path, num_threads)
+
+
+def _config_from_yaml(text: str, source: str) -> CfgNode:
+    """The plugin config stored in an exported file, on the CPU and without weights."""
+    cfg = get_cfg()
+    add_retinanet_config(cfg)
+    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))  # yaml.safe_load
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    validate_config(cfg, source)
+    return cfg
