@@ -11,13 +11,15 @@ calibrated on its first training images::
     python -m benchmarks.export_accuracy --config-file my/config.yaml --weights model.pth \\
         --register-coco my_val val.json images/ --dataset my_val --calibration-images train/
 
-Writes ``benchmarks/results/export-<machine>.json``, with the load average before and after
-(other jobs on the machine make latencies contended).
+Writes ``benchmarks/results/export-<machine>.json``, one entry per ``--threads`` (torch's and
+onnxruntime's intra-op threads; entries of other thread counts are kept), with the load average
+before and after (other jobs on the machine make latencies contended).
 """
 
 import argparse
 import json
 import logging
+import math
 import os
 import tempfile
 
@@ -32,7 +34,7 @@ from retinanet_plugin.checkpoint import RetinaNetCheckpointer
 from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.data import add_dataset_arguments, register_datasets_from_args
 from retinanet_plugin.evaluation import build_coco_evaluator
-from retinanet_plugin.export import export_model, load_exported, read_test_image
+from retinanet_plugin.export import export_model, load_exported, load_test_input
 from retinanet_plugin.predict import expand_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +63,7 @@ def argument_parser() -> argparse.ArgumentParser:
         help="int8 calibration images: files, folders, globs (default: the demo's training set)",
     )
     parser.add_argument("--num-calibration-images", type=int, default=32)
-    parser.add_argument("--passes", type=int, default=2, help="timed passes over the dataset")
+    parser.add_argument("--passes", type=int, default=1, help="timed passes over the dataset")
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch and onnxruntime"
     )
@@ -85,7 +87,7 @@ def build_runners(args, tmp: str) -> dict:
             runners[name] = model, cfg
             continue
         files = expand_inputs(args.calibration_images)[: args.num_calibration_images]
-        calibration = [read_test_image(f, cfg) for f in files] if quantize else ()
+        calibration = [load_test_input(f, cfg)["image"] for f in files] if quantize else ()
         # The first validation image is the tracing sample, as a user would pick one.
         sample = next(iter(build_detection_test_loader(cfg, args.dataset)))[0]["image"].float()
         path = os.path.join(tmp, name + SUFFIXES[export_format])
@@ -111,8 +113,7 @@ def main(argv=None) -> dict:
         args.calibration_images = args.calibration_images or [os.path.join(data, "train")]
     register_datasets_from_args(args)
     torch.set_num_threads(args.threads)
-    report = {
-        "device": device_label(torch.device("cpu")),
+    run = {
         "dataset": args.dataset,
         "config_file": os.path.relpath(args.config_file, REPO),
         "weights": os.path.relpath(args.weights, REPO),
@@ -127,11 +128,13 @@ def main(argv=None) -> dict:
             evaluator = build_coco_evaluator(cfg, args.dataset, output_dir=None)
             with torch.no_grad():
                 bbox = inference_on_dataset(runner, loader, evaluator)["bbox"]
-            report["variants"][name] = {"runs_as": VARIANTS[name][0], "bbox": bbox}
+            # NaN (e.g. APl without large objects) becomes null, so the file is strict JSON.
+            bbox = {k: None if math.isnan(v) else v for k, v in bbox.items()}
+            run["variants"][name] = {"runs_as": VARIANTS[name][0], "bbox": bbox}
             if not isinstance(runner, torch.nn.Module):
-                report["variants"][name]["file_mib"] = os.path.getsize(runner.path) / 2**20
+                run["variants"][name]["file_mib"] = os.path.getsize(runner.path) / 2**20
         inputs = list(build_detection_test_loader(cfg, args.dataset))
-        report["num_images"] = len(inputs)
+        run["num_images"], run["passes"] = len(inputs), args.passes
 
         # Each call runs the next image; the variants take turns, so they see the same images
         # under the same machine load.
@@ -148,20 +151,28 @@ def main(argv=None) -> dict:
             )
     # Every variant is warm: evaluation ran it on all images first.
     for name, seconds in times.items():
-        report["variants"][name]["median_ms_per_image"] = 1000 * median(seconds)
-    report["load_average_after"] = os.getloadavg()
+        run["variants"][name]["median_ms_per_image"] = 1000 * median(seconds)
+    run["load_average_after"] = os.getloadavg()
+    device = device_label(torch.device("cpu"))
     os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, f"export-{report['device']}.json")
+    path = os.path.join(args.output, f"export-{device}.json")
+    # One entry per thread count: runs with other counts already in the file are kept.
+    runs = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+    runs[f"{args.threads} threads"] = run
+    report = {"device": device, "runs": runs}
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
-    for name, r in report["variants"].items():
+    for name, r in run["variants"].items():
         print(
             f"{name:22s} AP {r['bbox']['AP']:6.2f} AP50 {r['bbox']['AP50']:6.2f} "
             f"AP75 {r['bbox']['AP75']:6.2f}  {r['median_ms_per_image']:7.1f} ms/image"
         )
     print(
-        f"load average before {report['load_average_before']}, after "
-        f"{report['load_average_after']}\nwrote {path}"
+        f"{args.threads} threads; load average before {run['load_average_before']}, after "
+        f"{run['load_average_after']}\nwrote {path}"
     )
     return report
 

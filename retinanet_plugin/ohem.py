@@ -80,7 +80,7 @@ def select_hard_examples(
         each group by decreasing loss.
     """
     total = len(losses)
-    max_positives = int(batch_size * positive_fraction) if positive_fraction >= 0 else batch_size
+    max_positives = int(batch_size * positive_fraction)  # used only with a ratio
     total_positives = int(is_positive.sum())
     num_candidates = min(total, _FIRST_CANDIDATES_PER_SAMPLE * batch_size)
     while True:

@@ -17,10 +17,11 @@ def _checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("schedule", ["WarmupMultiStepLR", "WarmupCosineLR"])
-def test_schedule_and_optimizer_state_are_restored(schedule, shapes_dataset, tmp_path):
+def test_schedule_and_optimizer_state_are_restored(shapes_dataset, tmp_path):
     """Resumed at iteration 4 of 6, the final scheduler and optimizer state (LR, momentum/Adam
-    step counts) equal those of an uninterrupted run: the schedule did not restart."""
+    step counts) equal those of an uninterrupted run: the schedule did not restart (every
+    schedule is resumed in test_schedules.py)."""
+    schedule = "WarmupCosineLR"
     opts = [
         "SOLVER.LR_SCHEDULER_NAME", schedule, "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "2",
     ]
@@ -233,3 +234,21 @@ def test_state_dict_carries_the_seed():
     loader, other = _loader(_records(), True, 0, seed=7), _loader(_records(), True, 0, seed=99)
     other.load_state_dict(loader.state_dict())
     assert _take(other, 3) == _take(loader, 3)
+
+
+def test_stream_with_repeat_factor_sampler_continues_exactly():
+    """detectron2's RepeatFactorTrainingSampler (LVIS-style): epochs of varying length."""
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+    from retinanet_plugin.data.resumable import ResumableTrainLoader
+
+    records = _records()
+
+    def loader():
+        factors = torch.tensor([1.0 + (i % 4) * 0.7 for i in range(len(records))])
+        sampler = RepeatFactorTrainingSampler(factors, seed=5)
+        return ResumableTrainLoader(records, _RecordingMapper(), sampler, batch_size=3)
+
+    straight = _take(loader(), 30)
+    resumed = loader()
+    resumed.start_iter = 17
+    assert _take(resumed, 13) == straight[17:]

@@ -86,7 +86,13 @@ def expand_configs(patterns: Sequence[str]) -> List[str]:
             raise SystemExit(f"--configs: {pattern!r} matches no file")
         for path in matches:
             if not os.path.isfile(path):
-                raise SystemExit(f"--configs: {path} does not exist")
+                hint = (
+                    ""
+                    if path.endswith((".yaml", ".yml"))
+                    else " (KEY VALUE overrides cannot follow --configs directly: put another "
+                    "option between them)"
+                )
+                raise SystemExit(f"--configs: {path} does not exist{hint}")
             if path not in files:
                 files.append(path)
     return files
@@ -159,7 +165,7 @@ def run_one(
     run: Dict[str, Any],
     config_file: str,
     run_dir: str,
-    dataset_args: List[str],
+    train_net_args: List[str],
     opts: List[str],
     keep_weights: bool = False,
 ) -> Dict[str, Any]:
@@ -169,7 +175,7 @@ def run_one(
         os.path.join(REPO, "train_net.py"),
         "--config-file",
         config_file,
-        *dataset_args,
+        *train_net_args,
         *opts,
         "OUTPUT_DIR",
         run_dir,
@@ -305,6 +311,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-weights", action="store_true", help="keep each run's checkpoints (*.pth)"
     )
+    parser.add_argument("--num-gpus", type=int, default=1, help="train_net.py's, for every run")
     add_dataset_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for every run: KEY VALUE")
     return parser
@@ -315,14 +322,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = plan_runs(expand_configs(args.configs), args.model_config)
     opts = list(args.opts)
     check_overrides(runs, opts)
-    dataset_args = [
-        a for name, *rest in args.register_coco for a in ("--register-coco", name, *rest)
-    ]
-    dataset_args += [
-        a for name, *rest in args.register_voc for a in ("--register-voc", name, *rest)
-    ]
+    train_net_args: List[str] = []
+    for option, datasets in (
+        ("--register-coco", args.register_coco),
+        ("--register-voc", args.register_voc),
+    ):
+        for dataset in datasets:
+            train_net_args += [option, *dataset]
     if args.voc_classes:
-        dataset_args += ["--voc-classes", args.voc_classes]
+        train_net_args += ["--voc-classes", args.voc_classes]
+    if args.num_gpus != 1:
+        train_net_args += ["--num-gpus", str(args.num_gpus)]
     title = args.title or "Ablations"
     if args.demo_data:
         from retinanet_plugin.data import make_shapes_dataset
@@ -334,8 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             image_size=args.image_size,
             seed=0,
         )
-        dataset_args += ["--register-coco", DEMO_TRAIN, *splits["train"]]
-        dataset_args += ["--register-coco", DEMO_VAL, *splits["val"]]
+        train_net_args += ["--register-coco", DEMO_TRAIN, *splits["train"]]
+        train_net_args += ["--register-coco", DEMO_VAL, *splits["val"]]
         opts += ["DATASETS.TRAIN", f"('{DEMO_TRAIN}',)", "DATASETS.TEST", f"('{DEMO_VAL}',)"]
         title = args.title or (
             f"Ablations on the synthetic shapes dataset ({args.num_train} train / {args.num_val} "
@@ -350,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run, args.model_config, os.path.join(run_dir, "ablation_config.yaml")
             )
         records.append(
-            run_one(run, config_file, run_dir, dataset_args, opts, keep_weights=args.keep_weights)
+            run_one(run, config_file, run_dir, train_net_args, opts, keep_weights=args.keep_weights)
         )
     for path in write_outputs(records, args.output, title):
         print(f"[ablate] wrote {path}")

@@ -28,7 +28,7 @@ from retinanet_plugin.export import (
     QUANTIZATIONS,
     ExportError,
     export_model,
-    read_test_image,
+    load_test_input,
     synthetic_test_image,
 )
 from retinanet_plugin.meta_arch import INFERENCE_DTYPES
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             model, allow_new_classes=False, trust_weights=args.trust_weights
         ).load(cfg.MODEL.WEIGHTS)
         sample = (
-            read_test_image(args.sample_image, cfg)
+            load_test_input(args.sample_image, cfg)["image"]
             if args.sample_image
             else synthetic_test_image(cfg)
         )
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             args.output,
             sample,
             quantize=args.quantize,
-            calibration_images=[read_test_image(f, cfg) for f in calibration_files],
+            calibration_images=[load_test_input(f, cfg)["image"] for f in calibration_files],
         )
     # Bad input (config, files, class count of the weights, options): one message, no traceback.
     except (ValueError, OSError, ExportError, ImportError) as e:
