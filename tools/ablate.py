@@ -40,7 +40,6 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo dataset's registered names (those of configs/retinanet_R18_GN_tiny.yaml).
-DEMO_TRAIN, DEMO_VAL = "retinanet_demo_train", "retinanet_demo_val"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULT_FILE = "result.json"
 
@@ -335,17 +334,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_net_args += ["--num-gpus", str(args.num_gpus)]
     title = args.title or "Ablations"
     if args.demo_data:
-        from retinanet_plugin.data import make_shapes_dataset
+        from retinanet_plugin.data import DEMO_TRAIN, DEMO_VAL, make_demo_dataset_args
 
-        splits = make_shapes_dataset(
-            os.path.join(args.output, "data"),
-            num_train=args.num_train,
-            num_val=args.num_val,
-            image_size=args.image_size,
-            seed=0,
+        train_net_args += make_demo_dataset_args(
+            os.path.join(args.output, "data"), args.num_train, args.num_val, args.image_size
         )
-        train_net_args += ["--register-coco", DEMO_TRAIN, *splits["train"]]
-        train_net_args += ["--register-coco", DEMO_VAL, *splits["val"]]
         opts += ["DATASETS.TRAIN", f"('{DEMO_TRAIN}',)", "DATASETS.TEST", f"('{DEMO_VAL}',)"]
         title = args.title or (
             f"Ablations on the synthetic shapes dataset ({args.num_train} train / {args.num_val} "

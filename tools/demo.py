@@ -51,20 +51,12 @@ def main():
     start = time.perf_counter()
 
     from retinanet_plugin import predict
-    from retinanet_plugin.data import make_shapes_dataset
+    from retinanet_plugin.data import DEMO_VAL, make_demo_dataset_args
     from retinanet_plugin.plot_metrics import plot_metrics
 
-    splits = make_shapes_dataset(
-        os.path.join(args.output, "data"),
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=args.image_size,
-        seed=0,
+    datasets = make_demo_dataset_args(
+        os.path.join(args.output, "data"), args.num_train, args.num_val, args.image_size
     )
-    datasets = [
-        "--register-coco", "retinanet_demo_train", *splits["train"],
-        "--register-coco", "retinanet_demo_val", *splits["val"],
-    ]
     command = [
         sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *datasets,
         "OUTPUT_DIR", args.output, *args.opts,
@@ -76,10 +68,10 @@ def main():
         os.path.join(args.output, "metrics.json"),
         os.path.join(args.output, "training_curves.png"),
     )
-    val_root = splits["val"][1]
+    val_root = os.path.join(args.output, "data", "val")  # make_shapes_dataset's layout
     inputs = [os.path.join(val_root, name) for name in sorted(os.listdir(val_root))]
     pictures = os.path.join(args.output, "predictions")
-    predict_args = ["--config-file", CONFIG, *datasets, "--dataset", "retinanet_demo_val"]
+    predict_args = ["--config-file", CONFIG, *datasets, "--dataset", DEMO_VAL]
     for path in inputs[: args.num_pictures]:
         predict_args += ["--input", path]
     weights = os.path.join(args.output, "model_final.pth")

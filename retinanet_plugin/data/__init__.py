@@ -13,7 +13,13 @@ from .datasets import (
     voc_class_names,
 )
 from .mixing import MIXING_AUGMENTATIONS, MixingDatasetMapper, cutmix, mixup, mosaic
-from .synthetic_shapes import SHAPE_CLASSES, make_shapes_dataset
+from .synthetic_shapes import (
+    DEMO_TRAIN,
+    DEMO_VAL,
+    SHAPE_CLASSES,
+    make_demo_dataset_args,
+    make_shapes_dataset,
+)
 from .train_loader import build_train_loader, build_train_mapper, mixing_enabled
 
 __all__ = [
@@ -26,6 +32,9 @@ __all__ = [
     "dataset_class_names",
     "resolve_num_classes",
     "make_shapes_dataset",
+    "make_demo_dataset_args",
+    "DEMO_TRAIN",
+    "DEMO_VAL",
     "SHAPE_CLASSES",
     "add_train_augmentations",
     "RandomChoice",

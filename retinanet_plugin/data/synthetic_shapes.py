@@ -13,7 +13,17 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
-__all__ = ["SHAPE_CLASSES", "CLASS_FREQUENCIES", "make_shapes_dataset"]
+__all__ = [
+    "SHAPE_CLASSES",
+    "CLASS_FREQUENCIES",
+    "DEMO_TRAIN",
+    "DEMO_VAL",
+    "make_shapes_dataset",
+    "make_demo_dataset_args",
+]
+
+# Names the demo's splits are registered under (tools/demo.py, tools/ablate.py, benchmarks).
+DEMO_TRAIN, DEMO_VAL = "retinanet_demo_train", "retinanet_demo_val"
 
 SHAPE_CLASSES = ("ellipse", "rectangle", "triangle", "cross")
 # Relative frequency of each class among objects (imbalanced on purpose).
@@ -140,3 +150,17 @@ def make_shapes_dataset(
         split: (_write_split(root, split, n, image_size, max_objects, s), os.path.join(root, split))
         for split, (n, s) in splits.items()
     }
+
+
+def make_demo_dataset_args(
+    root: str, num_train: int = 600, num_val: int = 100, image_size: int = 192
+) -> List[str]:
+    """Writes the demo's dataset (seed 0) under ``root`` and returns the ``train_net.py``
+    arguments that register its splits as :data:`DEMO_TRAIN` and :data:`DEMO_VAL`."""
+    splits = make_shapes_dataset(
+        root, num_train=num_train, num_val=num_val, image_size=image_size, seed=0
+    )
+    return [
+        "--register-coco", DEMO_TRAIN, *splits["train"],
+        "--register-coco", DEMO_VAL, *splits["val"],
+    ]  # fmt: skip
