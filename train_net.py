@@ -83,6 +83,12 @@ class Trainer(DefaultTrainer):
             # Continue the data stream at the batch the checkpointed run would have read next.
             self.data_loader.start_iter = self.start_iter
             restart_data_iterator(self._trainer)
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if self.start_iter >= self.max_iter and comm.is_main_process() and not os.path.exists(final):
+            # Killed after the last iteration's checkpoint but before model_final was written:
+            # no step is left to run, so the periodic checkpointer would never write it.
+            logger.info("All %d iterations were done; writing the missing %s", self.max_iter, final)
+            self.checkpointer.save("model_final", iteration=self.iter)
 
     def run_step(self):
         try:

@@ -112,6 +112,21 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(
     _assert_equal_weights(_final_weights(tmp_path), uninterrupted)
 
 
+def test_killed_before_model_final_was_written_resume_writes_it(shapes_dataset, tmp_path):
+    """All iterations done and checkpointed, model_final.pth not yet written: --resume has no
+    step left to run, and still leaves model_final.pth (detectron2 would never write it)."""
+    train_net(tmp_path, coco_args(shapes_dataset), "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()")
+    (tmp_path / "model_final.pth").unlink()
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    _, log = train_net(tmp_path, coco_args(shapes_dataset), "--resume", "SOLVER.MAX_ITER", "4",
+                       "DATASETS.TEST", "()")
+    assert "writing the missing" in log
+    _assert_equal_weights(
+        _final_weights(tmp_path), _checkpoint(tmp_path / "model_0000003.pth")["model"]
+    )
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+
+
 @pytest.mark.slow
 def test_random_kills_including_during_checkpoint_writes_never_lose_the_run(
     shapes_dataset, uninterrupted, tmp_path
@@ -125,16 +140,20 @@ def test_random_kills_including_during_checkpoint_writes_never_lose_the_run(
     command = _train_command(
         shapes_dataset, tmp_path, 10, "SOLVER.CHECKPOINT_PERIOD", "1", resume=True
     )
+    pointer = tmp_path / "last_checkpoint"
     kills = resumes = 0
     while not (tmp_path / "model_final.pth").exists():
+        before = pointer.read_text() if pointer.exists() else None
         proc = _start(command)
-        try:
-            # Past start-up (imports, model building: several seconds), into training.
-            proc.wait(timeout=rng.uniform(4.0, 12.0))
-        except subprocess.TimeoutExpired:
+        # Once this life has written a checkpoint (start-up done, training going), kill it a
+        # random fraction of an iteration or two later: in a step or in a checkpoint write.
+        while proc.poll() is None and (pointer.read_text() if pointer.exists() else None) == before:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
             kills += 1
+        proc.wait()
         error = proc.stderr.read().decode()
         assert proc.returncode in (0, -signal.SIGKILL), error[-3000:]
         resumes += 1
