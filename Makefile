@@ -30,7 +30,7 @@ $(STAMP): $(INSTALL_INPUTS)
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# Long fault-injection tests (random SIGKILLs during training and checkpoint writes, ~5 min).
+# Fault-injection test: random SIGKILLs during training and checkpoint writes (~1 min).
 test-slow: install
 	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 
