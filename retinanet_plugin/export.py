@@ -62,6 +62,7 @@ from detectron2.structures import ImageList, Instances
 from .config import add_retinanet_config
 from .config_validation import validate_config
 from .meta_arch import FocalLossRetinaNet
+from .predict import test_input
 
 __all__ = [
     "FORMATS",
@@ -148,11 +149,8 @@ def load_test_input(path: str, cfg: CfgNode) -> Dict:
         augmentation (shortest edge to ``INPUT.MIN_SIZE_TEST``), "height", "width": the file's
         size, to which the detections are scaled back}.
     """
-    image = read_image(path, format=cfg.INPUT.FORMAT)
-    aug_input = T.AugInput(image)
-    T.AugmentationList(build_augmentation(cfg, is_train=False))(aug_input)
-    tensor = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
-    return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
+    augmentations = T.AugmentationList(build_augmentation(cfg, is_train=False))
+    return test_input(read_image(path, format=cfg.INPUT.FORMAT), augmentations)
 
 
 def synthetic_test_image(cfg: CfgNode, seed: int = 0) -> Tensor:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import retinanet_plugin  # noqa: F401  (compat patches, registered components)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb, read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -59,6 +59,24 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
     return list(dict.fromkeys(files))  # drop repeats, keep order
 
 
+def test_input(image: np.ndarray, augmentations: T.AugmentationList) -> Dict:
+    """An image as detectron2's test loader gives it to the model.
+
+    Args:
+        image: (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` channel order.
+        augmentations: the test augmentations, ``build_augmentation(cfg, is_train=False)``
+            (the shortest edge resized to ``INPUT.MIN_SIZE_TEST``).
+
+    Returns:
+        {"image": (3, H', W') float32 resized, "height", "width": the size of ``image``, to
+        which the model scales its detections back}.
+    """
+    aug_input = T.AugInput(image)
+    augmentations(aug_input)
+    tensor = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
+    return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
+
+
 class BatchPredictor:
     """Runs a RetinaNet on batches of images given as BGR/RGB arrays, like detectron2's
     DefaultPredictor (same resizing), but several images per forward pass.
@@ -74,9 +92,7 @@ class BatchPredictor:
             self.model, allow_new_classes=False, trust_weights=trust_weights
         )
         checkpointer.load(cfg.MODEL.WEIGHTS)
-        self.resize = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
+        self.augmentations = T.AugmentationList(build_augmentation(cfg, is_train=False))
         self.input_format = cfg.INPUT.FORMAT
 
     @torch.no_grad()
@@ -88,11 +104,7 @@ class BatchPredictor:
         Returns:
             per image, detectron2 ``Instances`` in that image's pixel coordinates.
         """
-        inputs = []
-        for image in images:
-            resized = self.resize.get_transform(image).apply_image(image)
-            tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-            inputs.append({"image": tensor, "height": image.shape[0], "width": image.shape[1]})
+        inputs = [test_input(image, self.augmentations) for image in images]
         return [output["instances"].to("cpu") for output in self.model(inputs)]
 
 
