@@ -161,8 +161,12 @@ class ResumableTrainLoader:
         buckets: Tuple[List[int], List[int]] = ([], [])
         position, batches = 0, 0
         indices = _rank_indices(self.sampler, comm.get_rank(), comm.get_world_size())
+        landscape: Dict[int, bool] = {}  # each record is read once, however many epochs
         while batches < num_batches:
-            bucket = buckets[0 if self._is_landscape(self.dataset[next(indices)]) else 1]
+            index = next(indices)
+            if index not in landscape:
+                landscape[index] = self._is_landscape(self.dataset[index])
+            bucket = buckets[0 if landscape[index] else 1]
             bucket.append(position)
             position += 1
             if len(bucket) == self.batch_size:
