@@ -44,8 +44,9 @@ logger = logging.getLogger("retinanet_plugin.train_net")
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with COCO evaluation, SOLVER.OPTIMIZER and the plugin's
-    checkpoint loading (safe by default, fine-tuning-aware).
+    """detectron2's DefaultTrainer with COCO evaluation, SOLVER.OPTIMIZER and the plugin's LR
+    schedules, the INPUT.AUG augmentations, the plugin's checkpoint loading (safe by default,
+    fine-tuning-aware) and an exact --resume (optimizer, data stream, RNGs, loss normaliser).
 
     Args:
         cfg: the config.
