@@ -37,7 +37,8 @@ from retinanet_plugin.data import (
 from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.data.resumable import ResumableTrainLoader
 from retinanet_plugin.launch import launch
-from retinanet_plugin.resume import load_training_state, restart_data_iterator, training_state
+from retinanet_plugin.compat.private_api import inner_trainer, restart_data_iterator
+from retinanet_plugin.resume import load_training_state, training_state
 from retinanet_plugin.solver import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("retinanet_plugin.train_net")
@@ -67,14 +68,14 @@ class Trainer(DefaultTrainer):
         # detectron2 0.6's DefaultTrainer leaves out its inner trainer's state, so the optimizer
         # (SGD momentum, AdamW moments) and AMP's grad scaler restarted on --resume; later
         # versions save it under the same key.
-        state.setdefault("_trainer", self._trainer.state_dict())
+        state.setdefault("_trainer", inner_trainer(self).state_dict())
         state["resume"] = training_state(self.model, self.data_loader)
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if "_trainer" in state:  # idempotent where the base class loaded it already
-            self._trainer.load_state_dict(state["_trainer"])
+            inner_trainer(self).load_state_dict(state["_trainer"])
         if "resume" in state:
             load_training_state(state["resume"], self.model, self.data_loader)
 
@@ -83,7 +84,7 @@ class Trainer(DefaultTrainer):
         if isinstance(self.data_loader, ResumableTrainLoader) and self.start_iter:
             # Continue the data stream at the batch the checkpointed run would have read next.
             self.data_loader.start_iter = self.start_iter
-            restart_data_iterator(self._trainer)
+            restart_data_iterator(inner_trainer(self))
         final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
         if self.start_iter >= self.max_iter and comm.is_main_process() and not os.path.exists(final):
             # Killed after the last iteration's checkpoint but before model_final was written:

@@ -4,15 +4,14 @@ import errno
 import functools
 import logging
 import os
-import types
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.checkpoint import detection_checkpoint
 from fvcore.common.checkpoint import Checkpointer
 from torch.nn.parallel import DistributedDataParallel
 
 from .atomic_io import atomic_write
+from .compat.private_api import pkl_unpickler
 from .safe_loading import load_pickle, load_torch
 
 __all__ = ["CheckpointWriteError", "RetinaNetCheckpointer", "TRUST_WEIGHTS_HELP"]
@@ -39,24 +38,6 @@ class _TorchLoading(Checkpointer):
 
     def _load_file(self, filename):
         return load_torch(filename, trust=self.trust_weights)
-
-
-@contextlib.contextmanager
-def _restricted_pickle(filename):
-    """Makes detectron2's ``.pkl`` loading unpickle with the allow-list, for one call.
-
-    detectron2 reads ``.pkl`` files with ``pickle.load(f, encoding="latin1")`` inside
-    ``DetectionCheckpointer._load_file``; replacing only that call keeps its model-zoo handling
-    (``__author__``, Caffe2 ``blobs``, ``matching_heuristics``) instead of copying it.
-    """
-    original = detection_checkpoint.pickle
-    detection_checkpoint.pickle = types.SimpleNamespace(
-        load=functools.partial(load_pickle, filename=filename)
-    )
-    try:
-        yield
-    finally:
-        detection_checkpoint.pickle = original
 
 
 class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
@@ -112,7 +93,14 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
             )
             return super()._load_file(filename)
         # .pth files need nothing here: _TorchLoading already loads them weights-only.
-        restricted = _restricted_pickle(filename) if filename.endswith(".pkl") else None
+        # detectron2 reads .pkl files with pickle.load inside DetectionCheckpointer._load_file;
+        # replacing only that call keeps its model-zoo handling (``__author__``, Caffe2
+        # ``blobs``, ``matching_heuristics``) instead of copying it.
+        restricted = (
+            pkl_unpickler(functools.partial(load_pickle, filename=filename))
+            if filename.endswith(".pkl")
+            else None
+        )
         with restricted or contextlib.nullcontext():
             return super()._load_file(filename)
 

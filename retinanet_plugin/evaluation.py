@@ -26,8 +26,13 @@ import numbers
 from typing import Optional, Set, Tuple, Type
 
 from detectron2.evaluation import COCOEvaluator
-from detectron2.evaluation import coco_evaluation
 from pycocotools.cocoeval import COCOeval
+
+from .compat.private_api import (
+    check_coco_evaluator_hooks,
+    coco_eval_class_for_fast_path,
+    evaluator_coco_api,
+)
 
 __all__ = [
     "BACKENDS",
@@ -170,14 +175,11 @@ def coco_eval_class(backend: str) -> Type:
 class RetinaNetCOCOEvaluator(COCOEvaluator):
     """detectron2's :class:`COCOEvaluator` evaluating with the chosen COCOeval implementation.
 
-    Everything but the COCOeval class is detectron2's. detectron2 picks that class at evaluation
-    time from ``detectron2.evaluation.coco_evaluation``'s globals: ``COCOeval_opt`` if
-    ``self._use_fast_impl`` else ``COCOeval`` (0.6 in ``_evaluate_predictions_on_coco``, later
-    versions in ``_eval_predictions``). For the faster-coco-eval backend, ``_eval_predictions``
-    therefore points the module's ``COCOeval_opt`` at :func:`coco_eval_class` and sets
-    ``_use_fast_impl`` for its duration, restoring both afterwards; the pycocotools backend runs
-    it with ``_use_fast_impl=False``. As the module global is shared, evaluators must not run
-    ``evaluate`` concurrently in threads of one process (processes are fine).
+    Everything but the COCOeval class is detectron2's: ``_eval_predictions`` runs detectron2's
+    with the backend's class swapped in for its duration
+    (:func:`~retinanet_plugin.compat.private_api.coco_eval_class_for_fast_path`). As that swaps a
+    module global, evaluators must not run ``evaluate`` concurrently in threads of one process
+    (processes are fine).
 
     faster-coco-eval indexes annotations by numeric image and category ids; datasets with other
     ids (e.g. Pascal VOC converted by detectron2, whose image ids are file names) are evaluated
@@ -213,6 +215,7 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         """
         if "use_fast_impl" in kwargs:
             raise TypeError("RetinaNetCOCOEvaluator: use `backend` instead of `use_fast_impl`")
+        check_coco_evaluator_hooks()
         # Before the base constructor, which loads the annotations: fail fast on a typo.
         self._backend = resolve_backend(backend)
         # use_fast_impl=False: the flag is set per evaluation in _eval_predictions (and the
@@ -220,7 +223,7 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         super().__init__(
             dataset_name, tasks, distributed, output_dir, use_fast_impl=False, **kwargs
         )
-        if self._backend == "faster_coco_eval" and not _has_integer_ids(self._coco_api):
+        if self._backend == "faster_coco_eval" and not _has_integer_ids(evaluator_coco_api(self)):
             _warn_once(
                 f"ids of {dataset_name}",
                 "Dataset %s has non-integer image or category ids, which faster-coco-eval cannot "
@@ -235,21 +238,10 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         return self._backend
 
     def _eval_predictions(self, predictions, img_ids=None):
-        self._logger.info(f"COCO evaluation backend: {self._backend}")
-        if self._backend == "pycocotools":
-            self._use_fast_impl = False
+        logger.info("COCO evaluation backend: %s", self._backend)
+        fast_class = None if self._backend == "pycocotools" else coco_eval_class(self._backend)
+        with coco_eval_class_for_fast_path(self, fast_class):
             return super()._eval_predictions(predictions, img_ids=img_ids)
-
-        # detectron2 reads the module global and the flag when it builds each COCOeval, so
-        # swapping them here reaches it on 0.6 and on later versions alike.
-        module = coco_evaluation
-        saved = module.COCOeval_opt, self._use_fast_impl
-        module.COCOeval_opt = coco_eval_class(self._backend)
-        self._use_fast_impl = True
-        try:
-            return super()._eval_predictions(predictions, img_ids=img_ids)
-        finally:
-            module.COCOeval_opt, self._use_fast_impl = saved
 
 
 def _has_integer_ids(coco_api) -> bool:

@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detectron2.engine import launch as detectron2_launch
-from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
+
+from .compat.private_api import find_free_port
 
 __all__ = ["launch"]
 
@@ -51,7 +52,7 @@ def launch(
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError("--dist-url auto only works on one machine")
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     mp.start_processes(
         _cpu_worker,
         nprocs=num_processes_per_machine,

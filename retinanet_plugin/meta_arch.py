@@ -13,12 +13,13 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
-from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
+from .compat.private_api import dense_box_regression_loss
 from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .head import build_retinanet_head
 from .ohem import NO_RATIO, ohem_cross_entropy
@@ -355,7 +356,7 @@ class FocalLossRetinaNet(DenseDetector):
         else:
             logits = cat(pred_logits, dim=1).view(-1, self.num_classes)
             loss_cls = self.classification_loss(logits, gt_labels.view(-1)) / normalizer
-        loss_box_reg = _dense_box_regression_loss(
+        loss_box_reg = dense_box_regression_loss()(
             anchors,
             self.box2box_transform,
             pred_deltas,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["training_state", "load_training_state", "restart_data_iterator"]
+__all__ = ["training_state", "load_training_state"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -76,11 +76,3 @@ def load_training_state(state: Dict[str, Any], model: nn.Module, data_loader) ->
     if "data_loader" in state and hasattr(data_loader, "load_state_dict"):
         data_loader.load_state_dict(state["data_loader"])
 
-
-def restart_data_iterator(trainer) -> None:
-    """Makes a detectron2 ``SimpleTrainer`` (or ``AMPTrainer``) take its next batch from a new
-    iterator over its data loader, e.g. after the loader was told where to start."""
-    if isinstance(getattr(type(trainer), "_data_loader_iter", None), property):
-        trainer._data_loader_iter_obj = None  # detectron2 > 0.6 creates the iterator lazily
-    else:
-        trainer._data_loader_iter = iter(trainer.data_loader)

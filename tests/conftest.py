@@ -9,6 +9,16 @@ from retinanet_plugin import add_retinanet_config, get_config_file
 from retinanet_plugin.data import make_shapes_dataset
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped on machines without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def plugin_cfg(config_name: str, *opts):
     """The plugin's config ``configs/<config_name>`` on CPU, without pretrained weights."""
     cfg = get_cfg()

@@ -15,7 +15,6 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
 from detectron2.structures import Boxes, BoxMode, Instances
-from detectron2.utils import comm
 
 from conftest import plugin_cfg
 from retinanet_plugin.config_validation import ConfigError, load_config
@@ -191,7 +190,7 @@ def test_color_jitter_changes_pixels_not_boxes(records):
 
 
 def test_everything_off_is_detectron2s_default_mapper_and_loader(shapes_train):
-    settings = {"DATASETS.TRAIN": (shapes_train,), "SOLVER.IMS_PER_BATCH": 4}
+    settings = {"DATASETS.TRAIN": (shapes_train,), "SOLVER.IMS_PER_BATCH": 4, "SEED": 5}
     cfg = aug_cfg({**settings, "DATALOADER.NUM_WORKERS": 0})
     mapper = build_train_mapper(cfg)
     assert type(mapper) is DatasetMapper
@@ -199,15 +198,16 @@ def test_everything_off_is_detectron2s_default_mapper_and_loader(shapes_train):
 
     # The same images in the same batches as detectron2's loader; each image mapped by
     # detectron2's mapper with the RNGs seeded from (sampler seed, rank 0, stream position).
-    batches = []
+    batches, loaders = [], []
     for build in (build_train_loader, build_detection_train_loader):
-        np.random.seed(3)  # the samplers' seed is a draw from numpy's RNG
-        batches.append(next(iter(build(cfg))))
+        # The samplers' seed: a draw from numpy's RNG (0.6) or cfg.SEED (upstream main).
+        np.random.seed(3)
+        loaders.append(build(cfg))
+        batches.append(next(iter(loaders[-1])))
     ours, theirs = batches
     assert [d["file_name"] for d in ours] == [d["file_name"] for d in theirs]
     records = {r["file_name"]: r for r in DatasetCatalog.get(shapes_train)}
-    np.random.seed(3)
-    seed = comm.shared_random_seed()
+    seed = loaders[0].state_dict()["seed"]
     for position, d in enumerate(ours):
         np.random.seed(np.random.SeedSequence([seed, 0, position]).generate_state(1)[0])
         expected = DatasetMapper(cfg, is_train=True)(records[d["file_name"]])

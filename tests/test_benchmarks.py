@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -132,3 +133,45 @@ def test_make_bench_runs_end_to_end(tmp_path):
         ref = case["results"][case["reference"]]
         assert r["time_ratio"] == pytest.approx(r["median_s"] / ref["median_s"])
     assert json_file.with_suffix(".md").read_text().startswith("Machine: `")
+
+
+def _gpu_check(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=REPO, capture_output=True,
+        text=True, timeout=300,
+    )
+
+
+def test_gpu_check_refuses_bad_input_before_running_anything(tmp_path):
+    if not torch.cuda.is_available():
+        result = _gpu_check("--output-dir", str(tmp_path))
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: --device cuda: no CUDA GPU")
+    result = _gpu_check("--device", "cpu", "--steps", "tests,fly", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "error: --steps fly: unknown" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_runs_the_cuda_tests_and_adds_its_record_to_the_report(tmp_path):
+    """The tests step runs exactly the cuda-marked tests (skipped on a CPU machine) and its
+    record goes into <device>.json next to what a benchmark run wrote there."""
+    from benchmarks.measure import device_label
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = tmp_path / f"{device_label(torch.device(device))}.json"
+    report.write_text(json.dumps({"cases": {"focal_loss": {}}}))
+    result = _gpu_check("--device", device, "--steps", "tests", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = json.loads(report.read_text())
+    assert written["cases"] == {"focal_loss": {}}  # the benchmark results are kept
+    counts = written["gpu_check"]["steps"]["tests"]["counts"]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "--collect-only", "-q",
+         "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    num_cuda_tests = int(re.search(r"(\d+)/\d+ tests collected", collected.stdout).group(1))
+    assert num_cuda_tests >= 5
+    outcome = "passed" if torch.cuda.is_available() else "skipped"
+    assert counts[outcome] == num_cuda_tests

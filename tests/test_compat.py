@@ -1,104 +1,167 @@
-"""Tests for retinanet_plugin.compat: detectron2 0.6 without native ops on current libraries."""
+"""Tests for retinanet_plugin.compat: each test asserts what the installed detectron2 needs
+(0.6 or upstream main, with or without native ops), against a reference independent of the
+patch: a fresh interpreter without the plugin, Pillow's version, hand-computed values."""
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import detectron2
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 from retinanet_plugin import compat
+from retinanet_plugin.compat.native_ops import _MissingNativeOps, _TorchWithNativeOpsStandIn
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _rotated_boxes():
-    # (x_ctr, y_ctr, w, h, angle)
-    return torch.tensor([[10.0, 10.0, 4.0, 6.0, 0.0], [20.0, 20.0, 8.0, 2.0, 30.0]])
+NATIVE_OPS = compat.NATIVE_OPS_ERROR is None
+DETECTRON2_DIR = Path(detectron2.__file__).parent
+
+
+def _imports_without_the_plugin(module: str) -> bool:
+    """Whether ``import <module>`` works in a fresh interpreter without retinanet_plugin (the
+    reference for which stand-ins the installed detectron2 needs)."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+    )
+    return result.returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Native ops stand-in
+# Native ops: present (a full build) or stood in for with clear errors
 # ---------------------------------------------------------------------------------------------
 
 
-def test_native_ops_are_absent_here():
-    """On this machine detectron2 has no compiled _C, and compat records why."""
-    import detectron2
-
-    package_dir = Path(detectron2.__file__).parent
-    assert not list(package_dir.glob("_C*")), "this test expects detectron2 without native ops"
-    assert isinstance(sys.modules["detectron2._C"], compat._MissingNativeOps)
-    assert isinstance(compat.NATIVE_OPS_ERROR, str) and compat.NATIVE_OPS_ERROR
-    assert "detectron2._C" in compat.NATIVE_OPS_ERROR
-
-
-def test_stand_in_is_installed_as_detectron2_c():
-    """`from detectron2 import _C` gives the stand-in, also registered in sys.modules."""
-    import detectron2
-    from detectron2 import _C
-
-    assert _C is sys.modules["detectron2._C"] is detectron2._C
-    assert _C.__name__ == "detectron2._C"
-    assert any("detectron2._C" in patch for patch in compat.APPLIED)
+def test_native_ops_error_says_whether_detectron2_c_loads():
+    """NATIVE_OPS_ERROR is None exactly when detectron2._C is a compiled module that loads."""
+    compiled = list(DETECTRON2_DIR.glob("_C*.so")) + list(DETECTRON2_DIR.glob("_C*.pyd"))
+    loads = bool(compiled) and _imports_without_the_plugin("detectron2._C")
+    assert NATIVE_OPS == loads
+    if loads:
+        assert hasattr(sys.modules["detectron2._C"], "__file__")  # the real extension
+    else:
+        assert "detectron2._C" in compat.NATIVE_OPS_ERROR
 
 
-def test_calling_a_native_op_raises_missing_native_op_error():
-    """Any native op raises MissingNativeOpError naming the op and the reason."""
-    from detectron2 import _C
+def test_c_stand_in_only_where_detectron2_fails_to_import_without_it():
+    """The detectron2._C stand-in is installed exactly when the native ops are missing and
+    detectron2.layers or detectron2.evaluation cannot be imported without it (detectron2 0.6);
+    upstream main imports without _C by itself and gets no stand-in."""
+    needed = not NATIVE_OPS and not all(
+        _imports_without_the_plugin(m) for m in ("detectron2.layers", "detectron2.evaluation")
+    )
+    is_stand_in = isinstance(sys.modules.get("detectron2._C"), _MissingNativeOps)
+    assert is_stand_in == needed
+    assert any("detectron2._C stand-in" in patch for patch in compat.APPLIED) == needed
+    if needed:
+        from detectron2 import _C
 
-    boxes = _rotated_boxes()
-    with pytest.raises(compat.MissingNativeOpError, match="box_iou_rotated") as info:
-        _C.box_iou_rotated(boxes, boxes)
-    assert compat.NATIVE_OPS_ERROR in str(info.value)
-    assert issubclass(compat.MissingNativeOpError, RuntimeError)
-    with pytest.raises(compat.MissingNativeOpError, match="nms_rotated"):
-        _C.nms_rotated(boxes, torch.ones(2), 0.5)
+        assert _C is sys.modules["detectron2._C"] is detectron2._C
 
 
-def test_pairwise_iou_rotated_raises_missing_native_op_error():
-    """detectron2's rotated-box IoU (a native op) fails loudly instead of returning a fake value."""
+def _iou_boxes():
+    # (x_ctr, y_ctr, w, h, angle): a 4x6 box, the same box shifted by 1 in x (intersection 3x6,
+    # union 30: IoU 0.6), and a 4x4 square given as itself rotated by 90 degrees.
+    return torch.tensor(
+        [[10.0, 10.0, 4.0, 6.0, 0.0], [11.0, 10.0, 4.0, 6.0, 0.0], [30.0, 30.0, 4.0, 4.0, 90.0]]
+    )
+
+
+def test_rotated_iou_is_exact_or_a_missing_native_op_error():
+    """detectron2's rotated IoU (a native op) gives the hand-computed IoUs with native ops, and
+    MissingNativeOpError naming the op without them (0.6 reaches it through detectron2._C,
+    upstream main through torch.ops.detectron2)."""
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
 
-    boxes = _rotated_boxes()
-    with pytest.raises(compat.MissingNativeOpError, match="box_iou_rotated"):
-        pairwise_iou_rotated(boxes, boxes[:1])
+    boxes = _iou_boxes()
+    square = torch.tensor([[30.0, 30.0, 4.0, 4.0, 0.0]])
+    if NATIVE_OPS:
+        iou = pairwise_iou_rotated(boxes, torch.cat([boxes[:1], square]))
+        expected = torch.tensor([[1.0, 0.0], [0.6, 0.0], [0.0, 1.0]])
+        torch.testing.assert_close(iou, expected, atol=1e-5, rtol=0)
+    else:
+        with pytest.raises(compat.MissingNativeOpError, match="box_iou_rotated") as info:
+            pairwise_iou_rotated(boxes, square)
+        assert compat.NATIVE_OPS_ERROR in str(info.value)
+        assert "build detectron2 from source" in str(info.value)
 
 
-def test_dunder_attributes_are_absent_on_the_stand_in():
-    """Dunder lookups raise AttributeError (so hasattr/introspection behave), not a fake op."""
-    from detectron2 import _C
+def test_rotated_nms_keeps_the_hand_computed_boxes_or_raises_missing_native_op_error():
+    """nms_rotated (torch.ops.detectron2 in 0.6 and main) suppresses the shifted box (IoU 0.6 >
+    0.5) with native ops, and raises MissingNativeOpError without them."""
+    from detectron2.layers import nms_rotated
 
-    assert not hasattr(_C, "__file__")
-    assert not hasattr(_C, "__path__")
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    if NATIVE_OPS:
+        assert nms_rotated(_iou_boxes(), scores, 0.5).tolist() == [0, 2]
+    else:
+        with pytest.raises(compat.MissingNativeOpError, match="nms_rotated"):
+            nms_rotated(_iou_boxes(), scores, 0.5)
+
+
+def test_rotated_roi_align_computes_or_raises_missing_native_op_error():
+    """ROIAlignRotated of a constant feature map is that constant with native ops; without them
+    it raises MissingNativeOpError naming the op."""
+    from detectron2.layers import ROIAlignRotated
+
+    pooler = ROIAlignRotated((2, 2), spatial_scale=1.0, sampling_ratio=2)
+    features = torch.full((1, 1, 8, 8), 3.0)
+    rois = torch.tensor([[0.0, 4.0, 4.0, 2.0, 2.0, 30.0]])  # (batch, x, y, w, h, angle)
+    if NATIVE_OPS:
+        torch.testing.assert_close(pooler(features, rois), torch.full((1, 1, 2, 2), 3.0))
+    else:
+        with pytest.raises(compat.MissingNativeOpError, match="roi_align_rotated"):
+            pooler(features, rois)
+
+
+def test_stand_in_raises_for_every_op_and_hides_dunders():
+    """The stand-in namespace: any op name is a callable raising MissingNativeOpError (never a
+    fake result); dunder lookups raise AttributeError, so hasattr/introspection behave."""
+    stand_in = _MissingNativeOps("detectron2._C", "reason given")
+    assert callable(stand_in.some_op_that_does_not_exist)
+    with pytest.raises(compat.MissingNativeOpError, match="'deform_conv_forward'.*reason given"):
+        stand_in.deform_conv_forward(torch.zeros(1))
+    assert issubclass(compat.MissingNativeOpError, RuntimeError)
+    assert not hasattr(stand_in, "__file__")
+    assert not hasattr(stand_in, "__path__")
     with pytest.raises(AttributeError):
-        _C.__wrapped__
-    # Ordinary names are (raising) callables.
-    assert callable(_C.some_op_that_does_not_exist)
+        stand_in.__wrapped__
 
 
-def test_build_info_queries_are_answered_truthfully():
+def test_stand_in_answers_build_info_queries_truthfully():
     """Only collect_env's build-information queries answer, and they say "not built"."""
-    from detectron2 import _C
+    stand_in = _MissingNativeOps("detectron2._C", "reason")
+    assert stand_in.has_cuda() is False
+    assert "not built" in stand_in.get_compiler_version()
+    assert "not built" in stand_in.get_cuda_version()
 
-    assert _C.has_cuda() is False
-    assert "not built" in _C.get_compiler_version()
-    assert "not built" in _C.get_cuda_version()
+
+def test_torch_ops_stand_in_passes_registered_ops_through():
+    """A module's torch.ops.detectron2 stand-in returns ops that are registered (here one of
+    torchvision's, through its namespace) and raises for the others; the rest of torch is
+    torch's own."""
+    stand_in = _TorchWithNativeOpsStandIn("reason")
+    assert stand_in.zeros is torch.zeros and stand_in.Tensor is torch.Tensor
+    assert stand_in.ops.torchvision.nms is torch.ops.torchvision.nms
+    with pytest.raises(compat.MissingNativeOpError, match="no_such_op"):
+        stand_in.ops.detectron2.no_such_op()
 
 
-def test_collect_env_info_says_native_ops_are_not_built():
-    """detectron2's environment report runs and reports the missing native ops."""
+def test_collect_env_info_reports_the_native_ops():
+    """detectron2's environment report runs; it says "not built" without native ops."""
     from detectron2.utils.collect_env import collect_env_info
 
     text = collect_env_info()
-    assert isinstance(text, str)
-    compiler_lines = [line for line in text.splitlines() if line.startswith("Compiler")]
-    assert compiler_lines and "not built" in compiler_lines[0]
     assert "detectron2" in text
+    assert ("not built" in text) == (not NATIVE_OPS)
 
 
 def test_torchvision_ops_used_by_retinanet_still_work():
@@ -120,16 +183,26 @@ def test_torchvision_ops_used_by_retinanet_still_work():
 # Pillow
 # ---------------------------------------------------------------------------------------------
 
+USES_PIL_LINEAR = "Image.LINEAR" in (
+    DETECTRON2_DIR / "data" / "transforms" / "transform.py"
+).read_text()
+PILLOW_HAS_LINEAR = int(PIL.__version__.split(".")[0]) < 10  # removed in Pillow 10
 
-def test_pil_linear_alias():
-    """PIL.Image.LINEAR exists again and is the bilinear filter."""
-    assert hasattr(Image, "LINEAR")
-    assert Image.LINEAR == Image.BILINEAR
+
+def test_pil_linear_alias_only_where_detectron2_uses_it():
+    """PIL.Image.LINEAR is aliased to BILINEAR exactly when detectron2 uses it (0.6) and Pillow
+    dropped it (>= 10); otherwise Pillow is left as it is."""
+    patched = USES_PIL_LINEAR and not PILLOW_HAS_LINEAR
+    assert any("PIL.Image.LINEAR" in patch for patch in compat.APPLIED) == patched
+    if patched or PILLOW_HAS_LINEAR:
+        assert Image.LINEAR == Image.BILINEAR
+    else:
+        assert not hasattr(Image, "LINEAR")
 
 
 def test_detectron2_transforms_import_and_extent_transform_is_bilinear():
-    """detectron2.data.transforms imports; ExtentTransform's default filter (Image.LINEAR) is
-    bilinear and gives the same image as PIL's bilinear EXTENT transform."""
+    """detectron2.data.transforms imports; ExtentTransform's default filter is bilinear and
+    gives the same image as PIL's bilinear EXTENT transform."""
     import detectron2.data.transforms as T
 
     transform = T.ExtentTransform(src_rect=(2, 3, 18, 13), output_size=(7, 9))
@@ -188,8 +261,10 @@ def tiny_coco_dataset(request):
 def test_coco_evaluator_uses_pycocotools_without_native_ops(
     tiny_coco_dataset, tmp_path, use_fast_impl
 ):
-    """COCOEvaluator's fast path needs native ops, so it is turned off even when requested."""
-    from detectron2.evaluation import COCOEvaluator
+    """COCOEvaluator's fast path needs native ops: without them it evaluates with pycocotools'
+    COCOeval even when asked for the fast one (0.6 through the patch, main by itself)."""
+    from detectron2.evaluation import COCOEvaluator, coco_evaluation
+    from pycocotools.cocoeval import COCOeval
 
     evaluator = COCOEvaluator(
         tiny_coco_dataset,
@@ -198,8 +273,9 @@ def test_coco_evaluator_uses_pycocotools_without_native_ops(
         output_dir=str(tmp_path),
         use_fast_impl=use_fast_impl,
     )
-    assert evaluator._use_fast_impl is False
-    assert hasattr(COCOEvaluator.__init__, "__wrapped__")
+    # The class detectron2 evaluates with (both versions choose it this way).
+    used = coco_evaluation.COCOeval_opt if evaluator._use_fast_impl else COCOeval
+    assert (used is COCOeval) == (not NATIVE_OPS or not use_fast_impl)
 
 
 def test_coco_evaluator_evaluates_perfect_predictions(tiny_coco_dataset, tmp_path):
@@ -233,8 +309,9 @@ def test_apply_is_idempotent():
     """Calling apply() again changes nothing: same patch list, same stand-in, no double wrapping."""
     from detectron2.evaluation import COCOEvaluator
 
-    stand_in = sys.modules["detectron2._C"]
+    stand_in = sys.modules.get("detectron2._C")
     init = COCOEvaluator.__init__
+    linear = getattr(Image, "LINEAR", None)
     patches_before = list(compat.APPLIED)
 
     first = compat.apply()
@@ -244,24 +321,36 @@ def test_apply_is_idempotent():
     assert first["patches"] == patches_before == compat.APPLIED
     assert first["native_ops_error"] == compat.NATIVE_OPS_ERROR
     assert len(set(compat.APPLIED)) == len(compat.APPLIED)
-    assert sys.modules["detectron2._C"] is stand_in
+    assert sys.modules.get("detectron2._C") is stand_in
     assert COCOEvaluator.__init__ is init
-    assert Image.LINEAR == Image.BILINEAR
+    assert getattr(Image, "LINEAR", None) == linear
     # The returned list is a copy: mutating it does not change the record.
     first["patches"].append("bogus")
     assert "bogus" not in compat.apply()["patches"]
 
 
-def test_numpy_aliases_only_inside_patched_detectron2_modules():
-    """detectron2 0.6's VOC loader and class histogram see np.int/np.str; numpy itself does not."""
+@pytest.mark.parametrize(
+    "module_name, alias",
+    [("detectron2.data.datasets.pascal_voc", "str"), ("detectron2.data.build", "int")],
+)
+def test_numpy_aliases_only_inside_detectron2_modules_that_use_them(module_name, alias):
+    """A detectron2 module whose source uses np.<alias> (0.6's VOC loader and class histogram)
+    sees it; numpy itself never gets the alias, and modules that do not use it (main) keep
+    numpy's own np."""
+    import importlib
+    import re
+
     import numpy
 
-    from detectron2.data import build
-    from detectron2.data.datasets import pascal_voc
-
-    assert pascal_voc.np.str is str and build.np.int is int
-    assert pascal_voc.np.zeros is numpy.zeros  # everything else is numpy's own
-    assert not hasattr(numpy, "int")
+    module = importlib.import_module(module_name)
+    source = Path(module.__file__).read_text()
+    uses_alias = re.search(rf"\bnp\.{alias}\b", source) is not None
+    if uses_alias:
+        assert getattr(module.np, alias) is {"str": str, "int": int}[alias]
+        assert module.np.zeros is numpy.zeros  # everything else is numpy's own
+    else:
+        assert not hasattr(module.np, alias)
+    assert not hasattr(numpy, alias)
 
 
 def test_ddp_of_a_cpu_model_gets_no_device_ids(monkeypatch):

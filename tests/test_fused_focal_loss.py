@@ -160,3 +160,23 @@ def test_fused_cpu_gradient_has_no_subnormals():
     kept = ref.abs() >= 1e-3 * finfo.tiny / finfo.eps  # clear of the flush threshold
     torch.testing.assert_close(grad.double()[kept], ref[kept], rtol=1e-4, atol=0)
     assert (grad[ref.abs() < 1e-3 * finfo.tiny] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_on_cuda_equals_float64_reference(dtype):
+    """On the GPU (one chunk per 2^16 elements, as on CPU) the fused loss and gradient match the
+    plain loss evaluated in float64 on the CPU, within the input dtype's precision."""
+    logits, targets = _inputs(seed=2)
+    rounded = logits.to(dtype).double()  # the reference sees the same rounded inputs
+    ref_loss, ref_grad = _loss_and_grad(sigmoid_focal_loss, rounded, targets, 0.25, 2.0, "sum", 1.0)
+    loss, grad = _loss_and_grad(
+        sigmoid_focal_loss_fused, logits.to("cuda", dtype), targets.to("cuda", dtype), 0.25, 2.0,
+        "sum", 1.0,
+    )
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-4, atol=1e-4)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(
+        grad.cpu().double(), ref_grad, rtol=tolerance, atol=tolerance * ref_grad.abs().max()
+    )

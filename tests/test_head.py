@@ -250,11 +250,22 @@ def test_group_norm_builds_and_runs():
     torch.testing.assert_close(logits[0], ref)
 
 
-def test_detectron2_retinanet_head_fails_with_group_norm():
-    """detectron2 0.6's own RetinaNetHead(norm="GN") cannot be built (it probes get_norm(norm, 1));
-    this is what FocalLossHead fixes."""
-    with pytest.raises(ValueError, match="divisible"):
-        RetinaNetHead(**_kwargs(norm="GN"))
+def test_group_norm_head_matches_detectron2_where_detectron2_can_build_it():
+    """detectron2 0.6's own RetinaNetHead(norm="GN") cannot be built (it probes get_norm(norm, 1),
+    i.e. GroupNorm(32, 1)), which FocalLossHead avoids; where the installed detectron2 builds it
+    (upstream main), FocalLossHead(norm="GN") has its parameters and gives its outputs."""
+    try:
+        theirs = RetinaNetHead(**_kwargs(norm="GN"))
+    except ValueError as e:  # detectron2 0.6
+        assert "divisible" in str(e)
+        return
+    ours = FocalLossHead(**_kwargs(norm="GN"))
+    _randomise(theirs, seed=5)
+    ours.load_state_dict(theirs.state_dict())
+    features = _features()
+    out_ours, out_theirs = ours(features), theirs(features)
+    for a, b in zip(out_ours[0] + out_ours[1], out_theirs[0] + out_theirs[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_batch_norm_is_per_level_and_matches_detectron2():

@@ -111,7 +111,7 @@ def test_cpu_bfloat16_autocast_training_keeps_loss_math_in_float32():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="detectron2's AMPTrainer needs CUDA")
+@pytest.mark.cuda
 def test_detectron2_amp_trainer_on_gpu():
     """SOLVER.AMP.ENABLED's trainer: float16 autocast, float32 losses, weights updated."""
     model = _model("MODEL.DEVICE", "cuda").train()

@@ -107,3 +107,31 @@ def test_grouped_nms_equals_torchvision_batched_nms(num_boxes, num_groups):
     ours = grouped_nms(boxes, scores, groups, 0.5)
     theirs = batched_nms(boxes, scores, groups, 0.5)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.cuda
+def test_inference_on_cuda_equals_detectron2_on_cuda(models):
+    """The batched post-processing on the GPU gives detectron2's detections on the GPU (scores
+    and boxes to float32 rounding: the GPU's reductions may order sums differently)."""
+    plugin, reference = (model.to("cuda") for model in models)
+    try:
+        images, features, (logits, deltas) = _head_outputs([(320, 416), (256, 320)], [-2.0, -6.0])
+        images = ImageList(images.tensor.cuda(), images.image_sizes)
+        features, logits, deltas = ([x.cuda() for x in t] for t in (features, logits, deltas))
+        with torch.no_grad():
+            ours = plugin.forward_inference(images, features, (logits, deltas))
+            # detectron2 applies sigmoid_ in place on transposed copies; give it its own tensors.
+            theirs = reference.forward_inference(
+                images, features, ([x.clone() for x in logits], [x.clone() for x in deltas])
+            )
+    finally:
+        for model in models:
+            model.to("cpu")
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        assert a.scores.is_cuda and len(a) == len(b) > 0
+        assert torch.equal(a.pred_classes.cpu(), b.pred_classes.cpu())
+        torch.testing.assert_close(a.scores.cpu(), b.scores.cpu(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            a.pred_boxes.tensor.cpu(), b.pred_boxes.tensor.cpu(), rtol=1e-5, atol=1e-4
+        )

@@ -271,3 +271,23 @@ def test_stream_with_repeat_factor_sampler_continues_exactly():
     resumed = loader()
     resumed.start_iter = 17
     assert _take(resumed, 13) == straight[17:]
+
+
+@pytest.mark.parametrize("sampler_seed", [-1, None])
+def test_unset_sampler_seed_draws_a_shared_seed_that_resume_restores(sampler_seed):
+    """detectron2 after 0.6 passes SEED -1 on to the sampler (0.6 passes None): the loader draws
+    the seed as detectron2 0.6's TrainingSampler does (comm.shared_random_seed, from numpy's
+    global RNG in one process), and its stream is detectron2's for that seed."""
+    import numpy as np
+    from detectron2.data.samplers import TrainingSampler
+    from retinanet_plugin.data.resumable import ResumableTrainLoader
+
+    records = _records()
+    sampler = TrainingSampler(len(records), seed=0)
+    sampler._seed = sampler_seed  # as detectron2 main's TrainingSampler(seed=-1) leaves it
+    np.random.seed(11)
+    loader = ResumableTrainLoader(records, _RecordingMapper(), sampler, batch_size=3)
+    expected_seed = int(np.random.RandomState(11).randint(2**31))
+    assert loader.state_dict() == {"seed": expected_seed}
+    reference = _loader(records, grouping=True, workers=0, seed=expected_seed)
+    assert _take(loader, 4) == _take(reference, 4)

@@ -83,9 +83,10 @@ def main():
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     with open(os.path.join(args.output, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\nDemo finished in {results['wall_time_s']:.0f} s. Validation box AP: "
-          f"{results['bbox']['AP']:.1f} (AP50 {results['bbox']['AP50']:.1f}, "
-          f"AP75 {results['bbox']['AP75']:.1f})")
+    # None: detectron2 gives NaN when the model detects nothing at all.
+    ap = {k: "n/a" if v is None else f"{v:.1f}" for k, v in results["bbox"].items()}
+    print(f"\nDemo finished in {results['wall_time_s']:.0f} s. Validation box AP: {ap['AP']} "
+          f"(AP50 {ap['AP50']}, AP75 {ap['AP75']})")
     print(f"Metrics: {os.path.join(args.output, 'demo_results.json')}\nCurves: {curves}\n"
           f"Pictures: {pictures}/")
 

@@ -21,11 +21,14 @@ with its CUDA ops), nothing is changed.
 
 Usage: ``python tools/install_detectron2.py [--force]`` with the Python of the target environment.
 pip needs torch already installed: pip runs the sdist's setup.py to read its metadata, and that
-setup.py imports torch.
+setup.py imports torch. ``--wheel-dir DIR`` only builds the wheel into DIR (to carry to an offline
+machine; being pure Python, it installs on any Python >= 3.8).
 """
 import argparse
 import hashlib
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -124,8 +127,11 @@ def write_wheel_project(sdist: Path, project_dir: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if detectron2 imports")
+    parser.add_argument("--wheel-dir", help="build the wheel into this folder; do not install")
     args = parser.parse_args()
-    if importlib.util.find_spec("detectron2") is not None and not args.force:
+    if args.wheel_dir and not os.path.isdir(args.wheel_dir):
+        sys.exit(f"error: --wheel-dir {args.wheel_dir}: not a folder; create it first")
+    if importlib.util.find_spec("detectron2") is not None and not (args.force or args.wheel_dir):
         import detectron2
 
         print(f"detectron2 {detectron2.__version__} already installed at "
@@ -141,6 +147,13 @@ def main():
         run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
              "-w", tmp / "dist", source_root])
         (wheel,) = (tmp / "dist").glob("detectron2-*.whl")
+        if args.wheel_dir:
+            target = Path(args.wheel_dir) / wheel.name
+            if target.exists():
+                sys.exit(f"error: {target} exists; remove it to build it again")
+            shutil.copy(wheel, target)
+            print(f"wrote {target}")
+            return
         run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", wheel])
     print("detectron2 installed (pure Python, no native ops)")
 

@@ -31,9 +31,16 @@ import torch
 from PIL import Image
 from torch.utils import data as torchdata
 
-from detectron2.data.build import _train_loader_from_config, worker_init_reset_seed
+from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.common import AspectRatioGroupedDataset, DatasetFromList, MapDataset
 from detectron2.utils import comm
+
+from ..compat.private_api import (
+    sampler_index_stream,
+    sampler_seed,
+    set_sampler_seed,
+    train_loader_arguments,
+)
 
 __all__ = ["ResumableTrainLoader", "build_resumable_train_loader"]
 
@@ -42,13 +49,14 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def _rng_seeded(entropy: Sequence[int]) -> Iterator[None]:
-    """Seeds Python's, numpy's and torch's (CPU) global RNGs from ``entropy`` and restores their
-    previous states afterwards, so the caller's random streams are untouched."""
+    """Seeds Python's, numpy's and torch's CPU global RNGs from ``entropy`` and restores their
+    previous states afterwards, so the caller's random streams are untouched. (Augmentations run
+    on the CPU; ``torch.manual_seed`` would also reseed, and lose, the CUDA RNGs.)"""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     seed = int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
@@ -60,7 +68,7 @@ def _rng_seeded(entropy: Sequence[int]) -> Iterator[None]:
 def _rank_indices(sampler, rank: int, world_size: int) -> Iterator[int]:
     """A rank's share of the sampler's infinite index stream, as detectron2's samplers
     (``TrainingSampler``, ``RepeatFactorTrainingSampler``, ...) iterate it."""
-    return itertools.islice(sampler._infinite_indices(), rank, None, world_size)
+    return itertools.islice(sampler_index_stream(sampler), rank, None, world_size)
 
 
 class _PositionedStream(torchdata.IterableDataset):
@@ -70,6 +78,7 @@ class _PositionedStream(torchdata.IterableDataset):
     def __init__(self, mapped: MapDataset, sampler, leftovers: List[int], next_position: int):
         self.mapped = mapped
         self.sampler = sampler
+        self.seed = sampler_seed(sampler)
         self.leftovers = leftovers
         self.next_position = next_position
         # Read here, in the main process: workers are not part of the process group.
@@ -86,7 +95,7 @@ class _PositionedStream(torchdata.IterableDataset):
             while current < position:
                 index = next(indices)
                 current += 1
-            with _rng_seeded((self.sampler._seed, self.rank, position)):
+            with _rng_seeded((self.seed, self.rank, position)):
                 yield self.mapped[index]
 
 
@@ -106,7 +115,9 @@ class ResumableTrainLoader:
         mapper: maps a dataset dict to the model's input dict (e.g. detectron2's DatasetMapper).
             Its randomness must come from Python's, numpy's or torch's global RNG, as
             detectron2's augmentations' does.
-        sampler: a detectron2 training sampler (with ``_infinite_indices`` and ``_seed``).
+        sampler: a detectron2 training sampler (with ``_infinite_indices`` and ``_seed``). If
+            its seed is None or negative (detectron2 after 0.6 passes ``SEED -1`` on), a seed
+            shared by all processes is drawn, as detectron2 0.6 does; it is saved for resume.
         batch_size: images per batch on this rank.
         aspect_ratio_grouping: batch landscape and portrait images separately, as detectron2's
             ``AspectRatioGroupedDataset`` does.
@@ -127,6 +138,14 @@ class ResumableTrainLoader:
         self.dataset = dataset
         self.mapped = MapDataset(dataset, mapper)
         self.sampler = sampler
+        seed = sampler_seed(sampler)
+        if seed is None or seed < 0:
+            # Every rank must call this (it synchronises), as every rank builds its loader.
+            set_sampler_seed(sampler, comm.shared_random_seed())
+            logger.info(
+                "Training data shuffle seed %d (drawn: the sampler's seed was %s)",
+                sampler_seed(sampler), seed,
+            )
         self.batch_size = batch_size
         self.aspect_ratio_grouping = aspect_ratio_grouping
         self.num_workers = num_workers
@@ -136,10 +155,10 @@ class ResumableTrainLoader:
     def state_dict(self) -> Dict[str, int]:
         """What a checkpoint needs to rebuild the stream: the sampler's seed (random per run
         unless SEED is set)."""
-        return {"seed": int(self.sampler._seed)}
+        return {"seed": sampler_seed(self.sampler)}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.sampler._seed = int(state["seed"])
+        set_sampler_seed(self.sampler, state["seed"])
 
     def _is_landscape(self, record: Dict) -> bool:
         if "width" in record and "height" in record:
@@ -180,7 +199,7 @@ class ResumableTrainLoader:
             logger.info(
                 "Training data resumes at iteration %d: image %d of this rank's stream "
                 "(seed %d), %d images waiting in aspect-ratio buckets",
-                self.start_iter, next_position, self.sampler._seed, len(leftovers),
+                self.start_iter, next_position, sampler_seed(self.sampler), len(leftovers),
             )
         stream = _PositionedStream(self.mapped, self.sampler, leftovers, next_position)
         loader = torchdata.DataLoader(
@@ -189,7 +208,7 @@ class ResumableTrainLoader:
             collate_fn=operator.itemgetter(0),  # one mapped dict at a time, as detectron2
             worker_init_fn=worker_init_reset_seed,
             # Worker seeds from the stream's seed rather than a draw from the global torch RNG.
-            generator=torch.Generator().manual_seed(self.sampler._seed),
+            generator=torch.Generator().manual_seed(sampler_seed(self.sampler)),
         )
         if self.aspect_ratio_grouping:
             return iter(AspectRatioGroupedDataset(loader, self.batch_size))
@@ -200,7 +219,7 @@ def build_resumable_train_loader(cfg, mapper=None, dataset=None) -> ResumableTra
     """detectron2's ``build_detection_train_loader(cfg, mapper, dataset=dataset)`` (same datasets,
     filtering, DATALOADER.SAMPLER_TRAIN, batch size per rank, grouping and workers) as a
     :class:`ResumableTrainLoader`."""
-    kwargs = _train_loader_from_config(cfg, mapper, dataset=dataset)
+    kwargs = train_loader_arguments(cfg, mapper, dataset=dataset)
     world_size = comm.get_world_size()
     total = kwargs["total_batch_size"]
     if total % world_size:

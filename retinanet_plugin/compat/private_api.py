@@ -1,0 +1,189 @@
+"""The private detectron2 APIs the plugin builds on, each behind one small adapter.
+
+detectron2 promises nothing about names that start with an underscore, yet reusing a few of them
+is what lets the plugin keep detectron2's own data loading, evaluation and checkpoint loading
+instead of copying them. Each is reached only through a function here, which checks that the
+installed detectron2 still has it and otherwise raises :class:`Detectron2APIError` naming what
+is missing, what needs it and the versions tested (:data:`TESTED_VERSIONS`). All of them exist,
+with the same meaning, in detectron2 0.6 and in upstream main at :data:`TESTED_VERSIONS`.
+"""
+import contextlib
+import importlib
+import os
+from typing import Any, Callable, Dict, Iterator, Optional
+
+__all__ = [
+    "Detectron2APIError",
+    "TESTED_VERSIONS",
+    "check_coco_evaluator_hooks",
+    "coco_eval_class_for_fast_path",
+    "dense_box_regression_loss",
+    "evaluator_coco_api",
+    "find_free_port",
+    "inner_trainer",
+    "pkl_unpickler",
+    "restart_data_iterator",
+    "sampler_index_stream",
+    "sampler_seed",
+    "set_sampler_seed",
+    "train_loader_arguments",
+]
+
+TESTED_VERSIONS = "detectron2 0.6 and upstream main at commit 02b5c4e (2026-06-06)"
+
+
+class Detectron2APIError(RuntimeError):
+    """The installed detectron2 lacks a (private) API the plugin relies on."""
+
+
+def _missing(what: str, needed_for: str) -> Detectron2APIError:
+    import detectron2
+
+    return Detectron2APIError(
+        f"the installed detectron2 ({detectron2.__version__} at "
+        f"{os.path.dirname(detectron2.__file__)}) has no {what}, which retinanet_plugin uses "
+        f"for {needed_for}; it was tested with {TESTED_VERSIONS}: install one of those, or "
+        "report this with `python -m retinanet_plugin.env`"
+    )
+
+
+def _private(module_name: str, name: str, needed_for: str) -> Any:
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise _missing(f"`{module_name}.{name}`", needed_for)
+    return getattr(module, name)
+
+
+def _attribute(obj: Any, name: str, needed_for: str) -> Any:
+    if not hasattr(obj, name):
+        raise _missing(f"`{type(obj).__module__}.{type(obj).__name__}.{name}`", needed_for)
+    return getattr(obj, name)
+
+
+# -- data loading ---------------------------------------------------------------------------
+
+
+def train_loader_arguments(cfg, mapper=None, *, dataset=None) -> Dict[str, Any]:
+    """The arguments ``build_detection_train_loader(cfg, mapper, dataset=dataset)`` derives from
+    the config (``dataset``, ``sampler``, ``mapper``, ``total_batch_size``,
+    ``aspect_ratio_grouping``, ``num_workers``), from detectron2's
+    ``detectron2.data.build._train_loader_from_config``."""
+    from_config = _private(
+        "detectron2.data.build", "_train_loader_from_config", "the training data loader"
+    )
+    return from_config(cfg, mapper, dataset=dataset)
+
+
+_SAMPLER_NEEDS = "exact --resume of the training data stream"
+
+
+def sampler_index_stream(sampler) -> Iterator[int]:
+    """The infinite stream of dataset indices of a detectron2 training sampler, for all ranks
+    together (``TrainingSampler._infinite_indices()`` and the same in its siblings)."""
+    return _attribute(sampler, "_infinite_indices", _SAMPLER_NEEDS)()
+
+
+def sampler_seed(sampler) -> Optional[int]:
+    """The seed of a detectron2 training sampler's shuffle (``_seed``; None or negative means
+    none was chosen, see :func:`set_sampler_seed`)."""
+    seed = _attribute(sampler, "_seed", _SAMPLER_NEEDS)
+    return None if seed is None else int(seed)
+
+
+def set_sampler_seed(sampler, seed: int) -> None:
+    """Sets the seed of a detectron2 training sampler's shuffle before it is iterated."""
+    _attribute(sampler, "_seed", _SAMPLER_NEEDS)
+    sampler._seed = int(seed)
+
+
+def inner_trainer(trainer):
+    """The ``SimpleTrainer`` (or ``AMPTrainer``) that runs a ``DefaultTrainer``'s steps
+    (``DefaultTrainer._trainer``): it holds the optimizer, the grad scaler and the data
+    iterator."""
+    return _attribute(trainer, "_trainer", "saving the optimizer state and exact --resume")
+
+
+def restart_data_iterator(trainer) -> None:
+    """Makes a detectron2 ``SimpleTrainer`` (or ``AMPTrainer``, see :func:`inner_trainer`) take
+    its next batch from a new iterator over its data loader, e.g. after the loader was told
+    where to start."""
+    if isinstance(getattr(type(trainer), "_data_loader_iter", None), property):
+        # After 0.6 the iterator is created lazily, on first use, from `_data_loader_iter_obj`.
+        _attribute(trainer, "_data_loader_iter_obj", "restarting the data stream on --resume")
+        trainer._data_loader_iter_obj = None
+    else:
+        _attribute(trainer, "_data_loader_iter", "restarting the data stream on --resume")
+        trainer._data_loader_iter = iter(trainer.data_loader)
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+_EVALUATOR_NEEDS = "TEST.COCO_EVAL_BACKEND"
+
+
+def evaluator_coco_api(evaluator):
+    """The pycocotools ``COCO`` object of a ``COCOEvaluator``'s ground truth (``_coco_api``)."""
+    return _attribute(evaluator, "_coco_api", "checking a dataset's ids for faster-coco-eval")
+
+
+def check_coco_evaluator_hooks() -> None:
+    """Checks what :func:`coco_eval_class_for_fast_path` and an override of
+    ``COCOEvaluator._eval_predictions`` need, so a missing piece fails before evaluation rather
+    than silently evaluating with another backend."""
+    from detectron2.evaluation import COCOEvaluator
+
+    _private("detectron2.evaluation.coco_evaluation", "COCOeval_opt", _EVALUATOR_NEEDS)
+    _attribute(COCOEvaluator, "_eval_predictions", _EVALUATOR_NEEDS)
+
+
+@contextlib.contextmanager
+def coco_eval_class_for_fast_path(evaluator, cocoeval_class: Optional[type]) -> Iterator[None]:
+    """For its duration, makes ``evaluator`` (a ``COCOEvaluator``) evaluate with
+    ``cocoeval_class``, or with pycocotools' ``COCOeval`` if it is None.
+
+    detectron2 picks the class when it evaluates: ``COCOeval_opt`` (a global of
+    ``detectron2.evaluation.coco_evaluation``) if ``evaluator._use_fast_impl``, else
+    ``COCOeval``; both are set here and restored afterwards. As the global is shared, evaluators
+    must not evaluate concurrently in threads of one process.
+    """
+    module = importlib.import_module("detectron2.evaluation.coco_evaluation")
+    saved = _private(module.__name__, "COCOeval_opt", _EVALUATOR_NEEDS), _attribute(
+        evaluator, "_use_fast_impl", _EVALUATOR_NEEDS
+    )
+    if cocoeval_class is not None:
+        module.COCOeval_opt = cocoeval_class
+    evaluator._use_fast_impl = cocoeval_class is not None
+    try:
+        yield
+    finally:
+        module.COCOeval_opt, evaluator._use_fast_impl = saved
+
+
+# -- checkpoints, launching, losses ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pkl_unpickler(load: Callable[..., Any]) -> Iterator[None]:
+    """For its duration, makes ``DetectionCheckpointer`` read ``.pkl`` files with ``load(f,
+    encoding=...)`` instead of ``pickle.load`` (``detection_checkpoint.pickle``), keeping its
+    model-zoo handling of the loaded dict."""
+    module = importlib.import_module("detectron2.checkpoint.detection_checkpoint")
+    original = _private(module.__name__, "pickle", "restricted loading of .pkl weights")
+    module.pickle = type("RestrictedPickle", (), {"load": staticmethod(load)})
+    try:
+        yield
+    finally:
+        module.pickle = original
+
+
+def find_free_port() -> int:
+    """A free TCP port on this machine (``detectron2.engine.launch._find_free_port``)."""
+    return _private("detectron2.engine.launch", "_find_free_port", "the rendezvous address")()
+
+
+def dense_box_regression_loss() -> Callable[..., Any]:
+    """detectron2's box regression loss of dense detectors
+    (``detectron2.modeling.box_regression._dense_box_regression_loss``)."""
+    return _private(
+        "detectron2.modeling.box_regression", "_dense_box_regression_loss", "the box loss"
+    )
