@@ -226,9 +226,7 @@ def test_no_predictions_gives_empty_results(dataset):
 def test_module_global_is_restored_after_evaluation(dataset, results):
     """The swap of detectron2's COCOeval_opt lasts only for _eval_predictions, even if it
     raises."""
-    from detectron2.evaluation.fast_eval_api import COCOeval_opt
-
-    assert coco_evaluation.COCOeval_opt is COCOeval_opt
+    COCOeval_opt = coco_evaluation.COCOeval_opt  # detectron2's fast class, or its fallback
 
     class FailingEvaluator(RetinaNetCOCOEvaluator):
         def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
