@@ -35,7 +35,7 @@ test-slow: install
 	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 
 demo: install
-	$(PY) tools/demo.py
+	$(PY) tools/demo.py --overwrite
 
 # Benchmarks against detectron2's and torchvision's RetinaNet (several minutes on 2 cores); writes
 # benchmarks/results/<machine>.{json,md} and the README's table for this machine.

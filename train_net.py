@@ -18,14 +18,23 @@ from) may only hold arrays, numbers, strings and containers unless --trust-weigh
 """
 import logging
 import os
+import sys
+
+from torch.multiprocessing import ProcessExitedException
 
 import retinanet_plugin  # noqa: F401  (applies detectron2 compat patches, registers components)
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from retinanet_plugin import cli
 from retinanet_plugin.atomic_io import check_output_dir
 from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
+from retinanet_plugin.compat.private_api import (
+    inner_trainer,
+    restart_data_iterator,
+    set_writer_period,
+)
 from retinanet_plugin.config import config_sets_key
 from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.data import (
@@ -34,14 +43,24 @@ from retinanet_plugin.data import (
     register_datasets_from_args,
     resolve_num_classes,
 )
-from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.data.resumable import ResumableTrainLoader
+from retinanet_plugin.errors import UserError
+from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.launch import launch
-from retinanet_plugin.compat.private_api import inner_trainer, restart_data_iterator
 from retinanet_plugin.resume import load_training_state, training_state
+from retinanet_plugin.run_checks import (
+    check_datasets,
+    check_device_and_processes,
+    check_weights,
+    prepare_output_dir,
+)
 from retinanet_plugin.solver import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("retinanet_plugin.train_net")
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The loss became NaN or infinite (the learning rate is too high for the model and data)."""
 
 
 class Trainer(DefaultTrainer):
@@ -96,16 +115,19 @@ class Trainer(DefaultTrainer):
         try:
             super().run_step()
         except FloatingPointError as e:
-            # detectron2's message has the iteration and the loss terms; add where to resume.
-            checkpointer = self.checkpointer
-            last = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else ""
+            # detectron2's message has the iteration and the loss terms; add where to resume
+            # from: a checkpoint of this run (an earlier run's files may be in OUTPUT_DIR too).
+            here = os.path.abspath(self.cfg.OUTPUT_DIR)
+            ours = [
+                path for path in self.checkpointer.run_checkpoints
+                if os.path.dirname(os.path.abspath(path)) == here
+            ]
             resume = (
-                f"The last checkpoint, safe to resume from with --resume, is {last}."
-                if last
-                else "No checkpoint was written before it."
+                f"The last checkpoint of this run, safe to resume from with --resume, is "
+                f"{ours[-1]}." if ours else "This run wrote no checkpoint before it."
             )
-            raise FloatingPointError(
-                f"{e}\nTraining stopped. {resume} Lower SOLVER.BASE_LR or enable "
+            raise TrainingDivergedError(
+                f"{e} Training stopped. {resume} Lower SOLVER.BASE_LR or enable "
                 "SOLVER.CLIP_GRADIENTS before resuming."
             ) from e
 
@@ -140,7 +162,13 @@ class Trainer(DefaultTrainer):
             trust_weights=self.trust_weights,
             **c.checkpointables,
         )
-        return super().build_hooks()
+        trainer_hooks = super().build_hooks()
+        # detectron2 writes metrics every 20 iterations: a short run gets at least ~20 rows.
+        period = max(1, min(20, self.max_iter // 20))
+        for hook in trainer_hooks:
+            if isinstance(hook, hooks.PeriodicWriter):
+                set_writer_period(hook, period)
+        return trainer_hooks
 
 
 def build_config(args):
@@ -152,8 +180,6 @@ def setup(args):
     cfg = build_config(args)
     if comm.is_main_process():
         check_output_dir(cfg.OUTPUT_DIR)  # fail now, not at the first checkpoint
-    if cfg.TEST.AUG.ENABLED:
-        raise ValueError("TEST.AUG.ENABLED: RetinaNet has no test-time augmentation")
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
     if datasets:
@@ -164,8 +190,22 @@ def setup(args):
     return cfg
 
 
-def main(args):
-    register_datasets_from_args(args)  # in every process
+def run(args):
+    """What every process runs: train (or evaluate) as the options say. With several processes,
+    bad input found in them (e.g. in a dataset's records) is printed once, as ``error: ...`` by
+    the first process, and every process exits with status 2."""
+    try:
+        return _run(args)
+    except UserError as e:
+        if comm.get_world_size() == 1:
+            raise  # cli.run reports it
+        if comm.get_rank() == 0:
+            print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _run(args):
+    register_datasets_from_args(args)  # spawned processes start without the registrations
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -185,18 +225,44 @@ def argument_parser():
     parser = default_argument_parser(epilog=__doc__)
     add_dataset_arguments(parser)
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an OUTPUT_DIR that holds an earlier one, deleting its "
+        "checkpoints, metrics and events (default: refuse; --resume continues it instead)",
+    )
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     return parser
 
 
-if __name__ == "__main__":
-    args = argument_parser().parse_args()
+def main(argv=None) -> int:
+    """Checks the command (config, datasets, devices, weights, output folder), then trains or
+    evaluates in ``--num-gpus`` processes per machine."""
+    args = cli.parse(argument_parser(), argv)
+    register_datasets_from_args(args)
+    cfg = build_config(args)
+    check_device_and_processes(cfg, args.num_gpus, args.num_machines)
+    check_datasets(cfg, args.eval_only)
+    check_weights(cfg, args.resume, args.eval_only)
+    if not args.eval_only and args.machine_rank == 0:
+        prepare_output_dir(cfg.OUTPUT_DIR, args.resume, args.overwrite)
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        device=build_config(args).MODEL.DEVICE,
-    )
+    try:
+        launch(
+            run,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            device=cfg.MODEL.DEVICE,
+        )
+    except ProcessExitedException as e:
+        if e.exit_code == 2:  # a process reported bad input (see run)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

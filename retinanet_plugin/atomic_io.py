@@ -11,12 +11,14 @@ import shutil
 import tempfile
 from typing import IO, Iterator
 
+from .errors import UserError
+
 __all__ = ["OutputDirError", "atomic_write", "check_output_dir"]
 
 TEMP_SUFFIX = ".tmp"
 
 
-class OutputDirError(OSError):
+class OutputDirError(UserError, OSError):
     """The output directory cannot take the run's files (not writable, or too little space)."""
 
 
@@ -44,12 +46,20 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode open() gives other outputs.
+        os.chmod(temp_path, 0o666 & ~_current_umask())
         os.replace(temp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
         raise
     _fsync_directory(directory)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: str) -> None:

@@ -4,6 +4,7 @@ import errno
 import functools
 import logging
 import os
+from typing import List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -12,9 +13,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .atomic_io import atomic_write
 from .compat.private_api import pkl_unpickler
+from .errors import UserError
 from .safe_loading import load_pickle, load_torch
 
-__all__ = ["CheckpointWriteError", "RetinaNetCheckpointer", "TRUST_WEIGHTS_HELP"]
+__all__ = [
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "RetinaNetCheckpointer",
+    "TRUST_WEIGHTS_HELP",
+    "WeightsMismatchError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +33,16 @@ TRUST_WEIGHTS_HELP = (
 )
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written (e.g. disk full); the previous one is intact."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """A weights file to load does not exist, or is a folder."""
+
+
+class WeightsMismatchError(UserError, ValueError):
+    """A weights file none of whose tensors fits the model (another architecture)."""
 
 
 class _TorchLoading(Checkpointer):
@@ -74,15 +90,26 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
         super().__init__(model, save_dir, **kwargs)
         self.allow_new_classes = allow_new_classes
         self.trust_weights = trust_weights
+        # The checkpoints this run loaded or wrote, latest last: the ones safe to resume from.
+        self.run_checkpoints: List[str] = []
+        self._loading = ""
 
     def load(self, path, *args, **kwargs):
         # With DistributedDataParallel detectron2 checks the file itself: a worker without it
         # skips loading and gets the weights from the main worker.
         if path and not isinstance(self.model, DistributedDataParallel):
             path = self.path_manager.get_local_path(path)  # downloads URLs, keeps local paths
+            if os.path.isdir(path):
+                raise CheckpointNotFoundError(
+                    errno.EISDIR, f"{path} is a folder, not a weights file: name the file", path
+                )
             if not os.path.isfile(path):
-                raise FileNotFoundError(errno.ENOENT, "Checkpoint file not found", path)
-        return super().load(path, *args, **kwargs)
+                raise CheckpointNotFoundError(errno.ENOENT, "Checkpoint file not found", path)
+        self._loading = path
+        loaded = super().load(path, *args, **kwargs)
+        if path:
+            self.run_checkpoints.append(path)
+        return loaded
 
     def _load_file(self, filename):
         if self.trust_weights:
@@ -134,20 +161,32 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
                 )
             ) from e
         self.tag_last_checkpoint(basename)
+        self.run_checkpoints.append(save_file)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
             f.write(last_filename_basename)
 
     def _load_model(self, checkpoint):
+        in_file = list(checkpoint.get("model", {}))  # fvcore's loading pops "model"
         incompatible = super()._load_model(checkpoint)
+        model_keys = set(self.model.state_dict())
+        wrong_shape = {key for key, _, _ in incompatible.incorrect_shapes}
+        not_loaded = set(incompatible.missing_keys) | wrong_shape
+        if model_keys and model_keys <= not_loaded:
+            example = in_file[0] if in_file else None
+            raise WeightsMismatchError(
+                f"{self._loading}: none of its {len(in_file)} tensors fits the model "
+                f"(e.g. {example!r}); it holds weights of another architecture. To start from "
+                "random weights, set MODEL.WEIGHTS ''"
+            )
         skipped = incompatible.incorrect_shapes
         classification = [s for s in skipped if s[0].startswith(CLASSIFICATION_LAYER)]
         others = [s for s in skipped if not s[0].startswith(CLASSIFICATION_LAYER)]
         head = getattr(self.model, "head", None)
         if classification and not self.allow_new_classes:
             key, in_checkpoint, in_model = classification[0]
-            raise ValueError(
+            raise WeightsMismatchError(
                 f"The checkpoint's {key} has shape {tuple(in_checkpoint)}, the model's "
                 f"{tuple(in_model)}: they were made for different numbers of classes. Set "
                 "MODEL.RETINANET.NUM_CLASSES (or name the training dataset) to match the checkpoint"

@@ -19,6 +19,7 @@ import operator
 import os
 from typing import Any, Dict, Iterator, Optional, Sequence
 
+import torch
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.config.compat import downgrade_config, guess_version, upgrade_config
@@ -26,6 +27,7 @@ from detectron2.utils.file_io import PathManager
 from fvcore.common.config import BASE_KEY
 
 from .config import add_retinanet_config
+from .errors import UserError
 
 __all__ = [
     "ConfigError",
@@ -38,7 +40,7 @@ __all__ = [
 _EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be loaded or holds an invalid value."""
 
 
@@ -157,7 +159,10 @@ def _merge_dicts(source: Dict[str, Any], target: Dict[str, Any], filename: str) 
 
 
 def load_yaml_safely(
-    filename: str, referenced_by: Optional[str] = None, merge_bases: bool = True
+    filename: str,
+    referenced_by: Optional[str] = None,
+    merge_bases: bool = True,
+    _chain: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """The mapping in a YAML config file, merged over its ``_BASE_`` files, loaded safely.
 
@@ -171,12 +176,19 @@ def load_yaml_safely(
             an ablation config changes relative to its base.
 
     Raises:
-        ConfigError: the file (or a base) does not exist, is not valid YAML (the message gives
-            the line), is not a mapping, or needs unsafe YAML loading (a Python tag).
+        ConfigError: the file (or a base) does not exist, is a folder, is empty, is not valid
+            YAML (the message gives the line), is not a mapping, needs unsafe YAML loading (a
+            Python tag), or its ``_BASE_`` chain comes back to a file already in it.
     """
+    where = f" (the _BASE_ of {referenced_by})" if referenced_by else ""
+    if PathManager.isdir(filename):
+        raise ConfigError(f"config file {filename}{where} is a folder; name a .yaml file in it")
     if not PathManager.isfile(filename):
-        where = f" (the _BASE_ of {referenced_by})" if referenced_by else ""
         raise ConfigError(f"config file {filename}{where} does not exist")
+    real = os.path.realpath(filename) if os.path.exists(filename) else filename
+    if real in _chain:
+        cycle = " -> ".join([*_chain[_chain.index(real):], real])
+        raise ConfigError(f"{filename}: its _BASE_ chain is a cycle ({cycle}); remove one link")
     with PathManager.open(filename, "r") as f:
         try:
             loaded = yaml.load(f, Loader=_SafeLoader)
@@ -188,8 +200,11 @@ def load_yaml_safely(
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e)
             raise ConfigError(f"{filename}{_line(e)}: invalid YAML: {problem}") from e
-    if loaded is None:  # an empty file sets nothing
-        return {}
+    if loaded is None:
+        raise ConfigError(
+            f"config file {filename}{where} is empty; a config sets keys, or names the config it "
+            f"changes with {BASE_KEY}"
+        )
     if not isinstance(loaded, dict):
         raise ConfigError(
             f"{filename}: a config file must be a mapping of keys, not {type(loaded).__name__}"
@@ -206,7 +221,8 @@ def load_yaml_safely(
         base = os.path.expanduser(base)
         if not base.startswith(("/", "https://", "http://")):
             base = os.path.join(os.path.dirname(filename), base)
-        _merge_dicts(load_yaml_safely(base, referenced_by=filename), merged, filename)
+        base_keys = load_yaml_safely(base, referenced_by=filename, _chain=(*_chain, real))
+        _merge_dicts(base_keys, merged, filename)
     _merge_dicts(loaded, merged, filename)
     return merged
 
@@ -430,6 +446,10 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
     yield from one_of("MODEL.RETINANET.LOSS_NORMALIZER", retina.LOSS_NORMALIZER, LOSS_NORMALIZERS)
     yield from one_of("MODEL.INFERENCE_DTYPE", cfg.MODEL.INFERENCE_DTYPE, tuple(INFERENCE_DTYPES))
     yield from one_of("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND, BACKENDS)
+    yield from check(
+        "TEST.AUG.ENABLED", not cfg.TEST.AUG.ENABLED, "RetinaNet has no test-time augmentation"
+    )
+    yield from _input_errors(cfg, check, one_of)
 
     timm = cfg.MODEL.TIMM
     yield from one_of("MODEL.TIMM.NORM", timm.NORM, TIMM_NORMS)
@@ -507,6 +527,56 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
             f"must be positive numbers, as one list for all levels or one list per level (1 or "
             f"{levels}: the levels of MODEL.RETINANET.IN_FEATURES {list(retina.IN_FEATURES)})",
         )
+
+
+# detectron2's read_image formats: "BGR", "YUV-BT.601" and PIL modes; these are the ones a
+# detector's PIXEL_MEAN can describe (3 channels, or 1 for grey "L").
+INPUT_FORMATS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "L": 1}
+
+
+def _input_errors(cfg: CfgNode, check, one_of) -> Iterator[str]:
+    """The input format, normalisation, sizes and loader workers."""
+    model, inputs = cfg.MODEL, cfg.INPUT
+    yield from one_of("INPUT.FORMAT", inputs.FORMAT, tuple(INPUT_FORMATS))
+    channels = INPUT_FORMATS.get(inputs.FORMAT, 3)
+    for key in ("PIXEL_MEAN", "PIXEL_STD"):
+        values = list(model[key])
+        yield from check(
+            f"MODEL.{key}",
+            len(values) == channels and all(isinstance(v, (int, float)) for v in values)
+            and (key == "PIXEL_MEAN" or all(v > 0 for v in values)),
+            f"must be {channels} number(s), one per channel of INPUT.FORMAT {inputs.FORMAT!r}"
+            + (", each > 0" if key == "PIXEL_STD" else ""),
+        )
+    sizes = list(inputs.MIN_SIZE_TRAIN)
+    yield from check(
+        "INPUT.MIN_SIZE_TRAIN",
+        bool(sizes) and all(isinstance(s, int) and s > 0 for s in sizes),
+        "must be one or more positive pixel sizes",
+    )
+    yield from one_of(
+        "INPUT.MIN_SIZE_TRAIN_SAMPLING", inputs.MIN_SIZE_TRAIN_SAMPLING, ("choice", "range")
+    )
+    yield from check(
+        "INPUT.MIN_SIZE_TRAIN",
+        inputs.MIN_SIZE_TRAIN_SAMPLING != "range" or len(sizes) == 2,
+        "must be (min, max) with INPUT.MIN_SIZE_TRAIN_SAMPLING 'range'",
+    )
+    yield from check("INPUT.MAX_SIZE_TRAIN", inputs.MAX_SIZE_TRAIN > 0, "must be > 0")
+    yield from check(
+        "INPUT.MIN_SIZE_TEST", inputs.MIN_SIZE_TEST >= 0, "must be >= 0 (0: no resizing)"
+    )
+    yield from check("INPUT.MAX_SIZE_TEST", inputs.MAX_SIZE_TEST > 0, "must be > 0")
+    yield from check(
+        "DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS >= 0, "must be >= 0 (0: load in "
+        "the training process)"
+    )
+    try:
+        torch.device(model.DEVICE)
+        known_device = True
+    except (RuntimeError, TypeError):
+        known_device = False
+    yield from check("MODEL.DEVICE", known_device, "must be a torch device such as cpu or cuda")
 
 
 def validate_config(cfg: CfgNode, source: str) -> None:

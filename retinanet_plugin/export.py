@@ -54,15 +54,16 @@ from torch import Tensor, nn
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import build_augmentation, read_image
+from detectron2.data.detection_utils import build_augmentation
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 
 from .config import add_retinanet_config
 from .config_validation import validate_config
+from .errors import UserError
+from .data.images import read_image, test_input
 from .meta_arch import FocalLossRetinaNet
-from .predict import test_input
 
 __all__ = [
     "FORMATS",
@@ -89,7 +90,7 @@ INSTALL_HINT = "pip install 'retinanet_plugin[export]' (or pip install onnx onnx
 OUTPUT_RTOL = OUTPUT_ATOL = 1e-3
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be made (unsupported option) or whose result is wrong."""
 
 
@@ -150,7 +151,7 @@ def load_test_input(path: str, cfg: CfgNode) -> Dict:
         size, to which the detections are scaled back}.
     """
     augmentations = T.AugmentationList(build_augmentation(cfg, is_train=False))
-    return test_input(read_image(path, format=cfg.INPUT.FORMAT), augmentations)
+    return test_input(read_image(path, cfg.INPUT.FORMAT), augmentations)
 
 
 def synthetic_test_image(cfg: CfgNode, seed: int = 0) -> Tensor:
@@ -406,12 +407,21 @@ class ExportedRetinaNet:
 
     def __init__(self, path: str, num_threads: Optional[int] = None):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"exported model {path} does not exist")
+            raise ExportError(f"exported model {path} does not exist")
         self.path = path
-        if zipfile.is_zipfile(path):
-            self.graph = _TorchScriptGraph(path)
-        else:
-            self.graph = _OnnxGraph(path, num_threads)
+        try:
+            if zipfile.is_zipfile(path):
+                self.graph = _TorchScriptGraph(path)
+            else:
+                self.graph = _OnnxGraph(path, num_threads)
+        except ImportError:  # onnx/onnxruntime missing: its own message says how to install
+            raise
+        except Exception as e:  # torch.jit and onnxruntime raise their own types for junk
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ExportError(
+                f"{path} is not a TorchScript or ONNX model ({type(e).__name__}: {reason}); "
+                "load a file written by tools/export.py"
+            ) from e
         if not self.graph.info:
             raise ExportError(
                 f"{path} has no {METADATA_KEY!r} metadata: it was not written by "

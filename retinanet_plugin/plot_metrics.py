@@ -4,7 +4,9 @@
 """
 import argparse
 import json
+import logging
 import os
+import sys
 from typing import Dict, List
 
 import matplotlib
@@ -12,15 +14,56 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["read_metrics", "plot_metrics"]
+from . import cli  # noqa: E402
+from .errors import UserError  # noqa: E402
+
+__all__ = ["MetricsFileError", "read_metrics", "plot_metrics"]
+
+logger = logging.getLogger("retinanet_plugin.plot_metrics")  # also when run as __main__
 
 LOSS_KEYS = ("total_loss", "loss_cls", "loss_box_reg")
+# Fewer points than this per curve make no curve: the panel says so instead.
+MIN_POINTS = 2
+
+
+class MetricsFileError(UserError, ValueError):
+    """A metrics file that is missing or holds no records."""
 
 
 def read_metrics(metrics_file: str) -> List[Dict]:
-    """The records of detectron2's JSONWriter (one JSON object per line), sorted by iteration."""
-    with open(metrics_file, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    """The records of detectron2's JSONWriter (one JSON object per line), sorted by iteration.
+
+    A last line cut short (a run killed while writing it) is skipped with a warning.
+
+    Raises:
+        MetricsFileError: the file does not exist, is a folder, holds no records, or has a line
+            that is not a JSON object before its last line.
+    """
+    if os.path.isdir(metrics_file):
+        raise MetricsFileError(f"{metrics_file} is a folder; name its metrics.json")
+    if not os.path.isfile(metrics_file):
+        raise MetricsFileError(f"{metrics_file} does not exist (train_net.py writes metrics.json "
+                               "into OUTPUT_DIR)")
+    with open(metrics_file, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if number == lines[-1][0]:
+                logger.warning("%s: skipped its last line %d, cut short (%s)", metrics_file,
+                               number, e)
+                continue
+            raise MetricsFileError(
+                f"{metrics_file}, line {number}: not a JSON object ({e}); is it detectron2's "
+                "metrics.json?"
+            ) from e
+        records.append(record)
+    if not records:
+        raise MetricsFileError(f"{metrics_file} holds no records (the run wrote none yet)")
     return sorted(records, key=lambda r: r.get("iteration", 0))
 
 
@@ -29,23 +72,39 @@ def _series(records: List[Dict], key: str):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _note_too_few(ax, what: str, count: int) -> None:
+    ax.text(0.5, 0.5, f"{count} {what} row(s): too few to draw", ha="center", va="center",
+            transform=ax.transAxes)
+
+
 def plot_metrics(metrics_file: str, output_file: str) -> str:
-    """Writes a PNG with the losses and learning rate (and box AP, if evaluated) per iteration.
+    """Writes a PNG with the losses and learning rate (and box AP, if evaluated) per iteration;
+    a panel with fewer than :data:`MIN_POINTS` points says so instead of drawing a curve.
 
     Returns:
         ``output_file``.
+
+    Raises:
+        MetricsFileError: see :func:`read_metrics`.
     """
     records = read_metrics(metrics_file)
     has_ap = any("bbox/AP" in r for r in records)
     fig, axes = plt.subplots(1, 3 if has_ap else 2, figsize=(15 if has_ap else 10, 4))
-    for key in LOSS_KEYS:
-        x, y = _series(records, key)
-        if x:
-            axes[0].plot(x, y, label=key)
+    losses = {key: _series(records, key) for key in LOSS_KEYS}
+    if max(len(x) for x, _ in losses.values()) >= MIN_POINTS:
+        for key, (x, y) in losses.items():
+            if x:
+                axes[0].plot(x, y, label=key)
+        axes[0].set_yscale("log")
+        axes[0].legend()
+    else:
+        _note_too_few(axes[0], "training", len(losses["total_loss"][0]))
     axes[0].set(title="training losses", xlabel="iteration", ylabel="loss")
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    axes[1].plot(*_series(records, "lr"))
+    lr = _series(records, "lr")
+    if len(lr[0]) >= MIN_POINTS:
+        axes[1].plot(*lr)
+    else:
+        _note_too_few(axes[1], "learning-rate", len(lr[0]))
     axes[1].set(title="learning rate", xlabel="iteration", ylabel="lr")
     if has_ap:
         for key in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
@@ -61,14 +120,19 @@ def plot_metrics(metrics_file: str, output_file: str) -> str:
     return output_file
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("metrics_file", help="metrics.json written by detectron2's trainer")
     parser.add_argument("--output", help="PNG file (default: training_curves.png beside it)")
-    args = parser.parse_args(argv)
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
+    args = cli.parse(parser, sys.argv[1:] if argv is None else argv)
     output = args.output or os.path.join(os.path.dirname(args.metrics_file), "training_curves.png")
+    if os.path.isdir(output):
+        raise MetricsFileError(f"--output {output} is a folder; name the PNG file to write")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     print(plot_metrics(args.metrics_file, output))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

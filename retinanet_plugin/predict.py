@@ -7,11 +7,10 @@
 Class names (and, unless set, MODEL.RETINANET.NUM_CLASSES) come from a dataset with the model's
 classes: ``--dataset NAME``, else the first one registered with the same ``--register-coco`` /
 ``--register-voc`` options as train_net.py, else ``DATASETS.TEST[0]`` if registered. Files that
-cannot be read are reported by name and skipped; the exit code is 1 if any were, 2 if no input
-matched.
+cannot be read are reported by name and skipped; the exit code is 1 if any were, 2 for bad
+options or if no input matched. 16-bit images are scaled to 8 bits, not clipped.
 """
 import argparse
-import glob
 import json
 import logging
 import os
@@ -25,11 +24,12 @@ from tqdm import tqdm
 import retinanet_plugin  # noqa: F401  (compat patches, registered components)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb, read_image
+from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
+from retinanet_plugin import cli
 from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
 from retinanet_plugin.config import config_sets_key
 from retinanet_plugin.config_validation import load_config
@@ -38,43 +38,17 @@ from retinanet_plugin.data import (
     register_datasets_from_args,
     resolve_num_classes,
 )
+from retinanet_plugin.data.images import expand_inputs, read_image, test_input
+from retinanet_plugin.errors import UserError
+from retinanet_plugin.run_checks import check_device
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("retinanet_plugin.predict")  # also when run as __main__
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+class PredictError(UserError, ValueError):
+    """A prediction command that cannot work as given."""
+
 MIN_DRAWING_SIDE = 512
-
-
-def expand_inputs(inputs: Sequence[str]) -> List[str]:
-    """Image files named by paths, folders (their image files) or glob patterns, in order."""
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            names = sorted(os.listdir(item))
-            files += [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            files += sorted(glob.glob(item))
-    return list(dict.fromkeys(files))  # drop repeats, keep order
-
-
-def test_input(image: np.ndarray, augmentations: T.AugmentationList) -> Dict:
-    """An image as detectron2's test loader gives it to the model.
-
-    Args:
-        image: (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` channel order.
-        augmentations: the test augmentations, ``build_augmentation(cfg, is_train=False)``
-            (the shortest edge resized to ``INPUT.MIN_SIZE_TEST``).
-
-    Returns:
-        {"image": (3, H', W') float32 resized, "height", "width": the size of ``image``, to
-        which the model scales its detections back}.
-    """
-    aug_input = T.AugInput(image)
-    augmentations(aug_input)
-    tensor = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
-    return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
 
 
 class BatchPredictor:
@@ -130,17 +104,24 @@ def predict_files(
     metadata,
     score_threshold: float,
     batch_size: int,
-) -> Tuple[List[Dict], List[Tuple[str, str]]]:
-    """Writes an annotated PNG per readable file; returns (COCO results, [(file, error)])."""
+) -> Tuple[List[Dict], List[Tuple[str, str]], List[float]]:
+    """Writes an annotated PNG per readable file.
+
+    Returns:
+        The COCO results (score >= ``score_threshold``), the unreadable files as
+        [(file, error)], and each image's highest score (any threshold).
+    """
     os.makedirs(output_dir, exist_ok=True)
     id_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
     to_dataset_id = {v: k for k, v in id_map.items()} if id_map else None
-    results, failures, used_names = [], [], {}
+    results, failures, used_names, best_scores = [], [], {}, []
     batch = []  # (image id, path, image)
 
     def flush():
         outputs = predictor([image for _, _, image in batch])
         for (image_id, path, image), instances in zip(batch, outputs):
+            if len(instances):
+                best_scores.append(float(instances.scores.max()))
             instances = instances[instances.scores >= score_threshold]
             rgb = convert_image_to_rgb(image, predictor.input_format)
             # Small images are drawn enlarged so that labels stay readable.
@@ -156,7 +137,7 @@ def predict_files(
 
     for image_id, path in enumerate(tqdm(files, desc="predict", unit="image")):
         try:
-            image = read_image(path, format=predictor.input_format)
+            image = read_image(path, predictor.input_format)
         except Exception as e:  # PIL raises several types for unreadable / truncated files
             logger.warning("Skipping %s: cannot read it as an image (%s)", path, e)
             failures.append((path, str(e)))
@@ -166,7 +147,7 @@ def predict_files(
             flush()
     if batch:
         flush()
-    return results, failures
+    return results, failures, best_scores
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -185,16 +166,39 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="registered dataset for class names")
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
     add_dataset_arguments(parser)
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 
+def _check_options(args) -> None:
+    """The options' values, before the model is built."""
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise PredictError(f"--score-threshold {args.score_threshold}: must be in [0, 1]")
+    if args.batch_size < 1:
+        raise PredictError(f"--batch-size {args.batch_size}: must be >= 1")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise PredictError(f"--output {args.output} is a file; name a folder for the pictures")
+    if args.dataset is not None and args.dataset not in DatasetCatalog.list():
+        raise PredictError(
+            f"--dataset {args.dataset}: not registered; register it with --register-coco or "
+            "--register-voc, or leave --dataset out"
+        )
+
+
 def main(argv=None) -> int:
-    args = argument_parser().parse_args(argv)
+    args = cli.parse(argument_parser(), sys.argv[1:] if argv is None else argv)
     setup_logger(name="retinanet_plugin")
     setup_logger(name="fvcore")
     register_datasets_from_args(args)
+    _check_options(args)
     cfg = load_config(args.config_file, args.opts)
+    if not cfg.MODEL.WEIGHTS:
+        raise PredictError(
+            "no weights: set MODEL.WEIGHTS to a trained model (e.g. MODEL.WEIGHTS "
+            "output/model_final.pth); a randomly initialised model detects nothing meaningful"
+        )
+    check_device(cfg)
     registered = [entry[0] for entry in args.register_coco + args.register_voc]
     dataset = args.dataset or next(iter(registered + list(cfg.DATASETS.TEST)), None)
     if dataset in DatasetCatalog.list():
@@ -204,10 +208,9 @@ def main(argv=None) -> int:
 
     files = expand_inputs(args.input)
     if not files:
-        logger.error("No input images matched %s", args.input)
-        return 2
+        raise PredictError(f"--input {' '.join(args.input)}: no image file matched")
     predictor = BatchPredictor(cfg, trust_weights=args.trust_weights)
-    results, failures = predict_files(
+    results, failures, scores = predict_files(
         predictor, files, args.output, _metadata(cfg, dataset), args.score_threshold,
         args.batch_size,
     )
@@ -215,10 +218,17 @@ def main(argv=None) -> int:
     with open(results_file, "w") as f:
         json.dump(results, f)
     logger.info(
-        "%d images, %d detections with score >= %g; images and %s in %s",
-        len(files) - len(failures), len(results), args.score_threshold,
+        "Predicted %d images: %d detections with score >= %g, %d images skipped; pictures and "
+        "%s in %s",
+        len(files) - len(failures), len(results), args.score_threshold, len(failures),
         os.path.basename(results_file), args.output,
     )
+    if not results and scores:
+        logger.warning(
+            "No detection reached --score-threshold %g (the highest score was %.3f): lower it "
+            "to see the model's best guesses",
+            args.score_threshold, max(scores),
+        )
     if failures:
         logger.error(
             "%d file(s) could not be read: %s", len(failures), ", ".join(p for p, _ in failures)
@@ -228,4 +238,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -16,6 +16,8 @@ from typing import Any, BinaryIO, Dict
 import numpy as np
 import torch
 
+from .errors import UserError
+
 __all__ = [
     "ALLOWED_GLOBALS",
     "NotACheckpointError",
@@ -58,7 +60,7 @@ ALLOWED_GLOBALS.update(
 )
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """A weights file refers to a global outside the allow-list, so loading it could run code.
 
     Args:
@@ -76,7 +78,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
         self.forbidden = forbidden
 
 
-class NotACheckpointError(ValueError):
+class NotACheckpointError(UserError, ValueError):
     """A weights file is not a checkpoint of the expected kind (not a pickle, or not a dict)."""
 
 

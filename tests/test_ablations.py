@@ -12,6 +12,7 @@ from PIL import Image
 
 from detectron2.modeling import build_model
 from retinanet_plugin.config_validation import load_config, load_yaml_safely
+from retinanet_plugin.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = os.path.join(REPO, "configs", "ablations")
@@ -158,7 +159,7 @@ def test_identical_runs_are_planned_once_and_varied_keys_cannot_be_overridden():
     ]
     # Without a model config the two files are different full configs (other _BASE_ keys).
     assert len(ablate.plan_runs(files, None)) == 3
-    with pytest.raises(SystemExit, match="FOCAL_LOSS_GAMMA"):
+    with pytest.raises(UserError, match="FOCAL_LOSS_GAMMA"):
         ablate.check_overrides(runs, ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "1.0"])
     ablate.check_overrides(runs, ["SOLVER.MAX_ITER", "3"])
 
@@ -223,3 +224,19 @@ def test_two_config_run_writes_table_json_and_chart(tmp_path, shapes_dataset):
     timestamps = [os.path.getmtime(tmp_path / r["config"] / "result.json") for r in runs]
     assert ablate.main(argv) == 0  # reuses both results: nothing retrained
     assert [os.path.getmtime(tmp_path / r["config"] / "result.json") for r in runs] == timestamps
+
+
+@pytest.mark.parametrize(
+    "log, reason",
+    [
+        ("[12/03] loading\nerror: DATASETS.TRAIN: dataset 'x' is not registered\n",
+         "DATASETS.TRAIN: dataset 'x' is not registered"),
+        ("Traceback (most recent call last):\n  File ...\nKeyError: 'boom'\n\n", "KeyError: 'boom'"),
+        ("", "(no output)"),
+    ],
+)
+def test_failed_run_reports_its_own_error(tmp_path, log, reason):
+    """A failed run's record says what train_net.py said: its error line, else the last line
+    of its log (a traceback's exception)."""
+    (tmp_path / "stdout.txt").write_text(log)
+    assert ablate.run_error(str(tmp_path / "stdout.txt")) == reason

@@ -21,6 +21,20 @@ def test_atomic_write_replaces_the_file(tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+def test_written_file_gets_the_mode_open_would_give(tmp_path):
+    """mkstemp's temporary file is private (0600); the replaced file follows the umask."""
+    previous = os.umask(0o027)
+    try:
+        with atomic_write(str(tmp_path / "f.bin")) as f:
+            f.write(b"x")
+        with open(tmp_path / "plain.bin", "wb") as f:
+            f.write(b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o640
+
+
 def test_failure_mid_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"old")

@@ -8,6 +8,7 @@ import re
 import shutil
 
 import pytest
+from PIL import Image
 
 from conftest import plugin_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
@@ -114,6 +115,32 @@ def test_bad_boxes_are_dropped_and_boxes_outside_clipped_with_counts(coco, reque
     clipped = annotations[3]
     x, y, w, h = clipped["bbox"]
     assert (clipped["image_id"], (0.0, 0.0, x + w, y + h)) in boxes
+
+
+def test_annotated_image_size_that_differs_from_the_file_is_corrected_with_a_count(
+    coco, request
+):
+    """detectron2 would stop at the first such image (SizeMismatchError); the file's size is
+    used, with one counted warning."""
+    data, root, write = coco
+    true_width = data["images"][2]["width"]
+    data["images"][2]["width"] += 17
+    data["images"][5]["height"] = 3
+    with warnings_of("retinanet_plugin.data.validation") as messages:
+        dicts = load_coco(request, write(data), root)
+    sizes = {d["image_id"]: (d["width"], d["height"]) for d in dicts}
+    assert sizes[data["images"][2]["id"]][0] == true_width
+    assert all(
+        (d["width"], d["height"]) == Image.open(d["file_name"]).size for d in dicts
+    )
+    assert any("2 of 16 images have another width/height" in m for m in messages), messages
+
+
+def test_duplicate_annotation_ids_are_an_error(coco, request):
+    data, root, write = coco
+    data["annotations"][3]["id"] = data["annotations"][0]["id"]
+    with pytest.raises(DatasetError, match="2 annotations have id .* must be unique"):
+        load_coco(request, write(data), root)
 
 
 def test_dataset_left_without_boxes_is_an_error_naming_it(coco, request):

@@ -11,6 +11,7 @@ from detectron2.structures import BoxMode
 from retinanet_plugin import get_config_file
 from retinanet_plugin.config import config_sets_key
 from retinanet_plugin.data import (
+    DatasetError,
     SHAPE_CLASSES,
     add_dataset_arguments,
     register_coco_dataset,
@@ -70,15 +71,21 @@ def test_voc_splits_of_one_folder_share_class_names(voc_dataset, request):
 
 def test_missing_paths_and_duplicate_names_are_clear_errors(shapes_dataset, tmp_path, request):
     json_file, image_root = shapes_dataset["train"]
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(DatasetError, match="nope.json"):
         register_coco_dataset(unique("a", request), str(tmp_path / "nope.json"), image_root)
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(DatasetError, match="not a folder"):
         register_coco_dataset(unique("a", request), json_file, str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="Annotations"):
+    with pytest.raises(DatasetError, match="Annotations"):
         register_voc_dataset(unique("v", request), str(tmp_path), "train")
     register_coco_dataset(unique("b", request), json_file, image_root)
-    with pytest.raises(ValueError, match="already registered"):
-        register_coco_dataset(unique("b", request), json_file, image_root)
+    # The same registration again (a launched process registering what its parent did) is a
+    # no-op; the name for other data is an error.
+    register_coco_dataset(unique("b", request), json_file, image_root)
+    other_json, other_root = shapes_dataset["val"]
+    with pytest.raises(DatasetError, match="already registered"):
+        register_coco_dataset(unique("b", request), other_json, other_root)
+    with pytest.raises(DatasetError, match="already registered by detectron2"):
+        register_coco_dataset("coco_2017_train", json_file, image_root)
 
 
 def test_num_classes_follows_the_dataset_unless_set(shapes_dataset, request):

@@ -46,3 +46,22 @@ def test_plot_metrics_draws_losses_lr_and_ap(tmp_path):
     output = plot_metrics(str(metrics), str(tmp_path / "curves.png"))
     width, height = Image.open(output).size
     assert width == 1500 and height == 400  # three panels (AP present) at 100 dpi
+
+
+def test_plot_metrics_skips_a_cut_off_last_line_and_notes_too_few_rows(tmp_path, caplog):
+    """A run killed while writing leaves a partial last line: the complete rows are plotted,
+    with a warning. One training row is too few for a curve: the panel says so."""
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"iteration": 0, "total_loss": 2.0, "lr": 0.01}\n{"iteration": 1, "to')
+    with caplog.at_level("WARNING", logger="retinanet_plugin.plot_metrics"):
+        records = read_metrics(str(metrics))
+    assert records == [{"iteration": 0, "total_loss": 2.0, "lr": 0.01}]
+    assert "skipped its last line 2, cut short" in caplog.text
+    output = plot_metrics(str(metrics), str(tmp_path / "curves.png"))
+    assert Image.open(output).size == (1000, 400)  # two panels, each with its note
+    result = subprocess.run(
+        [sys.executable, "-m", "retinanet_plugin.plot_metrics", str(metrics)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and "training_curves.png" in result.stdout
+    assert "cut short" in result.stderr

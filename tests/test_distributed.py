@@ -57,3 +57,27 @@ def test_two_cpu_processes_stay_in_sync(shapes_dataset, tmp_path):
     assert record["world_size"] == 2
     assert len(record["losses"]) == 3
     assert all(torch.isfinite(torch.tensor(record["losses"])))
+
+
+def test_bad_dataset_found_in_two_processes_is_one_error_line(shapes_dataset, tmp_path):
+    """Bad input found inside the launched processes (here a COCO file with a repeated image id,
+    read when each process loads its data): one `error: ...` line, exit status 2."""
+    import subprocess
+
+    train_json, train_root = shapes_dataset["train"]
+    coco = json.loads(open(train_json).read())
+    coco["images"][1]["id"] = coco["images"][0]["id"]
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps(coco))
+    result = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file",
+         os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"), "--num-gpus", "2",
+         "--register-coco", "bad_train", str(bad_json), train_root,
+         "DATASETS.TRAIN", "('bad_train',)", "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2",
+         "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "2 images have id" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import sys
 
 import cv2
@@ -11,6 +12,7 @@ from torch import nn
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
+from retinanet_plugin import cli as retinanet_cli
 from retinanet_plugin.checkpoint import RetinaNetCheckpointer
 from retinanet_plugin.export import (
     ExportableNetwork,
@@ -133,7 +135,8 @@ def run_cli(model, tmp_path, *args) -> int:
     spec.loader.exec_module(cli)
     config_file = f"{REPO}/configs/retinanet_R18_GN_tiny.yaml"
     weights = str(tmp_path / "model.pth")
-    return cli.main(["--config-file", config_file, "--weights", weights, *args, *OPTS])
+    argv = ["--config-file", config_file, "--weights", weights, *args, *OPTS]
+    return retinanet_cli.run(cli.main, argv)
 
 
 def test_cli_exports_an_int8_onnx_model(fp32_model, inputs, shapes_dataset, tmp_path):
@@ -166,10 +169,9 @@ def test_cli_exports_an_int8_onnx_model(fp32_model, inputs, shapes_dataset, tmp_
 def test_cli_refuses_bfloat16_onnx(fp32_model, tmp_path, capsys):
     _, model = fp32_model
     output = str(tmp_path / "model.onnx")
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(model, tmp_path, "--format", "onnx", "--dtype", "bfloat16", "--output", output)
-    assert exit_info.value.code == 2
-    assert "ONNX export is float32 only" in capsys.readouterr().err
+    status = run_cli(model, tmp_path, "--format", "onnx", "--dtype", "bfloat16", "--output", output)
+    assert status == 2
+    assert "error: ONNX export is float32 only" in capsys.readouterr().err
     assert not os.path.exists(output)
 
 
@@ -178,6 +180,22 @@ def test_torch_dynamic_quantization_has_nothing_to_quantize(fp32_model):
     assert not any(isinstance(m, (nn.Linear, nn.LSTM)) for m in model.modules())
     quantized = torch.ao.quantization.quantize_dynamic(model, dtype=torch.qint8)
     assert not any("quantized" in type(m).__module__ for m in quantized.modules())
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("weights.pth", None), ("notes.onnx", b"not a model"), ("missing.onnx", "")],
+)
+def test_load_exported_on_a_file_that_is_no_exported_model(tmp_path, name, content):
+    """A checkpoint (a zip archive, as TorchScript files are), junk, or no file at all: one
+    ExportError naming the file, not torch.jit's or onnxruntime's own error."""
+    path = tmp_path / name
+    if content is None:
+        torch.save({"model": {"w": torch.zeros(1)}}, path)
+    elif content:
+        path.write_bytes(content)
+    with pytest.raises(ExportError, match=re.escape(str(path))):
+        load_exported(str(path))
 
 
 def test_refused_options(fp32_model, tmp_path):

@@ -168,17 +168,16 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, extension, content):
     assert str(path) in str(error.value)
 
 
-def test_train_net_refuses_malicious_weights(tmp_path):
+def test_train_net_refuses_malicious_weights(tmp_path, shapes_dataset):
     """End to end: --eval-only with a malicious MODEL.WEIGHTS stops before anything runs."""
     marker = tmp_path / "marker"
     path = write_pickle(tmp_path / "evil.pkl", {"model": {}, "x": WritesMarker(marker)})
     result = subprocess.run(
         [sys.executable, "train_net.py", "--config-file", TINY, "--eval-only",
-         "MODEL.WEIGHTS", path, "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")],
+         "--register-coco", "evil_val", *shapes_dataset["val"], "MODEL.WEIGHTS", path,
+         "DATASETS.TEST", "('evil_val',)", "OUTPUT_DIR", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
-    assert result.returncode != 0
-    assert f"UnsafeCheckpointError: Refusing to load {path}: it refers to builtins.exec" in (
-        result.stderr
-    )
+    assert result.returncode == 2
+    assert f"error: Refusing to load {path}: it refers to builtins.exec" in result.stderr
     assert not marker.exists()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -82,7 +83,8 @@ def test_train_writes_checkpoints_metrics_and_evaluates(trained):
     assert "NUM_CLASSES set to 4" in log
     metrics = [json.loads(line) for line in (output / "metrics.json").read_text().splitlines()]
     losses = [m["loss_cls"] for m in metrics if "loss_cls" in m]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    # A short run logs every iteration (detectron2 alone would log only the last of the 4).
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(output))
     assert set(copypaste_ap(log)) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
@@ -180,3 +182,77 @@ def test_predict_refuses_a_checkpoint_with_other_classes(trained, shapes_dataset
     )
     assert code != 0
     assert "made for different numbers of classes" in log
+
+
+def test_overwrite_replaces_an_earlier_run_and_its_metrics(trained, shapes_dataset, tmp_path):
+    """--overwrite deletes the earlier run's checkpoints, metrics and events, so the new
+    metrics.json holds only the new run's rows; the run's own files are then the new ones."""
+    output = tmp_path / "run"
+    shutil.copytree(trained[0], output)
+    (output / "model_0000999.pth").write_bytes(b"an earlier run's checkpoint")
+    old_events = [p.name for p in output.glob("events.out.tfevents.*")]
+    _, log = train_net(output, coco_args(shapes_dataset), "--overwrite", "SOLVER.MAX_ITER", "2")
+    assert "--overwrite: removed" in log and "model_0000999.pth" in log
+    assert not (output / "model_0000999.pth").exists()
+    assert not any((output / name).exists() for name in old_events)
+    rows = [json.loads(line) for line in (output / "metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "total_loss" in r] == [0, 1]
+    final = torch.load(output / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 1
+    mode = (output / "model_final.pth").stat().st_mode & 0o777
+    assert mode == (output / "metrics.json").stat().st_mode & 0o777  # not mkstemp's 0600
+
+
+def test_predict_summary_and_warning_when_nothing_passes_the_threshold(
+    trained, shapes_dataset, tmp_path
+):
+    code, log = run(
+        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input",
+        shapes_dataset["val"][1], "--output", str(tmp_path), "--score-threshold", "1.0",
+        *coco_args(shapes_dataset), "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
+    )
+    assert re.search(r"Predicted 6 images: 0 detections with score >= 1, 0 images skipped", log)
+    assert "No detection reached --score-threshold 1 (the highest score was 0." in log
+    assert json.loads((tmp_path / "coco_results.json").read_text()) == []
+
+
+def test_predict_on_an_image_only_coco_test_set(trained, shapes_dataset, tmp_path):
+    """A COCO JSON with images and categories but no annotations registers for prediction; its
+    category names and ids label the results."""
+    val_json, val_root = shapes_dataset["val"]
+    coco = json.loads(open(val_json).read())
+    del coco["annotations"]
+    image_only = tmp_path / "test_images.json"
+    image_only.write_text(json.dumps(coco))
+    code, log = run(
+        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input", val_root,
+        "--output", str(tmp_path / "out"), "--score-threshold", "0.0",
+        "--register-coco", "image_only_test", str(image_only), val_root,
+        "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
+    )
+    results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
+    assert results
+    assert {r["category_id"] for r in results} <= {c["id"] for c in coco["categories"]}
+    assert "NUM_CLASSES set to 4" in log
+
+
+def test_predict_scales_16_bit_images(trained, shapes_dataset, tmp_path):
+    """A 16-bit PNG is scaled to 8 bits (value / 257) rather than clipped at 255."""
+    from PIL import Image
+
+    from retinanet_plugin.data.images import read_image
+
+    values = (np.arange(48 * 64, dtype=np.float64).reshape(48, 64) * 21).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    image = read_image(str(path), "BGR")
+    assert image.shape == (48, 64, 3) and image.dtype == np.uint8
+    expected = np.round(values / 257.0)
+    assert np.array_equal(image[..., 0], expected) and np.array_equal(image[..., 2], expected)
+    code, log = run(
+        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input", str(path),
+        "--output", str(tmp_path / "out"), *coco_args(shapes_dataset),
+        "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
+    )
+    assert "Predicted 1 images" in log and (tmp_path / "out" / "deep.png").exists()

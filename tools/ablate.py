@@ -38,6 +38,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from retinanet_plugin import cli
+from retinanet_plugin.errors import UserError
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo dataset's registered names (those of configs/retinanet_R18_GN_tiny.yaml).
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -82,16 +85,10 @@ def expand_configs(patterns: Sequence[str]) -> List[str]:
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise SystemExit(f"--configs: {pattern!r} matches no file")
+            raise UserError(f"--configs: {pattern!r} matches no file")
         for path in matches:
             if not os.path.isfile(path):
-                hint = (
-                    ""
-                    if path.endswith((".yaml", ".yml"))
-                    else " (KEY VALUE overrides cannot follow --configs directly: put another "
-                    "option between them)"
-                )
-                raise SystemExit(f"--configs: {path} does not exist{hint}")
+                raise UserError(f"--configs: {path} does not exist")
             if path not in files:
                 files.append(path)
     return files
@@ -134,11 +131,11 @@ def plan_runs(config_files: Sequence[str], model_config: Optional[str]) -> List[
 def check_overrides(runs: Sequence[Dict[str, Any]], opts: Sequence[str]) -> None:
     """Refuses common overrides of a key that an ablation varies (it would hide the ablation)."""
     if len(opts) % 2:
-        raise SystemExit(f"overrides must be KEY VALUE pairs, but {opts[-1]!r} has no value")
+        raise UserError(f"overrides must be KEY VALUE pairs, but {opts[-1]!r} has no value")
     for key in opts[0::2]:
         varying = [r["name"] for r in runs if key in r["varied"]]
         if varying:
-            raise SystemExit(f"the override {key} would replace what {', '.join(varying)} varies")
+            raise UserError(f"the override {key} would replace what {', '.join(varying)} varies")
 
 
 def write_run_config(run: Dict[str, Any], model_config: str, path: str) -> str:
@@ -174,6 +171,7 @@ def run_one(
         os.path.join(REPO, "train_net.py"),
         "--config-file",
         config_file,
+        "--overwrite",  # the run folder is this tool's; a reused result returned above
         *train_net_args,
         *opts,
         "OUTPUT_DIR",
@@ -202,7 +200,8 @@ def run_one(
     }
     try:
         if returncode != 0:
-            raise RuntimeError(f"train_net.py exited with {returncode}")
+            reason = run_error(os.path.join(run_dir, "stdout.txt"))
+            raise RuntimeError(f"train_net.py exited with {returncode}: {reason}")
         record.update(read_run_metrics(os.path.join(run_dir, "metrics.json")))
         record["status"] = "ok"
         if not keep_weights:  # ~150 MB per tiny run (weights and optimizer state)
@@ -220,6 +219,17 @@ def run_one(
         flush=True,
     )
     return record
+
+
+def run_error(log_file: str) -> str:
+    """What a failed run said last: its ``error: ...`` line, else the last line of its log
+    (the exception of a traceback)."""
+    with open(log_file, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1][len("error: "):]
+    return lines[-1] if lines else "(no output)"
 
 
 def _number(value: Optional[float]) -> str:
@@ -312,12 +322,13 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-gpus", type=int, default=1, help="train_net.py's, for every run")
     add_dataset_arguments(parser)
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for every run: KEY VALUE")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = argument_parser().parse_args(argv)
+    args = cli.parse(argument_parser(), sys.argv[1:] if argv is None else argv)
     runs = plan_runs(expand_configs(args.configs), args.model_config)
     opts = list(args.opts)
     check_overrides(runs, opts)
@@ -365,4 +376,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -20,6 +20,10 @@ import subprocess
 import sys
 import time
 
+from retinanet_plugin import cli
+from retinanet_plugin.errors import UserError
+from retinanet_plugin.run_checks import earlier_run_outputs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
 
@@ -39,16 +43,26 @@ def final_metrics(metrics_file: str) -> dict:
     }
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=os.path.join(REPO, "output", "demo"))
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=192, help="side of the square images")
     parser.add_argument("--num-pictures", type=int, default=8, help="validation images to draw")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo run in --output"
+    )
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    args = parser.parse_args()
+    args = cli.parse(parser, sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
+    found = earlier_run_outputs(args.output)
+    if found and not args.overwrite:
+        raise UserError(
+            f"--output {args.output} holds an earlier run ({', '.join(found)}); pass --overwrite "
+            "to replace it (make demo does), or choose another --output"
+        )
 
     from retinanet_plugin import predict
     from retinanet_plugin.data import DEMO_VAL, make_demo_dataset_args
@@ -59,10 +73,11 @@ def main():
     )
     command = [
         sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *datasets,
-        "OUTPUT_DIR", args.output, *args.opts,
+        *(["--overwrite"] if args.overwrite else []), "OUTPUT_DIR", args.output, *args.opts,
     ]
     print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode != 0:
+        return 1  # train_net.py has said why
 
     curves = plot_metrics(
         os.path.join(args.output, "metrics.json"),
@@ -77,7 +92,7 @@ def main():
     weights = os.path.join(args.output, "model_final.pth")
     predict_args += ["--output", pictures, *args.opts, "MODEL.WEIGHTS", weights]
     if predict.main(predict_args) != 0:
-        sys.exit("drawing the predictions failed")
+        raise UserError("drawing the predictions failed (see the messages above)")
 
     results = {"bbox": final_metrics(os.path.join(args.output, "metrics.json"))}
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
@@ -89,7 +104,8 @@ def main():
           f"(AP50 {ap['AP50']}, AP75 {ap['AP75']})")
     print(f"Metrics: {os.path.join(args.output, 'demo_results.json')}\nCurves: {curves}\n"
           f"Pictures: {pictures}/")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

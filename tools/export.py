@@ -16,11 +16,15 @@ in the file).
 
 import argparse
 import logging
+import os
 import sys
+
+import torch
 
 import retinanet_plugin  # noqa: F401  (compat patches, registered components)
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
+from retinanet_plugin import cli
 from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
 from retinanet_plugin.config_validation import load_config
 from retinanet_plugin.export import (
@@ -32,7 +36,7 @@ from retinanet_plugin.export import (
     synthetic_test_image,
 )
 from retinanet_plugin.meta_arch import INFERENCE_DTYPES
-from retinanet_plugin.predict import expand_inputs
+from retinanet_plugin.data.images import expand_inputs
 
 logger = logging.getLogger("retinanet_plugin.export")
 
@@ -71,42 +75,62 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-calibration-images", type=int, default=32, help="at most this many (default 32)"
     )
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 
+def _check_options(args) -> None:
+    """The options' values, before the model is built."""
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output):
+        raise ExportError(f"--output {args.output} is a folder; name the file to write")
+    if not os.path.isdir(folder):
+        raise ExportError(
+            f"--output {args.output}: folder {folder} does not exist; create it first"
+        )
+    if args.num_calibration_images < 1:
+        raise ExportError(f"--num-calibration-images {args.num_calibration_images}: must be >= 1")
+    for image in [args.sample_image] if args.sample_image else []:
+        if not os.path.isfile(image):
+            raise ExportError(f"--sample-image {image} does not exist")
+
+
+def _read_input(path: str, cfg) -> torch.Tensor:
+    try:
+        return load_test_input(path, cfg)["image"]
+    except (OSError, SyntaxError) as e:  # what PIL raises for files it cannot decode
+        raise ExportError(f"{path} cannot be read as an image ({e})") from e
+
+
 def main(argv=None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
+    args = cli.parse(argument_parser(), sys.argv[1:] if argv is None else argv)
     setup_logger(name="retinanet_plugin")
     setup_logger(name="fvcore")
+    _check_options(args)
     opts = list(args.opts) + ["MODEL.DEVICE", "cpu"]
     if args.weights:
         opts += ["MODEL.WEIGHTS", args.weights]
     if args.dtype:
         opts += ["MODEL.INFERENCE_DTYPE", args.dtype]
+    cfg = load_config(args.config_file, opts)
+    if not cfg.MODEL.WEIGHTS:
+        raise ExportError("no weights to export: pass --weights or set MODEL.WEIGHTS")
+    calibration_files = []
+    if args.quantize:
+        found = expand_inputs(args.calibration_images)
+        calibration_files = found[: args.num_calibration_images]
+        if not calibration_files:
+            raise ExportError(
+                "--quantize int8 needs calibration images: --calibration-images "
+                f"{args.calibration_images or '(not given)'} matched no file"
+            )
+    model = build_model(cfg).eval()
+    RetinaNetCheckpointer(
+        model, allow_new_classes=False, trust_weights=args.trust_weights
+    ).load(cfg.MODEL.WEIGHTS)
+    sample = _read_input(args.sample_image, cfg) if args.sample_image else synthetic_test_image(cfg)
     try:
-        cfg = load_config(args.config_file, opts)
-        if not cfg.MODEL.WEIGHTS:
-            raise ExportError("no weights to export: pass --weights or set MODEL.WEIGHTS")
-        calibration_files = []
-        if args.quantize:
-            found = expand_inputs(args.calibration_images)
-            calibration_files = found[: args.num_calibration_images]
-            if not calibration_files:
-                raise ExportError(
-                    "--quantize int8 needs calibration images: --calibration-images "
-                    f"{args.calibration_images or '(not given)'} matched no file"
-                )
-        model = build_model(cfg).eval()
-        RetinaNetCheckpointer(
-            model, allow_new_classes=False, trust_weights=args.trust_weights
-        ).load(cfg.MODEL.WEIGHTS)
-        sample = (
-            load_test_input(args.sample_image, cfg)["image"]
-            if args.sample_image
-            else synthetic_test_image(cfg)
-        )
         export_model(
             cfg,
             model,
@@ -114,11 +138,10 @@ def main(argv=None) -> int:
             args.output,
             sample,
             quantize=args.quantize,
-            calibration_images=[load_test_input(f, cfg)["image"] for f in calibration_files],
+            calibration_images=[_read_input(f, cfg) for f in calibration_files],
         )
-    # Bad input (config, files, class count of the weights, options): one message, no traceback.
-    except (ValueError, OSError, ExportError, ImportError) as e:
-        parser.exit(2, f"error: {e}\n")
+    except ImportError as e:  # onnx / onnxruntime not installed; the message says how
+        raise ExportError(str(e)) from e
     logger.info(
         "Wrote %s. Detections: retinanet_plugin.export.load_exported(%r)(inputs)",
         args.output,
@@ -128,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -12,6 +12,8 @@ import importlib
 import os
 from typing import Any, Callable, Dict, Iterator, Optional
 
+from ..errors import UserError
+
 __all__ = [
     "Detectron2APIError",
     "TESTED_VERSIONS",
@@ -26,13 +28,14 @@ __all__ = [
     "sampler_index_stream",
     "sampler_seed",
     "set_sampler_seed",
+    "set_writer_period",
     "train_loader_arguments",
 ]
 
 TESTED_VERSIONS = "detectron2 0.6 and upstream main at commit 02b5c4e (2026-06-06)"
 
 
-class Detectron2APIError(RuntimeError):
+class Detectron2APIError(UserError, RuntimeError):
     """The installed detectron2 lacks a (private) API the plugin relies on."""
 
 
@@ -101,6 +104,13 @@ def inner_trainer(trainer):
     (``DefaultTrainer._trainer``): it holds the optimizer, the grad scaler and the data
     iterator."""
     return _attribute(trainer, "_trainer", "saving the optimizer state and exact --resume")
+
+
+def set_writer_period(writer_hook, period: int) -> None:
+    """Makes a ``hooks.PeriodicWriter`` (metrics.json, console, TensorBoard) write every
+    ``period`` iterations (``_period``; ``DefaultTrainer`` hard-codes 20)."""
+    _attribute(writer_hook, "_period", "logging short runs more often")
+    writer_hook._period = int(period)
 
 
 def restart_data_iterator(trainer) -> None:

@@ -16,7 +16,9 @@ from .validation import (
     check_coco_json,
     check_voc_split,
     clean_boxes,
+    correct_image_sizes,
     parse_voc_xml,
+    read_coco_json,
     resolve_inside,
 )
 
@@ -34,14 +36,31 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _check_new_name(name: str) -> None:
-    if name in DatasetCatalog.list():
-        raise ValueError(f"dataset {name!r} is already registered")
+# name -> the arguments it was registered with by this module.
+_REGISTRATIONS: Dict[str, tuple] = {}
+
+
+def _claim_name(name: str, registration: tuple) -> bool:
+    """Whether ``name`` still has to be registered: False if it already is, with the same
+    arguments (e.g. registered again in the same process by a launched training function).
+
+    Raises:
+        DatasetError: ``name`` is registered with other data.
+    """
+    if name not in DatasetCatalog.list():
+        return True
+    if _REGISTRATIONS.get(name) == registration:
+        return False
+    raise DatasetError(
+        f"dataset name {name!r} is already registered"
+        + (f" (as {_REGISTRATIONS[name]})" if name in _REGISTRATIONS else " by detectron2")
+        + "; choose another name"
+    )
 
 
 def _load_coco(name: str, json_file: str, image_root: str) -> List[Dict]:
     check_coco_json(json_file, image_root)
-    return clean_boxes(name, load_coco_json(json_file, image_root, name))
+    return clean_boxes(name, correct_image_sizes(name, load_coco_json(json_file, image_root, name)))
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
@@ -58,10 +77,13 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
         image_root: folder the annotation's ``file_name`` entries are relative to.
     """
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"dataset {name!r}: annotation file {json_file} does not exist")
+        raise DatasetError(f"dataset {name!r}: annotation file {json_file} does not exist")
     if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"dataset {name!r}: image root {image_root} is not a folder")
-    _check_new_name(name)
+        raise DatasetError(f"dataset {name!r}: image root {image_root} is not a folder")
+    registration = ("coco", json_file, image_root)
+    if not _claim_name(name, registration):
+        return
+    _REGISTRATIONS[name] = registration
     DatasetCatalog.register(name, lambda: _load_coco(name, json_file, image_root))
     # The metadata detectron2's register_coco_instances sets, which COCOEvaluator reads.
     MetadataCatalog.get(name).set(
@@ -73,14 +95,15 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
 def _voc_split_ids(voc_dir: str, split: str) -> List[str]:
     split_file = os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt")
     if not os.path.isfile(split_file):
-        raise FileNotFoundError(f"VOC split file {split_file} does not exist")
+        raise DatasetError(f"VOC split file {split_file} does not exist")
     with open(split_file, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
 
 def _load_voc(name: str, voc_dir: str, split: str, class_names: List[str]) -> List[Dict]:
     check_voc_split(voc_dir, _voc_split_ids(voc_dir, split), class_names)
-    return clean_boxes(name, load_voc_instances(voc_dir, split, class_names))
+    records = load_voc_instances(voc_dir, split, class_names)
+    return clean_boxes(name, correct_image_sizes(name, records))
 
 
 def voc_class_names(voc_dir: str, split: str) -> List[str]:
@@ -119,11 +142,14 @@ def register_voc_dataset(
     """
     for sub in ("Annotations", "JPEGImages"):
         if not os.path.isdir(os.path.join(voc_dir, sub)):
-            raise FileNotFoundError(f"dataset {name!r}: {voc_dir} has no {sub}/ folder")
+            raise DatasetError(f"dataset {name!r}: {voc_dir} has no {sub}/ folder")
     if class_names is None:
         class_names = voc_class_names(voc_dir, split)
-    _check_new_name(name)
     class_names = list(class_names)
+    registration = ("voc", voc_dir, split, tuple(class_names))
+    if not _claim_name(name, registration):
+        return class_names
+    _REGISTRATIONS[name] = registration
     DatasetCatalog.register(name, lambda: _load_voc(name, voc_dir, split, class_names))
     # The metadata detectron2's register_pascal_voc sets; year only selects the VOC2007
     # 11-point metric of PascalVOCDetectionEvaluator.
@@ -137,10 +163,21 @@ def register_voc_dataset(
 
 
 def dataset_class_names(name: str) -> List[str]:
-    """Class names of a registered dataset (loads it if its metadata does not list them)."""
+    """Class names of a registered dataset: its metadata's, else those of its COCO file's
+    categories, else loaded with the dataset.
+
+    The COCO categories are read without loading the images' records (which may have no
+    annotations, e.g. a test set to predict on), and set the metadata detectron2's COCO loader
+    sets: the names ordered by category id and the id-to-label map."""
     metadata = MetadataCatalog.get(name)
+    if not hasattr(metadata, "thing_classes") and _REGISTRATIONS.get(name, ("",))[0] == "coco":
+        categories = sorted(read_coco_json(metadata.json_file)["categories"], key=lambda c: c["id"])
+        metadata.thing_classes = [c["name"] for c in categories]
+        metadata.thing_dataset_id_to_contiguous_id = {
+            c["id"]: label for label, c in enumerate(categories)
+        }
     if not hasattr(metadata, "thing_classes"):
-        DatasetCatalog.get(name)  # detectron2's COCO loader sets thing_classes when loading
+        DatasetCatalog.get(name)  # detectron2's loaders set thing_classes when loading
     return list(metadata.thing_classes)
 
 
@@ -160,7 +197,7 @@ def resolve_num_classes(cfg, dataset_name: str, set_by_user: bool) -> None:
     if configured == len(classes):
         return
     if set_by_user:
-        raise ValueError(
+        raise DatasetError(
             f"MODEL.RETINANET.NUM_CLASSES is {configured}, but dataset {dataset_name!r} has "
             f"{len(classes)} classes ({', '.join(classes[:10])}"
             f"{', ...' if len(classes) > 10 else ''}); fix the value or leave it unset to "

@@ -2,20 +2,26 @@
 
 A bad dataset stops with one :class:`DatasetError` that names the file, the record and what is
 wrong, before training starts, instead of a traceback from inside detectron2 at some later step.
-Problems that only cost a few boxes (degenerate or out-of-image boxes) are fixed or dropped with
-one warning per kind, giving the count and an example.
+Problems that only cost a few boxes (degenerate or out-of-image boxes) are fixed or dropped, and
+image sizes that differ from the files are corrected, with one warning per kind giving the count
+and an example.
 """
 import json
 import logging
 import math
 import os
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from detectron2.structures import BoxMode
+from PIL import Image
+
+from ..errors import UserError
 
 __all__ = [
     "DatasetError",
+    "correct_image_sizes",
+    "image_file_size",
     "resolve_inside",
     "read_coco_json",
     "check_coco_json",
@@ -30,7 +36,7 @@ logger = logging.getLogger(__name__)
 _MAX_LISTED = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset's files or annotations cannot be used as they are."""
 
 
@@ -76,7 +82,7 @@ def read_coco_json(json_file: str) -> dict:
 
     Raises:
         DatasetError: the file is not valid JSON or lacks the COCO ``images`` /
-            ``annotations`` / ``categories`` lists.
+            ``categories`` lists (``annotations`` may be missing: an image-only test set).
     """
     try:
         with open(json_file, encoding="utf-8") as f:
@@ -89,9 +95,12 @@ def read_coco_json(json_file: str) -> dict:
         raise DatasetError(f"{json_file} is not valid JSON: not UTF-8 text ({e})") from e
     if not isinstance(coco, dict):
         raise DatasetError(f"{json_file}: expected a JSON object, found {type(coco).__name__}")
-    for key in ("images", "annotations", "categories"):
+    for key in ("images", "categories"):
         if not isinstance(coco.get(key), list):
             raise DatasetError(f"{json_file}: no {key!r} list, so not a COCO instances file")
+    # Test sets to predict on may have no annotations at all.
+    if not isinstance(coco.setdefault("annotations", []), list):
+        raise DatasetError(f"{json_file}: 'annotations' is not a list")
     return coco
 
 
@@ -104,12 +113,28 @@ def _check_keys(json_file: str, kind: str, record: dict, keys: Sequence[str]) ->
         )
 
 
+def _check_unique_ids(json_file: str, kind: str, records: Sequence[dict], detail: str) -> None:
+    """detectron2 would silently keep one of two images with the same id (and assert on
+    annotations with the same id)."""
+    seen: Dict[object, dict] = {}
+    for record in records:
+        if "id" not in record:
+            continue
+        first = seen.setdefault(record["id"], record)
+        if first is not record:
+            count = sum(1 for r in records if r.get("id") == record["id"])
+            raise DatasetError(
+                f"{json_file}: {count} {kind}s have id {record['id']!r} ({detail} "
+                f"{first.get(detail)!r} and {record.get(detail)!r}); {kind} ids must be unique"
+            )
+
+
 def check_coco_json(json_file: str, image_root: str) -> None:
     """Checks what detectron2's ``load_coco_json`` would otherwise fail on deep inside.
 
-    Checks that every image has an id, file name and size, that its file is inside
-    ``image_root`` and exists, and that every annotation's category is listed in
-    ``categories``.
+    Checks that every image has a unique id, a file name and a size, that its file is inside
+    ``image_root`` and exists, that annotation ids are unique and that every annotation's
+    category is listed in ``categories``.
 
     Raises:
         DatasetError: naming the file and the first offending image or annotation.
@@ -126,6 +151,8 @@ def check_coco_json(json_file: str, image_root: str) -> None:
         what = f"{json_file}: image {image['id']}"
         paths.append(resolve_inside(image_root, image["file_name"], what))
     _check_files_exist(paths, f"{json_file} (image root {image_root})")
+    _check_unique_ids(json_file, "image", coco["images"], "file_name")
+    _check_unique_ids(json_file, "annotation", coco["annotations"], "image_id")
     file_names = {image["id"]: image["file_name"] for image in coco["images"]}
     for annotation in coco["annotations"]:
         _check_keys(json_file, "annotation", annotation, ("image_id", "category_id", "bbox"))
@@ -293,5 +320,51 @@ def clean_boxes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
         raise DatasetError(
             f"dataset {dataset_name!r} is empty: {len(dicts)} images, no usable boxes "
             f"({dropped} dropped as invalid or outside their image)"
+        )
+    return dicts
+
+
+# EXIF orientations that rotate the image by 90 degrees, swapping width and height when
+# detectron2's read_image applies them.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+def image_file_size(path: str) -> Tuple[int, int]:
+    """(width, height) of an image as detectron2's ``read_image`` gives it (EXIF orientation
+    applied), from the file's header alone."""
+    with Image.open(path) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION)
+        except Exception:  # as detectron2's read_image: broken EXIF data means no orientation
+            orientation = None
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def correct_image_sizes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
+    """Sets each record's ``width``/``height`` to its image file's, in place, with a count in
+    the log: detectron2 stops training at the first image whose annotated size is wrong
+    (``SizeMismatchError``), and scales test detections to the annotated size.
+
+    Returns:
+        ``dicts``.
+    """
+    corrected, example = 0, None
+    for record in dicts:
+        size = image_file_size(record["file_name"])
+        if (record.get("width"), record.get("height")) != size:
+            corrected += 1
+            if example is None:
+                example = (
+                    f"{record['file_name']}: annotated {record.get('width')}x"
+                    f"{record.get('height')}, file {size[0]}x{size[1]}"
+                )
+            record["width"], record["height"] = size
+    if corrected:
+        logger.warning(
+            "Dataset %r: %d of %d images have another width/height in the annotations than in "
+            "the image file; using the file's (e.g. %s)",
+            dataset_name, corrected, len(dicts), example,
         )
     return dicts
