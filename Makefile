@@ -27,8 +27,9 @@ $(STAMP): $(INSTALL_INPUTS)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# One pytest worker per core (pytest-xdist; a test file's tests stay on one worker).
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadfile tests $(PYTEST_ARGS)
 
 # Fault-injection test: random SIGKILLs during training and checkpoint writes (~1 min).
 test-slow: install

@@ -1,4 +1,6 @@
 """Shared fixtures: configs of the plugin and of detectron2, and a small generated dataset."""
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,15 @@ from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from retinanet_plugin import add_retinanet_config, get_config_file
 from retinanet_plugin.data import make_shapes_dataset
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers on two cores) each worker, and each
+    process a test starts, uses one thread: two threads per worker would oversubscribe the
+    cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
