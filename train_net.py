@@ -35,8 +35,7 @@ from retinanet_plugin.compat.private_api import (
     restart_data_iterator,
     set_writer_period,
 )
-from retinanet_plugin.config import config_sets_key
-from retinanet_plugin.config_validation import load_config
+from retinanet_plugin.config_io import config_sets_key, load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
     build_train_loader,

@@ -22,13 +22,8 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer as build_detectron2_optimizer
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
-from retinanet_plugin import (
-    focal_loss_from_labels,
-    get_config_file,
-    sigmoid_focal_loss,
-    sigmoid_focal_loss_fused,
-)
-from retinanet_plugin.config_validation import load_config
+from retinanet_plugin import focal_loss_from_labels, get_config_file, sigmoid_focal_loss
+from retinanet_plugin.config_io import load_config
 from retinanet_plugin.evaluation import coco_eval_class
 from retinanet_plugin.solver import build_optimizer as build_plugin_optimizer
 
@@ -234,8 +229,7 @@ def _torchvision_focal_loss(logits, targets, alpha, gamma, reduction):
 FOCAL_LOSSES = {
     "fvcore sigmoid_focal_loss_jit": (_fvcore_jit, False),
     "torchvision sigmoid_focal_loss": (_torchvision_focal_loss, False),
-    "plugin sigmoid_focal_loss (plain)": (sigmoid_focal_loss, False),
-    "plugin sigmoid_focal_loss_fused": (sigmoid_focal_loss_fused, False),
+    "plugin sigmoid_focal_loss": (sigmoid_focal_loss, False),
     "plugin focal_loss_from_labels": (focal_loss_from_labels, True),
 }
 

@@ -31,7 +31,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from retinanet_plugin.checkpoint import RetinaNetCheckpointer
-from retinanet_plugin.config_validation import load_config
+from retinanet_plugin.config_io import load_config
 from retinanet_plugin.data import add_dataset_arguments, register_datasets_from_args
 from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.export import export_model, load_exported, load_test_input

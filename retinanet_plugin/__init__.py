@@ -15,7 +15,6 @@ from .config import add_retinanet_config, get_config_file  # noqa: E402
 from .focal_loss import (  # noqa: E402
     focal_loss_from_labels,
     sigmoid_focal_loss,
-    sigmoid_focal_loss_fused,
     sigmoid_focal_loss_star,
 )
 from .head import RETINANET_HEAD_REGISTRY, FocalLossHead, build_retinanet_head  # noqa: E402
@@ -34,6 +33,5 @@ __all__ = [
     "octave_scaled_sizes",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_star",
-    "sigmoid_focal_loss_fused",
     "focal_loss_from_labels",
 ]

@@ -8,7 +8,13 @@ from detectron2.modeling.anchor_generator import (
     DefaultAnchorGenerator,
 )
 
-__all__ = ["RetinaNetAnchorGenerator", "octave_scaled_sizes"]
+from .rules import OptionRules, at_least, check_options
+
+__all__ = ["OPTION_RULES", "RetinaNetAnchorGenerator", "octave_scaled_sizes"]
+
+OPTION_RULES: OptionRules = {
+    "scales_per_octave": ("MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE", at_least(1)),
+}
 
 
 def octave_scaled_sizes(
@@ -28,10 +34,7 @@ def octave_scaled_sizes(
     """
     if base_sizes and not isinstance(base_sizes[0], (list, tuple)):
         base_sizes = [base_sizes]  # one flat list: the same sizes on every level
-    if scales_per_octave < 1:
-        raise ValueError(
-            f"MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE must be >= 1, got {scales_per_octave}"
-        )
+    check_options(OPTION_RULES, scales_per_octave=scales_per_octave)
     return [
         [size * 2 ** (i / scales_per_octave) for size in level for i in range(scales_per_octave)]
         for level in base_sizes

@@ -2,10 +2,12 @@
 
 detectron2 already defines ``MODEL.RETINANET.*`` (classes, IoU thresholds, focal-loss alpha and
 gamma, inference thresholds, ...) and ``MODEL.ANCHOR_GENERATOR.*``; this adds only what the
-plugin's components read beyond those. Every default reproduces the paper's RetinaNet.
+plugin's components read beyond those. The defaults reproduce the paper's RetinaNet, except
+where detectron2's RetinaNet (which the plugin equals by default) differs: the loss normalizer is
+detectron2's moving average of the foreground count ("ema"), the paper divides by each batch's
+count ("batch").
 """
 import os
-from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -147,23 +149,3 @@ def get_config_file(name: str) -> str:
         raise FileNotFoundError(f"retinanet_plugin has no config {name!r} (looked for {path})")
     return path
 
-
-def config_sets_key(config_file: str, opts: Sequence[str], key: str) -> bool:
-    """Whether ``key`` (e.g. "MODEL.RETINANET.NUM_CLASSES") is set by ``config_file`` (with its
-    ``_BASE_`` chain) or by the ``KEY VALUE`` overrides ``opts``, rather than left at its default.
-
-    Raises:
-        ConfigError: ``config_file`` cannot be loaded safely (see ``load_yaml_safely``).
-    """
-    # Imported here: config_validation imports this module (for add_retinanet_config).
-    from .config_validation import load_yaml_safely
-
-    if key in list(opts)[::2]:
-        return True
-    # Safe loading: never run the Python tags of an untrusted file (see config_validation).
-    node = load_yaml_safely(config_file)
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True

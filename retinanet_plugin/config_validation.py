@@ -1,426 +1,99 @@
-"""Loading a config safely and checking it before any work starts.
+"""The rules a config's values must follow, one function per area of the config.
 
-:func:`load_config` builds the plugin's config from a YAML file (with its ``_BASE_`` chain) and
-``KEY VALUE`` overrides, and :func:`validate_config` checks the values; both fail with one
-:class:`ConfigError` that names the file, the key, the value and the rule broken, instead of a
-``KeyError`` or an assertion deep inside yacs, or a crash many minutes into training.
-
-YAML is read with a safe loader only. detectron2's ``CfgNode.merge_from_file`` falls back to
-``yaml.unsafe_load`` for files with Python tags, so a config file such as
-``X: !!python/object/apply:os.system ["rm -rf ~"]`` runs a command when it is merely loaded. Here
-such a file is refused. The one Python tag allowed is ``!!python/object/apply:eval`` with an
-arithmetic expression (numbers, lists, ``+ - * / // % **`` and list comprehensions), which
-detectron2's model-zoo ``Base-RetinaNet.yaml`` uses for its anchor sizes; it is computed by a
-small interpreter of those constructs, never by Python's ``eval``.
+:func:`validate_config` checks a merged config (``config_io.load_config`` calls it) and fails with
+one :class:`ConfigError` naming the source, every invalid key, its value and the rule it breaks.
+The rules on the options of the plugin's components come from the components' own
+``OPTION_RULES`` tables (see :mod:`retinanet_plugin.rules`), which their constructors also check,
+so each rule is written once; the rules here are those on keys no single constructor owns.
 """
-import ast
-import difflib
-import operator
 import os
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Callable, Iterator
 
 import torch
-import yaml
-from detectron2.config import CfgNode, get_cfg
-from detectron2.config.compat import downgrade_config, guess_version, upgrade_config
-from detectron2.utils.file_io import PathManager
-from fvcore.common.config import BASE_KEY
+from detectron2.config import CfgNode
 
-from .config import add_retinanet_config
+from . import anchor_generator, evaluation, head, meta_arch, solver
+from .backbone import timm_fpn
 from .errors import UserError
+from .rules import config_errors, config_value
 
-__all__ = [
-    "ConfigError",
-    "evaluate_arithmetic",
-    "load_config",
-    "load_yaml_safely",
-    "validate_config",
-]
+__all__ = ["ConfigError", "INPUT_FORMATS", "validate_config"]
 
-_EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
+# The components whose OPTION_RULES the config's values are checked against.
+_COMPONENT_RULES = (
+    meta_arch.OPTION_RULES,
+    head.OPTION_RULES,
+    anchor_generator.OPTION_RULES,
+    solver.OPTION_RULES,
+    timm_fpn.OPTION_RULES,
+    evaluation.OPTION_RULES,
+)
+# detectron2's read_image formats: "BGR", "YUV-BT.601" and PIL modes; these are the ones a
+# detector's PIXEL_MEAN can describe (3 channels, or 1 for grey "L").
+INPUT_FORMATS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "L": 1}
+AUGMENTATIONS = ("ROTATION", "SCALE_CROP", "COLOR_JITTER", "MOSAIC", "MIXUP", "CUTMIX")
 
 
 class ConfigError(UserError, ValueError):
     """A config file or override that cannot be loaded or holds an invalid value."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Safe YAML with _BASE_
+Check = Callable[[str, bool, str], Iterator[str]]
 
 
-_BINARY_OPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
-_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-# Bounds that keep an expression from exhausting memory or time: ``10 ** 10 ** 10`` or a
-# comprehension over a huge range would otherwise hang the loader.
-_MAX_EXPONENT = 64
-_MAX_ITEMS = 10_000
-
-
-def _evaluate(node: ast.AST, names: Dict[str, Any]) -> Any:
-    """Value of an arithmetic expression tree; raises ValueError on any other construct."""
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body, names)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        if len(node.elts) > _MAX_ITEMS:
-            raise ValueError("too many items")
-        return [_evaluate(element, names) for element in node.elts]
-    if isinstance(node, ast.Name) and node.id in names:
-        return names[node.id]
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        return _UNARY_OPS[type(node.op)](_number(node.operand, names))
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left, right = _number(node.left, names), _number(node.right, names)
-        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-            raise ValueError(f"exponent {right} is too large")
-        result = _BINARY_OPS[type(node.op)](left, right)
-        if not isinstance(result, (int, float)):  # e.g. (-8) ** 0.5 is complex
-            raise ValueError(f"{result!r} is not a real number")
-        return result
-    if isinstance(node, ast.ListComp) and len(node.generators) == 1:
-        generator = node.generators[0]
-        if generator.ifs or generator.is_async or not isinstance(generator.target, ast.Name):
-            raise ValueError("only `[expression for name in list]` comprehensions are allowed")
-        items = _evaluate(generator.iter, names)
-        if not isinstance(items, list):
-            raise ValueError("a comprehension must iterate over a list")
-        return [_evaluate(node.elt, {**names, generator.target.id: item}) for item in items]
-    raise ValueError(f"{type(node).__name__} is not allowed")
-
-
-def _number(node: ast.AST, names: Dict[str, Any]) -> float:
-    """Value of ``node``, which must be a number (so that e.g. ``[0] * 10**9`` is refused)."""
-    value = _evaluate(node, names)
-    if not isinstance(value, (int, float)):
-        raise ValueError("arithmetic is allowed on numbers only")
-    return value
-
-
-def evaluate_arithmetic(expression: str) -> Any:
-    """Value of an arithmetic expression such as ``[[x, x * 2**(1/3)] for x in [32, 64]]``.
-
-    Args:
-        expression: numbers, lists and tuples (both give lists), ``+ - * / // % **`` and
-            single-loop list comprehensions without conditions.
-
-    Raises:
-        ValueError: for a syntax error or any other construct (names, calls, attributes, ...).
-    """
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError as e:
-        raise ValueError(f"invalid syntax: {e.msg}") from e
-    return _evaluate(tree, {})
-
-
-class _SafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also computes model-zoo ``!!python/object/apply:eval`` values."""
-
-
-def _construct_eval(loader: _SafeLoader, node: yaml.Node) -> Any:
-    if not isinstance(node, yaml.SequenceNode) or len(node.value) != 1:
-        raise yaml.constructor.ConstructorError(
-            None, None, "!!python/object/apply:eval takes one expression", node.start_mark
-        )
-    expression = loader.construct_scalar(node.value[0])
-    try:
-        return evaluate_arithmetic(expression)
-    except (ValueError, ArithmeticError) as e:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"{expression!r} is not a plain arithmetic expression: {e}",
-            node.start_mark,
-        ) from e
-
-
-_SafeLoader.add_constructor(_EVAL_TAG, _construct_eval)
-
-
-def _merge_dicts(source: Dict[str, Any], target: Dict[str, Any], filename: str) -> None:
-    """Merges ``source`` into ``target`` in place (``source`` wins), as fvcore's ``_BASE_``."""
-    for key, value in source.items():
-        if isinstance(value, dict) and key in target:
-            if not isinstance(target[key], dict):
-                raise ConfigError(
-                    f"{filename}: {key} is a section, but its _BASE_ sets it to a value "
-                    f"({target[key]!r})"
-                )
-            _merge_dicts(value, target[key], filename)
-        else:
-            target[key] = value
-
-
-def load_yaml_safely(
-    filename: str,
-    referenced_by: Optional[str] = None,
-    merge_bases: bool = True,
-    _chain: Sequence[str] = (),
-) -> Dict[str, Any]:
-    """The mapping in a YAML config file, merged over its ``_BASE_`` files, loaded safely.
-
-    Like fvcore's ``CfgNode.load_yaml_with_base``: ``_BASE_`` is a path or list of paths,
-    relative to the file that names it unless absolute; the file's keys override its bases'.
-
-    Args:
-        filename: the config file.
-        referenced_by: the config file whose ``_BASE_`` names ``filename``, for error messages.
-        merge_bases: False for the file's own keys only (its ``_BASE_`` key dropped), e.g. what
-            an ablation config changes relative to its base.
-
-    Raises:
-        ConfigError: the file (or a base) does not exist, is a folder, is empty, is not valid
-            YAML (the message gives the line), is not a mapping, needs unsafe YAML loading (a
-            Python tag), or its ``_BASE_`` chain comes back to a file already in it.
-    """
-    where = f" (the _BASE_ of {referenced_by})" if referenced_by else ""
-    if PathManager.isdir(filename):
-        raise ConfigError(f"config file {filename}{where} is a folder; name a .yaml file in it")
-    if not PathManager.isfile(filename):
-        raise ConfigError(f"config file {filename}{where} does not exist")
-    real = os.path.realpath(filename) if os.path.exists(filename) else filename
-    if real in _chain:
-        cycle = " -> ".join([*_chain[_chain.index(real):], real])
-        raise ConfigError(f"{filename}: its _BASE_ chain is a cycle ({cycle}); remove one link")
-    with PathManager.open(filename, "r") as f:
-        try:
-            loaded = yaml.load(f, Loader=_SafeLoader)
-        except yaml.constructor.ConstructorError as e:
-            raise ConfigError(
-                f"{filename}{_line(e)}: refusing to load a config that needs unsafe YAML "
-                f"(Python object tags can run arbitrary code): {e.problem}"
-            ) from e
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{filename}{_line(e)}: invalid YAML: {problem}") from e
-    if loaded is None:
-        raise ConfigError(
-            f"config file {filename}{where} is empty; a config sets keys, or names the config it "
-            f"changes with {BASE_KEY}"
-        )
-    if not isinstance(loaded, dict):
-        raise ConfigError(
-            f"{filename}: a config file must be a mapping of keys, not {type(loaded).__name__}"
-        )
-    if BASE_KEY not in loaded:
-        return loaded
-    bases = loaded.pop(BASE_KEY)
-    if not merge_bases:
-        return loaded
-    merged: Dict[str, Any] = {}
-    for base in bases if isinstance(bases, list) else [bases]:
-        if not isinstance(base, str):
-            raise ConfigError(f"{filename}: {BASE_KEY} must be a path or a list of paths")
-        base = os.path.expanduser(base)
-        if not base.startswith(("/", "https://", "http://")):
-            base = os.path.join(os.path.dirname(filename), base)
-        base_keys = load_yaml_safely(base, referenced_by=filename, _chain=(*_chain, real))
-        _merge_dicts(base_keys, merged, filename)
-    _merge_dicts(loaded, merged, filename)
-    return merged
-
-
-def _line(error: yaml.YAMLError) -> str:
-    """", line N, column M" for a YAML error with a position, else ""."""
-    mark = getattr(error, "problem_mark", None)
-    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Merging with clear errors for unknown keys and wrong types
-
-
-def _dotted_keys(node: CfgNode, prefix: str = "") -> Iterator[str]:
-    """Every section and key of ``node`` as a dotted name ("MODEL", "MODEL.RETINANET", ...)."""
-    for key, value in node.items():
-        yield prefix + key
-        if isinstance(value, CfgNode):
-            yield from _dotted_keys(value, prefix + key + ".")
-
-
-def _unknown_key_error(cfg: CfgNode, full_key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(full_key, list(_dotted_keys(cfg)), n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return ConfigError(f"{source}: unknown config key {full_key}{hint}")
-
-
-def _same_kind(value: Any, default: Any) -> bool:
-    """Whether yacs accepts ``value`` for a key whose default is ``default``."""
-    if type(value) is type(default) or value is None or default is None:
-        return True
-    return isinstance(value, (list, tuple)) and isinstance(default, (list, tuple))
-
-
-def _type_error(full_key: str, value: Any, default: Any, source: str) -> ConfigError:
-    expected = type(default).__name__
-    # yacs does not turn an int into a float: `1` for a float key is a common slip.
-    int_for_float = isinstance(default, float) and isinstance(value, int)
-    hint = " (write it with a decimal point)" if int_for_float else ""
-    return ConfigError(
-        f"{source}: {full_key} = {value!r} has type {type(value).__name__}, "
-        f"expected {expected}{hint}"
-    )
-
-
-def _check_mapping(
-    root: CfgNode, node: CfgNode, loaded: CfgNode, source: str, prefix: str = ""
-) -> None:
-    """Checks that every key in ``loaded`` exists in ``node`` (the section ``prefix`` of
-    ``root``) with a value of the same type."""
-    for key, value in loaded.items():
-        full_key = prefix + key
-        if key not in node:
-            if root.key_is_deprecated(full_key):
-                continue
-            raise _unknown_key_error(root, full_key, source)
-        default = node[key]
-        # yacs turns string values into Python literals ("0.5" -> 0.5) before comparing types.
-        value = CfgNode._decode_cfg_value(value)
-        if isinstance(default, CfgNode) != isinstance(value, CfgNode):
-            what = "a section of keys" if isinstance(default, CfgNode) else "a single value"
-            raise ConfigError(f"{source}: {full_key} = {value!r}, but {full_key} is {what}")
-        if isinstance(default, CfgNode):
-            _check_mapping(root, default, value, source, full_key + ".")
-        elif not _same_kind(value, default):
-            raise _type_error(full_key, value, default, source)
-
-
-def _merge_file(cfg: CfgNode, config_file: str) -> None:
-    """Merges ``config_file`` into ``cfg`` like detectron2's ``merge_from_file``, but safely."""
-    loaded = CfgNode(load_yaml_safely(config_file))
-    version = loaded.get("VERSION", None)
-    if version is None:
-        version = guess_version(loaded, config_file)
-    if version > cfg.VERSION:
-        raise ConfigError(
-            f"{config_file}: VERSION = {version}, but this detectron2 reads configs up to "
-            f"version {cfg.VERSION}"
-        )
-    # Older configs name keys the old way: check and merge them into an old-version config, then
-    # upgrade the result, as detectron2 does.
-    target = cfg if version == cfg.VERSION else downgrade_config(cfg, to_version=version)
-    _check_mapping(target, target, loaded, config_file)
-    try:
-        target.merge_from_other_cfg(loaded)
-    except (KeyError, ValueError, AssertionError) as e:  # cases yacs knows beyond the checks above
-        raise ConfigError(f"{config_file}: {e}") from e
-    if target is not cfg:
-        upgraded = upgrade_config(target)
-        cfg.clear()
-        cfg.update(upgraded)
-
-
-def _merge_opts(cfg: CfgNode, opts: Sequence[str], source: str) -> None:
-    """Merges ``KEY VALUE`` overrides into ``cfg`` with clear errors."""
-    opts = list(opts)
-    if len(opts) % 2:
-        raise ConfigError(
-            f"{source}: overrides must be KEY VALUE pairs, but {opts[-1]!r} has no value"
-        )
-    for full_key, raw in zip(opts[0::2], opts[1::2]):
-        node: Any = cfg
-        for part in full_key.split("."):
-            if not isinstance(node, CfgNode) or part not in node:
-                raise _unknown_key_error(cfg, full_key, source)
-            node = node[part]
-        if isinstance(node, CfgNode):
-            raise ConfigError(f"{source}: {full_key} is a section of keys, not a single value")
-        value = CfgNode._decode_cfg_value(raw)
-        if not _same_kind(value, node):
-            raise _type_error(full_key, value, node, source)
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{source}: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------
-# Values
-
-
-def _value_errors(cfg: CfgNode) -> Iterator[str]:
-    """One "KEY = value: rule" line for each invalid value of ``cfg``."""
-    # Imported here: these modules import torch and detectron2's models, which config.py (and so
-    # `import retinanet_plugin`) must not depend on to load a config.
-    from .backbone.timm_fpn import TIMM_NORMS
-    from .evaluation import BACKENDS
-    from .meta_arch import BOX_REG_LOSS_TYPES, CLS_LOSS_TYPES, INFERENCE_DTYPES, LOSS_NORMALIZERS
-    from .ohem import NO_RATIO as OHEM_NO_RATIO
-    from .solver import LR_SCHEDULERS, OPTIMIZERS, WARMUP_METHODS
+def _checker(cfg: CfgNode) -> Check:
+    """``check(key, ok, rule)``: yields "KEY = value: rule" unless ``ok``."""
 
     def check(key: str, ok: bool, rule: str) -> Iterator[str]:
         if not ok:
-            node: Any = cfg
-            for part in key.split("."):
-                node = node[part]
-            yield f"{key} = {node!r}: {rule}"
+            yield f"{key} = {config_value(cfg, key)!r}: {rule}"
 
-    def one_of(key: str, value: Any, allowed) -> Iterator[str]:
-        yield from check(key, value in allowed, "must be one of " + ", ".join(map(repr, allowed)))
+    return check
 
-    solver, retina, anchors = cfg.SOLVER, cfg.MODEL.RETINANET, cfg.MODEL.ANCHOR_GENERATOR
 
-    yield from check("SOLVER.BASE_LR", solver.BASE_LR > 0, "must be > 0")
-    yield from check("SOLVER.MAX_ITER", solver.MAX_ITER >= 1, "must be >= 1")
-    yield from check("SOLVER.IMS_PER_BATCH", solver.IMS_PER_BATCH >= 1, "must be >= 1")
-    steps = list(solver.STEPS)
+def _is_range(values, low: float = -float("inf"), high: float = float("inf")) -> bool:
+    """Whether ``values`` is a (min, max) pair of numbers, low <= min <= max <= high."""
+    values = list(values)
+    return (
+        len(values) == 2
+        and all(isinstance(v, (int, float)) for v in values)
+        and low <= values[0] <= values[1] <= high
+    )
+
+
+def _increasing(values) -> bool:
+    values = list(values)
+    return all(a < b for a, b in zip(values, values[1:]))
+
+
+def _solver_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
+    solver_cfg = cfg.SOLVER
+    yield from check("SOLVER.BASE_LR", solver_cfg.BASE_LR > 0, "must be > 0")
+    yield from check("SOLVER.MAX_ITER", solver_cfg.MAX_ITER >= 1, "must be >= 1")
+    yield from check("SOLVER.IMS_PER_BATCH", solver_cfg.IMS_PER_BATCH >= 1, "must be >= 1")
     # Steps beyond MAX_ITER are allowed: detectron2 ignores them (with a warning), and a short
     # run of a full config (`SOLVER.MAX_ITER 10`) relies on that.
     yield from check(
         "SOLVER.STEPS",
-        all(s > 0 for s in steps) and all(a < b for a, b in zip(steps, steps[1:])),
+        all(s > 0 for s in solver_cfg.STEPS) and _increasing(solver_cfg.STEPS),
         "must be positive and strictly increasing",
     )
-    yield from one_of("SOLVER.OPTIMIZER", solver.OPTIMIZER, OPTIMIZERS)
-    yield from one_of("SOLVER.LR_SCHEDULER_NAME", solver.LR_SCHEDULER_NAME, LR_SCHEDULERS)
-    yield from one_of("SOLVER.WARMUP_METHOD", solver.WARMUP_METHOD, WARMUP_METHODS)
-    yield from check("SOLVER.WARMUP_ITERS", solver.WARMUP_ITERS >= 0, "must be >= 0")
-    yield from check("SOLVER.POLY_LR_POWER", solver.POLY_LR_POWER > 0, "must be > 0")
+    yield from check("SOLVER.WARMUP_ITERS", solver_cfg.WARMUP_ITERS >= 0, "must be >= 0")
+    yield from check("SOLVER.POLY_LR_POWER", solver_cfg.POLY_LR_POWER > 0, "must be > 0")
     yield from check(
         "SOLVER.EXPONENTIAL_LR_FINAL_FACTOR",
-        0 < solver.EXPONENTIAL_LR_FINAL_FACTOR <= 1,
+        0 < solver_cfg.EXPONENTIAL_LR_FINAL_FACTOR <= 1,
         "must be in (0, 1]",
     )
 
+
+def _model_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
+    retina, anchors = cfg.MODEL.RETINANET, cfg.MODEL.ANCHOR_GENERATOR
     yield from check("MODEL.RETINANET.NUM_CLASSES", retina.NUM_CLASSES >= 1, "must be >= 1")
-    yield from check(
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", retina.FOCAL_LOSS_GAMMA >= 0, "must be >= 0"
-    )
-    # Same convention as focal_loss.py (`if alpha >= 0`): any negative alpha turns alpha
-    # weighting off, so only values above 1 are meaningless.
-    yield from check(
-        "MODEL.RETINANET.FOCAL_LOSS_ALPHA",
-        retina.FOCAL_LOSS_ALPHA <= 1,
-        "must be in [0, 1], or negative for no alpha weighting",
-    )
-    yield from check(
-        "MODEL.RETINANET.FOCAL_LOSS_STAR_GAMMA", retina.FOCAL_LOSS_STAR_GAMMA > 0, "must be > 0"
-    )
-    yield from check(
-        "MODEL.RETINANET.OHEM_BATCH_SIZE_PER_IMAGE",
-        retina.OHEM_BATCH_SIZE_PER_IMAGE >= 1,
-        "must be >= 1",
-    )
-    yield from check(
-        "MODEL.RETINANET.OHEM_POSITIVE_FRACTION",
-        retina.OHEM_POSITIVE_FRACTION == OHEM_NO_RATIO or 0 < retina.OHEM_POSITIVE_FRACTION <= 1,
-        f"must be in (0, 1], or {OHEM_NO_RATIO} for no positive:negative ratio",
-    )
-    yield from check(
-        "MODEL.RETINANET.OHEM_NMS_THRESH", 0 <= retina.OHEM_NMS_THRESH <= 1, "must be in [0, 1]"
-    )
     thresholds = list(retina.IOU_THRESHOLDS)
     yield from check(
         "MODEL.RETINANET.IOU_THRESHOLDS",
-        all(0 <= t <= 1 for t in thresholds)
-        and all(a < b for a, b in zip(thresholds, thresholds[1:])),
+        all(0 <= t <= 1 for t in thresholds) and _increasing(thresholds),
         "must be in [0, 1] and strictly increasing",
     )
     labels = list(retina.IOU_LABELS)
@@ -430,88 +103,6 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
         f"must be {len(thresholds) + 1} values (one more than MODEL.RETINANET.IOU_THRESHOLDS) "
         "from -1 (ignore), 0 (background), 1 (foreground)",
     )
-    for key in ("SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
-        yield from check(f"MODEL.RETINANET.{key}", 0 <= retina[key] <= 1, "must be in [0, 1]")
-    yield from check(
-        "MODEL.RETINANET.TOPK_CANDIDATES_TEST", retina.TOPK_CANDIDATES_TEST >= 1, "must be >= 1"
-    )
-    yield from check("MODEL.RETINANET.PRIOR_PROB", 0 < retina.PRIOR_PROB < 1, "must be in (0, 1)")
-    yield from one_of("MODEL.RETINANET.CLS_LOSS_TYPE", retina.CLS_LOSS_TYPE, CLS_LOSS_TYPES)
-    yield from one_of(
-        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", retina.BBOX_REG_LOSS_TYPE, BOX_REG_LOSS_TYPES
-    )
-    yield from check(
-        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", retina.SMOOTH_L1_LOSS_BETA >= 0, "must be >= 0"
-    )
-    yield from one_of("MODEL.RETINANET.LOSS_NORMALIZER", retina.LOSS_NORMALIZER, LOSS_NORMALIZERS)
-    yield from one_of("MODEL.INFERENCE_DTYPE", cfg.MODEL.INFERENCE_DTYPE, tuple(INFERENCE_DTYPES))
-    yield from one_of("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND, BACKENDS)
-    yield from check(
-        "TEST.AUG.ENABLED", not cfg.TEST.AUG.ENABLED, "RetinaNet has no test-time augmentation"
-    )
-    yield from _input_errors(cfg, check, one_of)
-
-    timm = cfg.MODEL.TIMM
-    yield from one_of("MODEL.TIMM.NORM", timm.NORM, TIMM_NORMS)
-    indices = list(timm.OUT_INDICES)
-    yield from check(
-        "MODEL.TIMM.OUT_INDICES",
-        bool(indices)
-        and all(isinstance(i, int) and i >= 0 for i in indices)
-        and all(a < b for a, b in zip(indices, indices[1:])),
-        "must be non-negative integers in increasing order",
-    )
-    yield from check(
-        "MODEL.TIMM.WEIGHTS",
-        not timm.WEIGHTS or os.path.isfile(timm.WEIGHTS),
-        "must be an existing local file, or empty for random initialisation",
-    )
-
-    aug = cfg.INPUT.AUG
-
-    def is_range(values, low=-float("inf"), high=float("inf")) -> bool:
-        """Whether ``values`` is a (min, max) pair of numbers, low <= min <= max <= high."""
-        values = list(values)
-        return (
-            len(values) == 2
-            and all(isinstance(v, (int, float)) for v in values)
-            and low <= values[0] <= values[1] <= high
-        )
-
-    for name in ("ROTATION", "SCALE_CROP", "COLOR_JITTER", "MOSAIC", "MIXUP", "CUTMIX"):
-        yield from check(f"INPUT.AUG.{name}.PROB", 0 <= aug[name].PROB <= 1, "must be in [0, 1]")
-    yield from check(
-        "INPUT.AUG.ROTATION.ANGLE", is_range(aug.ROTATION.ANGLE), "must be (min, max) degrees"
-    )
-    yield from check(
-        "INPUT.AUG.SCALE_CROP.SCALE_RANGE",
-        is_range(aug.SCALE_CROP.SCALE_RANGE, low=0) and aug.SCALE_CROP.SCALE_RANGE[0] > 0,
-        "must be (min, max) with 0 < min <= max",
-    )
-    size = list(aug.SCALE_CROP.SIZE)
-    yield from check(
-        "INPUT.AUG.SCALE_CROP.SIZE",
-        len(size) == 2 and all(isinstance(s, int) and s >= 1 for s in size),
-        "must be (height, width) in pixels",
-    )
-    for key in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
-        yield from check(
-            f"INPUT.AUG.COLOR_JITTER.{key}",
-            is_range(aug.COLOR_JITTER[key], low=0),
-            "must be (min, max) factors with 0 <= min <= max",
-        )
-    yield from check(
-        "INPUT.AUG.MOSAIC.CENTER_RANGE",
-        is_range(aug.MOSAIC.CENTER_RANGE, low=0, high=1),
-        "must be (min, max) with 0 <= min <= max <= 1",
-    )
-    yield from check("INPUT.AUG.MOSAIC.MIN_SIZE", aug.MOSAIC.MIN_SIZE >= 0, "must be >= 0")
-    for name in ("MIXUP", "CUTMIX"):
-        yield from check(f"INPUT.AUG.{name}.ALPHA", aug[name].ALPHA > 0, "must be > 0")
-    yield from check(
-        "INPUT.AUG.CUTMIX.MIN_VISIBLE", 0 < aug.CUTMIX.MIN_VISIBLE <= 1, "must be in (0, 1]"
-    )
-
     # Like detectron2's anchor generator: a list of lists gives one entry per feature level, or
     # one entry for all levels; a flat list is one entry for all levels.
     levels = len(retina.IN_FEATURES)
@@ -527,23 +118,45 @@ def _value_errors(cfg: CfgNode) -> Iterator[str]:
             f"must be positive numbers, as one list for all levels or one list per level (1 or "
             f"{levels}: the levels of MODEL.RETINANET.IN_FEATURES {list(retina.IN_FEATURES)})",
         )
+    try:
+        torch.device(cfg.MODEL.DEVICE)
+        known_device = True
+    except (RuntimeError, TypeError):
+        known_device = False
+    yield from check("MODEL.DEVICE", known_device, "must be a torch device such as cpu or cuda")
 
 
-# detectron2's read_image formats: "BGR", "YUV-BT.601" and PIL modes; these are the ones a
-# detector's PIXEL_MEAN can describe (3 channels, or 1 for grey "L").
-INPUT_FORMATS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "L": 1}
+def _timm_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
+    timm_cfg = cfg.MODEL.TIMM
+    indices = list(timm_cfg.OUT_INDICES)
+    yield from check(
+        "MODEL.TIMM.OUT_INDICES",
+        bool(indices) and all(isinstance(i, int) and i >= 0 for i in indices)
+        and _increasing(indices),
+        "must be non-negative integers in increasing order",
+    )
+    yield from check(
+        "MODEL.TIMM.WEIGHTS",
+        not timm_cfg.WEIGHTS or os.path.isfile(timm_cfg.WEIGHTS),
+        "must be an existing local file, or empty for random initialization",
+    )
 
 
-def _input_errors(cfg: CfgNode, check, one_of) -> Iterator[str]:
-    """The input format, normalisation, sizes and loader workers."""
+def _input_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
+    """The input format, normalization, sizes and loader workers."""
     model, inputs = cfg.MODEL, cfg.INPUT
-    yield from one_of("INPUT.FORMAT", inputs.FORMAT, tuple(INPUT_FORMATS))
+    yield from check(
+        "INPUT.FORMAT",
+        inputs.FORMAT in INPUT_FORMATS,
+        "must be one of " + ", ".join(map(repr, INPUT_FORMATS)),
+    )
     channels = INPUT_FORMATS.get(inputs.FORMAT, 3)
     for key in ("PIXEL_MEAN", "PIXEL_STD"):
         values = list(model[key])
         yield from check(
             f"MODEL.{key}",
-            len(values) == channels and all(isinstance(v, (int, float)) for v in values)
+            len(values) == channels
+            and all(isinstance(v, (int, float)) for v in values)
             and (key == "PIXEL_MEAN" or all(v > 0 for v in values)),
             f"must be {channels} number(s), one per channel of INPUT.FORMAT {inputs.FORMAT!r}"
             + (", each > 0" if key == "PIXEL_STD" else ""),
@@ -554,8 +167,10 @@ def _input_errors(cfg: CfgNode, check, one_of) -> Iterator[str]:
         bool(sizes) and all(isinstance(s, int) and s > 0 for s in sizes),
         "must be one or more positive pixel sizes",
     )
-    yield from one_of(
-        "INPUT.MIN_SIZE_TRAIN_SAMPLING", inputs.MIN_SIZE_TRAIN_SAMPLING, ("choice", "range")
+    yield from check(
+        "INPUT.MIN_SIZE_TRAIN_SAMPLING",
+        inputs.MIN_SIZE_TRAIN_SAMPLING in ("choice", "range"),
+        "must be one of 'choice', 'range'",
     )
     yield from check(
         "INPUT.MIN_SIZE_TRAIN",
@@ -568,15 +183,72 @@ def _input_errors(cfg: CfgNode, check, one_of) -> Iterator[str]:
     )
     yield from check("INPUT.MAX_SIZE_TEST", inputs.MAX_SIZE_TEST > 0, "must be > 0")
     yield from check(
-        "DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS >= 0, "must be >= 0 (0: load in "
-        "the training process)"
+        "DATALOADER.NUM_WORKERS",
+        cfg.DATALOADER.NUM_WORKERS >= 0,
+        "must be >= 0 (0: load in the training process)",
     )
-    try:
-        torch.device(model.DEVICE)
-        known_device = True
-    except (RuntimeError, TypeError):
-        known_device = False
-    yield from check("MODEL.DEVICE", known_device, "must be a torch device such as cpu or cuda")
+
+
+def _augmentation_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
+    aug = cfg.INPUT.AUG
+    for name in AUGMENTATIONS:
+        yield from check(f"INPUT.AUG.{name}.PROB", 0 <= aug[name].PROB <= 1, "must be in [0, 1]")
+    yield from check(
+        "INPUT.AUG.ROTATION.ANGLE", _is_range(aug.ROTATION.ANGLE), "must be (min, max) degrees"
+    )
+    yield from check(
+        "INPUT.AUG.SCALE_CROP.SCALE_RANGE",
+        _is_range(aug.SCALE_CROP.SCALE_RANGE, low=0) and aug.SCALE_CROP.SCALE_RANGE[0] > 0,
+        "must be (min, max) with 0 < min <= max",
+    )
+    size = list(aug.SCALE_CROP.SIZE)
+    yield from check(
+        "INPUT.AUG.SCALE_CROP.SIZE",
+        len(size) == 2 and all(isinstance(s, int) and s >= 1 for s in size),
+        "must be (height, width) in pixels",
+    )
+    for key in ("BRIGHTNESS", "CONTRAST", "SATURATION"):
+        yield from check(
+            f"INPUT.AUG.COLOR_JITTER.{key}",
+            _is_range(aug.COLOR_JITTER[key], low=0),
+            "must be (min, max) factors with 0 <= min <= max",
+        )
+    yield from check(
+        "INPUT.AUG.MOSAIC.CENTER_RANGE",
+        _is_range(aug.MOSAIC.CENTER_RANGE, low=0, high=1),
+        "must be (min, max) with 0 <= min <= max <= 1",
+    )
+    yield from check("INPUT.AUG.MOSAIC.MIN_SIZE", aug.MOSAIC.MIN_SIZE >= 0, "must be >= 0")
+    for name in ("MIXUP", "CUTMIX"):
+        yield from check(f"INPUT.AUG.{name}.ALPHA", aug[name].ALPHA > 0, "must be > 0")
+    yield from check(
+        "INPUT.AUG.CUTMIX.MIN_VISIBLE", 0 < aug.CUTMIX.MIN_VISIBLE <= 1, "must be in (0, 1]"
+    )
+
+
+def _test_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
+    yield from check(
+        "TEST.AUG.ENABLED", not cfg.TEST.AUG.ENABLED, "RetinaNet has no test-time augmentation"
+    )
+
+
+_AREAS = (
+    _solver_errors,
+    _model_errors,
+    _timm_errors,
+    _input_errors,
+    _augmentation_errors,
+    _test_errors,
+)
+
+
+def config_value_errors(cfg: CfgNode) -> Iterator[str]:
+    """One "KEY = value: rule" line for each invalid value of ``cfg``."""
+    for rules in _COMPONENT_RULES:
+        yield from config_errors(cfg, rules)
+    check = _checker(cfg)
+    for area in _AREAS:
+        yield from area(cfg, check)
 
 
 def validate_config(cfg: CfgNode, source: str) -> None:
@@ -589,31 +261,8 @@ def validate_config(cfg: CfgNode, source: str) -> None:
     Raises:
         ConfigError: naming ``source`` and every invalid key, its value and the rule it breaks.
     """
-    errors = list(_value_errors(cfg))
+    errors = list(config_value_errors(cfg))
     if len(errors) == 1:
         raise ConfigError(f"{source}: invalid config value: {errors[0]}")
     if errors:
         raise ConfigError(f"{source}: invalid config values:\n  " + "\n  ".join(errors))
-
-
-def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
-    """The plugin's config from a file and ``KEY VALUE`` overrides, loaded safely and validated.
-
-    Args:
-        config_file: a YAML config (its ``_BASE_`` files are loaded too).
-        opts: overrides such as ``["SOLVER.BASE_LR", "0.01"]``, applied after the file.
-
-    Returns:
-        The config (not frozen), with the plugin's keys.
-
-    Raises:
-        ConfigError: a missing file, invalid or unsafe YAML, an unknown key (with the closest
-            known key), a value of the wrong type or an invalid value; the message names the file.
-    """
-    cfg = get_cfg()
-    add_retinanet_config(cfg)
-    _merge_file(cfg, config_file)
-    _merge_opts(cfg, opts, f"{config_file} (command-line overrides)")
-    validate_config(cfg, f"{config_file} (with command-line overrides)" if opts else config_file)
-    return cfg
-

@@ -33,6 +33,7 @@ from .compat.private_api import (
     coco_eval_class_for_fast_path,
     evaluator_coco_api,
 )
+from .rules import OptionRules, check_options, one_of
 
 __all__ = [
     "BACKENDS",
@@ -59,12 +60,7 @@ def _warn_once(key: str, message: str, *args) -> None:
         logger.warning(message, *args)
 
 
-def _check_backend(backend: str, name: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"{name}={backend!r} is not a COCO evaluation backend; allowed values: "
-            + ", ".join(repr(b) for b in BACKENDS)
-        )
+OPTION_RULES: OptionRules = {"backend": (CONFIG_KEY, one_of(BACKENDS))}
 
 
 def _faster_coco_eval_import_error() -> Optional[ImportError]:
@@ -80,12 +76,11 @@ def _faster_coco_eval_import_error() -> Optional[ImportError]:
     return None
 
 
-def resolve_backend(backend: str, name: str = "backend") -> str:
+def resolve_backend(backend: str) -> str:
     """The backend that will actually evaluate when ``backend`` is asked for.
 
     Args:
         backend: one of :data:`BACKENDS`.
-        name: what ``backend`` was given as, for the error message (e.g. the config key).
 
     Returns:
         ``backend``, or ``"pycocotools"`` if ``"faster_coco_eval"`` was asked for but the package
@@ -94,7 +89,7 @@ def resolve_backend(backend: str, name: str = "backend") -> str:
     Raises:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
     """
-    _check_backend(backend, name)
+    check_options(OPTION_RULES, backend=backend)
     if backend == "faster_coco_eval":
         error = _faster_coco_eval_import_error()
         if error is not None:
@@ -161,7 +156,7 @@ def coco_eval_class(backend: str) -> Type:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
         ImportError: ``"faster_coco_eval"`` and the package cannot be imported.
     """
-    _check_backend(backend, "backend")
+    check_options(OPTION_RULES, backend=backend)
     if backend == "pycocotools":
         return COCOeval
     error = _faster_coco_eval_import_error()
@@ -265,6 +260,5 @@ def build_coco_evaluator(
         ValueError: ``cfg.TEST.COCO_EVAL_BACKEND`` is not one of :data:`BACKENDS`.
     """
     backend = cfg.TEST.COCO_EVAL_BACKEND
-    # Validated here so that the error names the config key rather than the argument.
-    _check_backend(backend, CONFIG_KEY)
+    check_options(OPTION_RULES, backend=backend)
     return RetinaNetCOCOEvaluator(dataset_name, output_dir=output_dir, backend=backend, **kwargs)

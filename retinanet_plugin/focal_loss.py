@@ -1,14 +1,15 @@
 """Sigmoid focal loss (Lin et al. 2017, eq. 5) and its appendix variant FL*.
 
-``sigmoid_focal_loss`` and ``sigmoid_focal_loss_star`` are plain autograd compositions in
-log-sigmoid form: finite for any finite logit (including +-100 in float16/bfloat16), computed in
-at least float32 whatever the input dtype, differentiable to any order.
+``sigmoid_focal_loss`` and ``focal_loss_from_labels`` compute the focal loss in one pass over
+cache-sized chunks that produces the loss and its gradient together, so no full-size
+intermediate is kept for backward: the extra memory is one gradient-sized tensor (fvcore's
+``sigmoid_focal_loss_jit``, which detectron2 uses, keeps about ten). Both tails of the sigmoid are
+computed directly, so any finite logit (+-100 in float16/bfloat16 included) gives a finite loss
+and gradient, in at least float32 whatever the input dtype. The training loss of
+:class:`FocalLossRetinaNet` uses ``focal_loss_from_labels``, which also never builds the one-hot
+target matrix.
 
-``sigmoid_focal_loss_fused`` and ``focal_loss_from_labels`` compute the same focal loss in one
-pass over cache-sized chunks that produces the loss and its gradient together, so no full-size
-intermediate is kept for backward: the extra memory is one gradient-sized tensor. The training
-loss of :class:`FocalLossRetinaNet` uses ``focal_loss_from_labels``, which also never builds the
-one-hot target matrix.
+``sigmoid_focal_loss_star`` (FL*) is a plain autograd composition in log-sigmoid form.
 """
 
 import math
@@ -19,12 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-__all__ = [
-    "sigmoid_focal_loss",
-    "sigmoid_focal_loss_star",
-    "sigmoid_focal_loss_fused",
-    "focal_loss_from_labels",
-]
+__all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_star", "focal_loss_from_labels"]
 
 # Elements per chunk of the fused loss: ~20 float32 temporaries of 64k elements stay in L2 cache
 # on CPU; on GPUs, chunks only bound the temporaries' memory.
@@ -55,51 +51,6 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def sigmoid_focal_loss(
-    logits: Tensor,
-    targets: Tensor,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-) -> Tensor:
-    """Focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t), with p = sigmoid(logits).
-
-    Computed as ``alpha_t * exp(gamma * log(1 - p_t)) * CE`` where ``CE`` and ``log(1 - p_t)``
-    come from ``logsigmoid``, which is finite and has finite gradients everywhere (a plain
-    ``(1 - p_t) ** gamma`` has an infinite gradient at p_t = 1 when gamma < 1).
-
-    Args:
-        logits: float tensor of any shape, e.g. (R, K) for R anchors and K classes; any float
-            dtype (half precision is computed in float32).
-        targets: tensor of the same shape with the target probability of each element: 1 for
-            the anchor's class, 0 elsewhere (values in [0, 1] are accepted). Treated as
-            constants: gradients flow to ``logits`` only.
-        alpha: weight of positives in [0, 1]; negatives get 1 - alpha. A negative value turns
-            the weighting off.
-        gamma: focusing parameter >= 0; 0 gives (alpha-balanced) binary cross-entropy.
-        reduction: "none" (same shape as ``logits``), "mean" or "sum" (scalars).
-
-    Returns:
-        The loss in float32 (float64 for float64 logits).
-    """
-    _check_reduction(reduction)
-    dtype = _compute_dtype(logits)
-    x = logits.to(dtype)
-    # Targets are labels: no gradient flows to them (log(t) below has infinite slope at 0 and 1).
-    t = targets.detach().to(dtype)
-    log_p = F.logsigmoid(x)  # log p
-    log_one_minus_p = F.logsigmoid(-x)  # log (1 - p)
-    loss = -(t * log_p + (1.0 - t) * log_one_minus_p)  # binary cross-entropy
-    if gamma != 0:
-        # log(1 - p_t) with 1 - p_t = t (1 - p) + (1 - t) p; log(0) = -inf terms vanish in
-        # logaddexp, so hard 0/1 targets give exactly logsigmoid(-+x).
-        log_one_minus_p_t = torch.logaddexp(torch.log(t) + log_one_minus_p, torch.log1p(-t) + log_p)
-        loss = loss * torch.exp(gamma * log_one_minus_p_t)
-    if alpha >= 0:
-        loss = _alpha_weight(t, alpha) * loss
-    return _reduce(loss, reduction)
 
 
 def sigmoid_focal_loss_star(
@@ -143,7 +94,7 @@ def sigmoid_focal_loss_star(
 def _focal_loss_and_grad(
     x: Tensor, t: Tensor, alpha: float, gamma: float, need_grad: bool
 ) -> "tuple[Tensor, Optional[Tensor]]":
-    """Focal loss and d loss / d x of one chunk (same formula as :func:`sigmoid_focal_loss`).
+    """Focal loss and d loss / d x of one chunk.
 
     Args:
         x: logits of the chunk in the compute dtype, any shape.
@@ -243,41 +194,49 @@ class _FusedFocalLoss(torch.autograd.Function):
 
 def _check_fused_args(logits: Tensor, alpha: float, gamma: float, reduction: str) -> None:
     _check_reduction(reduction)
-    if logits.dim() != 2:
-        raise ValueError(
-            f"the fused focal loss takes (M, K) logits, got shape {tuple(logits.shape)}"
-        )
     if gamma < 0 or not math.isfinite(gamma):
         raise ValueError(f"focal loss gamma must be >= 0, got {gamma}")
 
 
-def sigmoid_focal_loss_fused(
+def sigmoid_focal_loss(
     logits: Tensor,
     targets: Tensor,
     alpha: float = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
 ) -> Tensor:
-    """:func:`sigmoid_focal_loss` with the memory of one gradient-sized tensor.
+    """Focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t), with p = sigmoid(logits).
 
-    Values and first derivatives equal the plain version's (to float32 rounding); there is no
-    second derivative and no gradient to ``targets``.
+    Values and first derivatives are those of the formula (to the compute dtype's rounding);
+    there is no second derivative and no gradient to ``targets`` (they are labels).
 
     Args:
-        logits: (M, K) float logits of any float dtype.
-        targets: (M, K) target probabilities in [0, 1] (1 for the anchor's class, 0 elsewhere).
-        alpha, gamma, reduction: as in :func:`sigmoid_focal_loss`.
+        logits: float tensor of any shape, e.g. (R, K) for R anchors and K classes; any float
+            dtype (half precision is computed in float32).
+        targets: tensor of the same shape with the target probability of each element: 1 for
+            the anchor's class, 0 elsewhere (values in [0, 1] are accepted).
+        alpha: weight of positives in [0, 1]; negatives get 1 - alpha. A negative value turns
+            the weighting off.
+        gamma: focusing parameter >= 0; 0 gives (alpha-balanced) binary cross-entropy.
+        reduction: "none" (same shape as ``logits``), "mean" or "sum" (scalars).
 
     Returns:
-        float32 (float64 for float64 logits) loss: (M, K) for "none", else a scalar.
+        The loss in float32 (float64 for float64 logits).
     """
     _check_fused_args(logits, alpha, gamma, reduction)
     if targets.shape != logits.shape:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} differs from logits shape {tuple(logits.shape)}"
         )
-    targets = targets.detach()
-    return _FusedFocalLoss.apply(logits, lambda rows: targets[rows], None, alpha, gamma, reduction)
+    shape = logits.shape
+    # Chunks are rows of a 2-D view; the last dimension (classes) stays whole.
+    width = shape[-1] if logits.dim() >= 2 else 1
+    rows = logits.reshape(-1, width)
+    flat_targets = targets.detach().reshape(-1, width)
+    loss = _FusedFocalLoss.apply(
+        rows, lambda r: flat_targets[r], None, alpha, gamma, reduction
+    )
+    return loss.reshape(shape) if reduction == "none" else loss
 
 
 def focal_loss_from_labels(
@@ -304,6 +263,8 @@ def focal_loss_from_labels(
         The loss in float32 (float64 for float64 logits).
     """
     _check_fused_args(logits, alpha, gamma, reduction)
+    if logits.dim() != 2:
+        raise ValueError(f"takes (M, K) logits, got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape[:1]:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match logits shape "

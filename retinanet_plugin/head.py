@@ -1,19 +1,20 @@
 """RetinaNet's dense head: a classification and a box subnet shared across pyramid levels."""
-import logging
 import math
-from typing import List, Tuple
+from typing import List
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from detectron2.config import configurable
-from detectron2.layers import CycleBatchNormList, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.registry import Registry
+
+from .rules import OptionRules, at_least, check_options, in_interval
 
 __all__ = ["RETINANET_HEAD_REGISTRY", "build_retinanet_head", "FocalLossHead"]
 
-logger = logging.getLogger(__name__)
 
 RETINANET_HEAD_REGISTRY = Registry("RETINANET_HEAD")
 RETINANET_HEAD_REGISTRY.__doc__ = """
@@ -29,23 +30,41 @@ def build_retinanet_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
     return RETINANET_HEAD_REGISTRY.get(cfg.MODEL.RETINANET.HEAD_NAME)(cfg, input_shape)
 
 
-def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+# Rules on the head's options, also checked (under their config keys) by config validation.
+OPTION_RULES: OptionRules = {
+    "prior_prob": ("MODEL.RETINANET.PRIOR_PROB", in_interval(0, 1, low_open=True, high_open=True)),
+    "num_convs": ("MODEL.RETINANET.NUM_CONVS", at_least(1)),
+}
+
+
+def _norm_passing_the_probe(norm: str):
+    """``norm`` as detectron2's ``RetinaNetHead`` can take it.
+
+    detectron2 0.6 probes the norm with one channel (``get_norm(norm, 1)``, only to log its type),
+    which fails for "GN" (GroupNorm(32, 1)); upstream main probes with 32 channels. A callable
+    norm (which ``get_norm`` accepts) builds the probe with 32 channels and every real layer as
+    ``get_norm(norm, channels)``. "BN"/"SyncBN" (per-level statistics) and "" pass as they are.
+    """
+    if norm in ("", "BN", "SyncBN"):
+        return norm
+
+    def make_norm(channels: int) -> nn.Module:
+        return get_norm(norm, 32 if channels == 1 else channels)
+
+    return make_norm
 
 
 @RETINANET_HEAD_REGISTRY.register()
-class FocalLossHead(nn.Module):
-    """The paper's head (Sec. 4, Fig. 3): per level, a classification subnet and a box subnet,
-    each ``num_convs`` 3x3 convs of C channels with ReLU (optionally normalised), ending in a 3x3
-    conv with K*A (class logits) or 4*A (box deltas) outputs. The two subnets share no weights;
-    each is shared across all pyramid levels.
+class FocalLossHead(RetinaNetHead):
+    """The paper's head (Sec. 4, Fig. 3): detectron2's ``RetinaNetHead``, with GroupNorm usable
+    on detectron2 0.6 and a way to re-initialise the classifier for fine-tuning.
 
-    Initialisation as in the paper: all convs N(0, 0.01) with zero bias, except the final
+    Per level, a classification subnet and a box subnet, each of ``len(conv_dims)`` 3x3 convs
+    with ReLU (optionally normalised; "BN"/"SyncBN" keep per-level statistics), ending in a 3x3
+    conv with K*A (class logits) or 4*A (box deltas) outputs; each subnet is shared across all
+    pyramid levels. All convs are initialised N(0, 0.01) with zero bias, except the final
     classification bias -log((1 - pi) / pi), so every anchor starts with foreground confidence
-    pi and the many easy negatives do not swamp the first iterations.
-
-    Module names match detectron2's ``RetinaNetHead`` (``cls_subnet``, ``bbox_subnet``,
-    ``cls_score``, ``bbox_pred``), so checkpoints load in either.
+    pi. Module names are detectron2's, so checkpoints load in either.
     """
 
     @configurable
@@ -64,75 +83,35 @@ class FocalLossHead(nn.Module):
             input_shape: shapes of the input feature maps; all must have the same channels.
             num_classes: K, the number of foreground classes.
             num_anchors: A, anchors per location (the same on every level).
-            conv_dims: output channels of each subnet conv (its length is the depth).
-            norm: normalisation after each subnet conv: "" (none, the paper), "GN", or any
-                name ``detectron2.layers.get_norm`` takes. "BN"/"SyncBN" keep separate
-                statistics per level (detectron2's ``CycleBatchNormList``).
+            conv_dims: output channels of each subnet conv (its length is the depth, >= 1).
+            norm: normalization after each subnet conv: "" (none, the paper), "GN", "BN",
+                "SyncBN" or any name ``detectron2.layers.get_norm`` takes.
             prior_prob: pi, the initial foreground probability of every anchor.
         """
-        super().__init__()
+        check_options(OPTION_RULES, prior_prob=prior_prob, num_convs=len(conv_dims))
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
             raise ValueError(
                 f"FocalLossHead needs the same channels on every input level, got {channels}"
             )
-        if not 0 < prior_prob < 1:
-            raise ValueError(f"MODEL.RETINANET.PRIOR_PROB must be in (0, 1), got {prior_prob}")
-        self._num_features = len(input_shape)
+        super().__init__(
+            input_shape=input_shape,
+            num_classes=num_classes,
+            num_anchors=num_anchors,
+            conv_dims=conv_dims,
+            norm=_norm_passing_the_probe(norm),
+            prior_prob=prior_prob,
+        )
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-
-        if norm in ("BN", "SyncBN"):
-            bn_class = nn.BatchNorm2d if norm == "BN" else nn.SyncBatchNorm
-
-            def make_norm(c):
-                return CycleBatchNormList(
-                    length=self._num_features, bn_class=bn_class, num_features=c
-                )
-
-        elif norm:
-
-            def make_norm(c):
-                return get_norm(norm, c)
-
-        else:
-            make_norm = None
-
-        in_dims = [input_shape[0].channels] + list(conv_dims[:-1])
-        self.cls_subnet = self._subnet(in_dims, conv_dims, make_norm)
-        self.bbox_subnet = self._subnet(in_dims, conv_dims, make_norm)
-        last_dim = conv_dims[-1] if conv_dims else input_shape[0].channels
-        self.cls_score = _conv3x3(last_dim, num_anchors * num_classes)
-        self.bbox_pred = _conv3x3(last_dim, num_anchors * 4)
-
         self.prior_prob = prior_prob
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, mean=0, std=0.01)
-                nn.init.constant_(module.bias, 0)
-        self.reset_classification_bias(prior_prob)
-
-    @staticmethod
-    def _subnet(in_dims, out_dims, make_norm) -> nn.Sequential:
-        # Layer order conv, [norm], ReLU per block: the same module indices as detectron2.
-        layers = []
-        for in_dim, out_dim in zip(in_dims, out_dims):
-            layers.append(_conv3x3(in_dim, out_dim))
-            if make_norm is not None:
-                layers.append(make_norm(out_dim))
-            layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
-
-    def reset_classification_bias(self, prior_prob: float) -> None:
-        """Sets the final classification bias to -log((1 - pi) / pi) (the paper's prior init)."""
-        nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
 
     @torch.no_grad()
     def reset_classification_layer(self) -> None:
-        """Re-initialises the final classification conv as at construction: weight N(0, 0.01),
-        bias from the prior probability (used when fine-tuning to other classes)."""
+        """Re-initializes the final classification conv as at construction: weight N(0, 0.01),
+        bias -log((1 - pi) / pi) (used when fine-tuning to other classes)."""
         nn.init.normal_(self.cls_score.weight, mean=0, std=0.01)
-        self.reset_classification_bias(self.prior_prob)
+        nn.init.constant_(self.cls_score.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -150,20 +129,3 @@ class FocalLossHead(nn.Module):
             "norm": cfg.MODEL.RETINANET.NORM,
             "prior_prob": cfg.MODEL.RETINANET.PRIOR_PROB,
         }
-
-    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """
-        Args:
-            features: per level, a (N, C, Hi, Wi) feature map, highest resolution first.
-
-        Returns:
-            logits: per level, (N, A*K, Hi, Wi) classification logits.
-            deltas: per level, (N, A*4, Hi, Wi) box regression deltas (dx, dy, dw, dh).
-        """
-        if len(features) != self._num_features:
-            raise ValueError(
-                f"FocalLossHead was built for {self._num_features} levels, got {len(features)}"
-            )
-        logits = [self.cls_score(self.cls_subnet(f)) for f in features]
-        deltas = [self.bbox_pred(self.bbox_subnet(f)) for f in features]
-        return logits, deltas

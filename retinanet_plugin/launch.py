@@ -5,7 +5,6 @@ processes. With ``device="cpu"`` and more than one process this starts the proce
 the gloo backend and sets up detectron2's ``comm`` state the way detectron2 does; everything
 else goes to detectron2's ``launch`` unchanged.
 """
-import logging
 import os
 from datetime import timedelta
 
@@ -20,7 +19,6 @@ from .compat.private_api import find_free_port
 
 __all__ = ["launch"]
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 

@@ -1,32 +1,38 @@
-"""The RetinaNet detector (Lin et al. 2017): backbone + FPN, dense head, focal loss."""
+"""The RetinaNet detector (Lin et al. 2017) with the paper's options, as detectron2's RetinaNet.
 
-import logging
+:class:`FocalLossRetinaNet` is detectron2's ``RetinaNet`` (anchor labelling, training forward,
+pre-processing, visualisation) with the plugin's registered head and anchor generator, and only
+these parts of its own: the classification loss (a fused focal loss, the appendix's FL*, or
+OHEM, Table 1d), the choice of loss normaliser, bfloat16 inference, and a batched inference
+post-processing that gives detectron2's detections faster.
+"""
+
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import batched_nms, nms
 
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from .compat.private_api import dense_box_regression_loss
 from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .head import build_retinanet_head
 from .ohem import NO_RATIO, ohem_cross_entropy
+from .rules import OptionRules, above, at_least, check_options, in_interval, one_of
 
-__all__ = ["FocalLossRetinaNet"]
+__all__ = ["FocalLossRetinaNet", "grouped_nms"]
 
-logger = logging.getLogger(__name__)
 
 CLS_LOSS_TYPES = ("focal", "focal_star", "ohem")
 # Those of detectron2's _dense_box_regression_loss ("smooth_l1" with beta 0 is the L1 loss).
@@ -34,29 +40,45 @@ BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
 LOSS_NORMALIZERS = ("ema", "batch")
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-
-def flatten_per_anchor(tensor: Tensor, dim_per_anchor: int) -> Tensor:
-    """Reshapes a head output (N, A*D, H, W) to (N, H*W*A, D), location-major like the anchors."""
-    n, _, h, w = tensor.shape
-    return (
-        tensor.view(n, -1, dim_per_anchor, h, w)
-        .permute(0, 3, 4, 1, 2)
-        .reshape(n, -1, dim_per_anchor)
-    )
+_RETINANET = "MODEL.RETINANET."
+OPTION_RULES: OptionRules = {
+    "cls_loss_type": (_RETINANET + "CLS_LOSS_TYPE", one_of(CLS_LOSS_TYPES)),
+    "box_reg_loss_type": (_RETINANET + "BBOX_REG_LOSS_TYPE", one_of(BOX_REG_LOSS_TYPES)),
+    "loss_normalizer": (_RETINANET + "LOSS_NORMALIZER", one_of(LOSS_NORMALIZERS)),
+    "inference_dtype": ("MODEL.INFERENCE_DTYPE", one_of(tuple(INFERENCE_DTYPES))),
+    "focal_loss_gamma": (_RETINANET + "FOCAL_LOSS_GAMMA", at_least(0)),
+    # As focal_loss.py (`if alpha >= 0`): any negative alpha turns the weighting off.
+    "focal_loss_alpha": (
+        _RETINANET + "FOCAL_LOSS_ALPHA",
+        lambda alpha: None if alpha <= 1 else "must be in [0, 1], or negative for no weighting",
+    ),
+    "focal_loss_star_gamma": (_RETINANET + "FOCAL_LOSS_STAR_GAMMA", above(0)),
+    "smooth_l1_beta": (_RETINANET + "SMOOTH_L1_LOSS_BETA", at_least(0)),
+    "ohem_batch_size_per_image": (_RETINANET + "OHEM_BATCH_SIZE_PER_IMAGE", at_least(1)),
+    "ohem_positive_fraction": (
+        _RETINANET + "OHEM_POSITIVE_FRACTION",
+        in_interval(0, 1, low_open=True, or_equal_to=(NO_RATIO,), meaning="(no ratio)"),
+    ),
+    "ohem_nms_thresh": (_RETINANET + "OHEM_NMS_THRESH", in_interval(0, 1)),
+    "test_score_thresh": (_RETINANET + "SCORE_THRESH_TEST", in_interval(0, 1)),
+    "test_nms_thresh": (_RETINANET + "NMS_THRESH_TEST", in_interval(0, 1)),
+    "test_topk_candidates": (_RETINANET + "TOPK_CANDIDATES_TEST", at_least(1)),
+}
 
 
 @META_ARCH_REGISTRY.register()
-class FocalLossRetinaNet(DenseDetector):
-    """RetinaNet with focal loss, built from the plugin's registered components.
+class FocalLossRetinaNet(RetinaNet):
+    """RetinaNet with focal loss: detectron2's ``RetinaNet`` with the paper's loss options.
 
-    Training: anchors are matched to ground truth by IoU (>= 0.5 foreground, < 0.4 background,
-    in between ignored; each ground-truth box also keeps its best anchors), the classification
-    loss is summed over all non-ignored anchors, the box loss over foreground anchors, and both
-    are divided by the number of foreground anchors (an EMA of it by default); with
-    ``CLS_LOSS_TYPE`` "ohem" the classification loss is instead the mean cross-entropy over the
-    online hard examples (:mod:`retinanet_plugin.ohem`). Inference: per
-    level the top-k candidates above a score threshold are decoded, then merged over levels,
-    class-wise NMS, and the top detections per image are kept.
+    Training (detectron2's): anchors are matched to ground truth by IoU (>= 0.5 foreground,
+    < 0.4 background, in between ignored; each ground-truth box also keeps its best anchors);
+    here the classification loss is summed over all non-ignored anchors, the box loss over
+    foreground anchors, and both are divided by the number of foreground anchors (an EMA of it,
+    detectron2's normaliser, by default); with ``CLS_LOSS_TYPE`` "ohem" the classification loss
+    is instead the mean cross-entropy over the online hard examples
+    (:mod:`retinanet_plugin.ohem`). Inference: per level the top-k candidates above a score
+    threshold are decoded, then merged over levels, class-wise NMS, and the top detections per
+    image are kept, all images of a batch at once.
 
     Parameter and buffer names equal detectron2's ``RetinaNet`` for the same config, so
     checkpoints load in either direction.
@@ -66,120 +88,64 @@ class FocalLossRetinaNet(DenseDetector):
     def __init__(
         self,
         *,
-        backbone: Backbone,
-        head: nn.Module,
-        head_in_features: Sequence[str],
-        anchor_generator: nn.Module,
-        box2box_transform: Box2BoxTransform,
-        anchor_matcher: Matcher,
-        num_classes: int,
         cls_loss_type: str = "focal",
-        focal_loss_alpha: float = 0.25,
-        focal_loss_gamma: float = 2.0,
         focal_loss_star_gamma: float = 4.0,
         focal_loss_star_beta: float = 0.0,
         ohem_batch_size_per_image: int = 128,
         ohem_positive_fraction: float = NO_RATIO,
         ohem_nms_thresh: float = 0.5,
-        box_reg_loss_type: str = "smooth_l1",
-        smooth_l1_beta: float = 0.0,
         loss_normalizer: str = "ema",
         loss_normalizer_momentum: float = 0.9,
         loss_normalizer_init: float = 100.0,
-        test_score_thresh: float = 0.05,
-        test_topk_candidates: int = 1000,
-        test_nms_thresh: float = 0.5,
-        max_detections_per_image: int = 100,
         inference_dtype: str = "float32",
-        pixel_mean: Sequence[float],
-        pixel_std: Sequence[float],
-        input_format: str = "BGR",
+        **retinanet_options,
     ):
         """
         Args:
-            backbone: a detectron2 backbone (e.g. ResNet + FPN with P6/P7).
-            head: maps per-level features to per-level (N, A*K, H, W) logits and
-                (N, A*4, H, W) deltas, e.g. :class:`FocalLossHead`.
-            head_in_features: names of the backbone outputs fed to the head, e.g. p3..p7.
-            anchor_generator: returns per-level ``Boxes`` of H*W*A anchors.
-            box2box_transform: encodes/decodes box deltas relative to anchors.
-            anchor_matcher: labels anchors 1 (foreground), 0 (background), -1 (ignored).
-            num_classes: K, number of foreground classes.
             cls_loss_type: "focal", "focal_star" (the appendix's FL*) or "ohem" (sigmoid
                 cross-entropy over the online hard examples only, Table 1d's baseline).
-            focal_loss_alpha, focal_loss_gamma: alpha and gamma of the focal loss.
             focal_loss_star_gamma, focal_loss_star_beta: gamma* and beta of FL*.
             ohem_batch_size_per_image, ohem_positive_fraction, ohem_nms_thresh: of "ohem": B
                 examples per image, the fraction of B positives may take (or ``NO_RATIO``),
                 the IoU threshold of the NMS over the examples' predicted boxes.
-            box_reg_loss_type: "smooth_l1" (beta 0 = L1), "giou", "diou" or "ciou".
-            smooth_l1_beta: beta of the smooth-L1 loss.
-            loss_normalizer: "ema" (moving average of foreground anchors per batch) or "batch".
-            loss_normalizer_momentum, loss_normalizer_init: of the "ema" normalizer.
-            test_score_thresh: candidates need a score above this.
-            test_topk_candidates: candidates kept per level before NMS.
-            test_nms_thresh: IoU threshold of the class-wise NMS.
-            max_detections_per_image: detections kept per image after NMS.
+            loss_normalizer: "ema" (moving average of foreground anchors per batch, as
+                detectron2) or "batch" (this batch's count, as the paper).
+            loss_normalizer_momentum, loss_normalizer_init: of the "ema" normaliser.
             inference_dtype: "float32", or "bfloat16" to run backbone and head under bfloat16
                 autocast at inference (box decoding, scores and NMS stay float32).
-            pixel_mean, pixel_std: input normalisation, per channel.
-            input_format: channel order of input images ("BGR" or "RGB").
+            retinanet_options: detectron2's ``RetinaNet`` arguments (backbone, head,
+                head_in_features, anchor_generator, box2box_transform, anchor_matcher,
+                num_classes, focal_loss_alpha, focal_loss_gamma, smooth_l1_beta,
+                box_reg_loss_type, test_* thresholds, max_detections_per_image, pixel_mean,
+                pixel_std, vis_period, input_format); the head maps per-level features to
+                per-level (N, A*K, H, W) logits and (N, A*4, H, W) deltas.
         """
-        super().__init__(
-            backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std
+        options = dict(
+            cls_loss_type=cls_loss_type,
+            focal_loss_star_gamma=focal_loss_star_gamma,
+            ohem_batch_size_per_image=ohem_batch_size_per_image,
+            ohem_positive_fraction=ohem_positive_fraction,
+            ohem_nms_thresh=ohem_nms_thresh,
+            loss_normalizer=loss_normalizer,
+            inference_dtype=inference_dtype,
         )
-        if cls_loss_type not in CLS_LOSS_TYPES:
-            raise ValueError(
-                f"MODEL.RETINANET.CLS_LOSS_TYPE must be one of {CLS_LOSS_TYPES}, "
-                f"got {cls_loss_type!r}"
-            )
-        if cls_loss_type == "ohem" and not (
-            ohem_batch_size_per_image >= 1
-            and (ohem_positive_fraction == NO_RATIO or 0 < ohem_positive_fraction <= 1)
-            and 0 <= ohem_nms_thresh <= 1
-        ):
-            raise ValueError(
-                "MODEL.RETINANET.OHEM_BATCH_SIZE_PER_IMAGE must be >= 1, OHEM_POSITIVE_FRACTION "
-                f"in (0, 1] or {NO_RATIO} and OHEM_NMS_THRESH in [0, 1]; got "
-                f"{ohem_batch_size_per_image}, {ohem_positive_fraction}, {ohem_nms_thresh}"
-            )
-        if loss_normalizer not in LOSS_NORMALIZERS:
-            raise ValueError(
-                f"MODEL.RETINANET.LOSS_NORMALIZER must be one of {LOSS_NORMALIZERS}, "
-                f"got {loss_normalizer!r}"
-            )
-        self.num_classes = num_classes
-        self.anchor_generator = anchor_generator
-        self.box2box_transform = box2box_transform
-        self.anchor_matcher = anchor_matcher
+        check_options(OPTION_RULES, **options, **retinanet_options)
+        super().__init__(**retinanet_options)
         self.cls_loss_type = cls_loss_type
-        self.focal_loss_alpha = focal_loss_alpha
-        self.focal_loss_gamma = focal_loss_gamma
         self.focal_loss_star_gamma = focal_loss_star_gamma
         self.focal_loss_star_beta = focal_loss_star_beta
         self.ohem_batch_size_per_image = ohem_batch_size_per_image
         self.ohem_positive_fraction = ohem_positive_fraction
         self.ohem_nms_thresh = ohem_nms_thresh
-        self.box_reg_loss_type = box_reg_loss_type
-        self.smooth_l1_beta = smooth_l1_beta
-        if inference_dtype not in INFERENCE_DTYPES:
-            raise ValueError(
-                f"MODEL.INFERENCE_DTYPE must be one of {sorted(INFERENCE_DTYPES)}, "
-                f"got {inference_dtype!r}"
-            )
         self.loss_normalizer_type = loss_normalizer
         self.loss_normalizer_momentum = loss_normalizer_momentum
-        # Current value of the "ema" normalizer.
-        self.loss_normalizer = loss_normalizer_init
-        self.test_score_thresh = test_score_thresh
-        self.test_topk_candidates = test_topk_candidates
-        self.test_nms_thresh = test_nms_thresh
-        self.max_detections_per_image = max_detections_per_image
+        self.loss_normalizer_init = loss_normalizer_init
         self.inference_dtype = INFERENCE_DTYPES[inference_dtype]
-        self.input_format = input_format
 
     @classmethod
     def from_config(cls, cfg):
+        # detectron2's RetinaNet.from_config builds its own RetinaNetHead (which cannot use GN in
+        # detectron2 0.6); this one builds the registered head, and adds the plugin's options.
         retinanet = cfg.MODEL.RETINANET
         backbone = build_backbone(cfg)
         backbone_shape = backbone.output_shape()
@@ -220,12 +186,13 @@ class FocalLossRetinaNet(DenseDetector):
             "inference_dtype": cfg.MODEL.INFERENCE_DTYPE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "vis_period": cfg.VIS_PERIOD,
             "input_format": cfg.INPUT.FORMAT,
         }
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        """detectron2's ``DenseDetector.forward``; at inference with ``inference_dtype``
-        bfloat16, backbone and head run under autocast."""
+        """detectron2's ``RetinaNet.forward``; at inference with ``inference_dtype`` bfloat16,
+        backbone and head run under autocast."""
         if self.training or self.inference_dtype == torch.float32:
             return super().forward(batched_inputs)
         with torch.autocast(device_type=self.device.type, dtype=self.inference_dtype):
@@ -240,69 +207,66 @@ class FocalLossRetinaNet(DenseDetector):
         return images
 
     # ---------------------------------------------------------------- training
-    def forward_training(
+    def losses(
         self,
-        images: ImageList,
-        features: List[Tensor],
-        predictions: Tuple[List[Tensor], List[Tensor]],
-        gt_instances: List[Instances],
+        anchors: List[Boxes],
+        pred_logits: List[Tensor],
+        gt_labels: Sequence[Tensor],
+        pred_anchor_deltas: List[Tensor],
+        gt_boxes: Sequence[Tensor],
     ) -> Dict[str, Tensor]:
-        logits, deltas = predictions
-        anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        return self.losses(
-            anchors,
-            [flatten_per_anchor(x, self.num_classes) for x in logits],
-            gt_labels,
-            [flatten_per_anchor(x, 4) for x in deltas],
-            gt_boxes,
-        )
-
-    @torch.no_grad()
-    def label_anchors(
-        self, anchors: List[Boxes], gt_instances: List[Instances]
-    ) -> Tuple[Tensor, Tensor]:
-        """Assigns every anchor a class label and a ground-truth box.
+        """detectron2's ``RetinaNet.losses`` with the plugin's classification losses and
+        normalisers.
 
         Args:
             anchors: per level, ``Boxes`` of Hi*Wi*A anchors.
-            gt_instances: per image, ``Instances`` with ``gt_boxes`` and ``gt_classes``.
+            pred_logits: per level, (N, Hi*Wi*A, K).
+            gt_labels: per image, (R,) labels from ``label_anchors``: a class in [0, K) for
+                foreground, K for background, -1 for ignored anchors (R = sum_i Hi*Wi*A).
+            pred_anchor_deltas: per level, (N, Hi*Wi*A, 4).
+            gt_boxes: per image, (R, 4) matched ground-truth boxes.
 
         Returns:
-            gt_labels: (N, R) int64 with R = sum_i Hi*Wi*A: a class in [0, K) for foreground,
-                K for background, -1 for ignored anchors.
-            gt_boxes: (N, R, 4) matched ground-truth box of each anchor (meaningful only for
-                foreground anchors).
+            dict with scalar "loss_cls" and "loss_box_reg".
         """
-        anchors = Boxes.cat(anchors)
-        labels_per_image, boxes_per_image = [], []
-        for instances in gt_instances:
-            if len(instances) == 0:
-                # An image without annotations trains as all background.
-                labels_per_image.append(
-                    torch.full(
-                        (len(anchors),), self.num_classes, dtype=torch.int64, device=anchors.device
-                    )
-                )
-                boxes_per_image.append(torch.zeros_like(anchors.tensor))
-                continue
-            match_quality = pairwise_iou(instances.gt_boxes, anchors)
-            matched_idxs, anchor_labels = self.anchor_matcher(match_quality)
-            del match_quality
-            labels = instances.gt_classes[matched_idxs]
-            labels[anchor_labels == 0] = self.num_classes
-            labels[anchor_labels == -1] = -1
-            labels_per_image.append(labels)
-            boxes_per_image.append(instances.gt_boxes.tensor[matched_idxs])
-        return torch.stack(labels_per_image), torch.stack(boxes_per_image)
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(list(gt_labels))  # (N, R)
+        pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
+        num_pos_anchors = pos_mask.sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
+        if self.loss_normalizer_type == "ema":
+            normalizer = self._ema_update(
+                "loss_normalizer",
+                max(num_pos_anchors, 1),
+                self.loss_normalizer_init,
+                self.loss_normalizer_momentum,
+            )
+        else:
+            normalizer = max(num_pos_anchors, 1)
+
+        if self.cls_loss_type == "ohem":
+            loss_cls = self.ohem_loss(anchors, pred_logits, gt_labels, pred_anchor_deltas)
+        else:
+            logits = cat(pred_logits, dim=1).view(-1, self.num_classes)
+            loss_cls = self.classification_loss(logits, gt_labels.view(-1)) / normalizer
+        loss_box_reg = dense_box_regression_loss()(
+            anchors,
+            self.box2box_transform,
+            pred_anchor_deltas,
+            list(gt_boxes),
+            pos_mask,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
 
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Summed classification loss.
 
         Args:
             logits: (M, K) logits of all anchors of the batch.
-            labels: (M,) anchor labels as from :meth:`label_anchors`: class in [0, K),
-                K = background, -1 = ignored (no loss).
+            labels: (M,) anchor labels: class in [0, K), K = background, -1 = ignored (no
+                loss).
         """
         if self.cls_loss_type == "focal_star":
             valid = labels >= 0
@@ -319,53 +283,6 @@ class FocalLossRetinaNet(DenseDetector):
         return focal_loss_from_labels(
             logits, labels, alpha=self.focal_loss_alpha, gamma=self.focal_loss_gamma
         )
-
-    def losses(
-        self,
-        anchors: List[Boxes],
-        pred_logits: List[Tensor],
-        gt_labels: Tensor,
-        pred_deltas: List[Tensor],
-        gt_boxes: Tensor,
-    ) -> Dict[str, Tensor]:
-        """
-        Args:
-            anchors: per level, ``Boxes`` of Hi*Wi*A anchors.
-            pred_logits: per level, (N, Hi*Wi*A, K).
-            gt_labels: (N, R), see :meth:`label_anchors`.
-            pred_deltas: per level, (N, Hi*Wi*A, 4).
-            gt_boxes: (N, R, 4).
-
-        Returns:
-            dict with scalar "loss_cls" and "loss_box_reg".
-        """
-        num_images = gt_labels.shape[0]
-        valid_mask = gt_labels >= 0
-        pos_mask = valid_mask & (gt_labels != self.num_classes)
-        num_pos_anchors = pos_mask.sum().item()
-        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
-        if self.loss_normalizer_type == "ema":
-            m = self.loss_normalizer_momentum
-            self.loss_normalizer = m * self.loss_normalizer + (1 - m) * max(num_pos_anchors, 1)
-            normalizer = self.loss_normalizer
-        else:
-            normalizer = max(num_pos_anchors, 1)
-
-        if self.cls_loss_type == "ohem":
-            loss_cls = self.ohem_loss(anchors, pred_logits, gt_labels, pred_deltas)
-        else:
-            logits = cat(pred_logits, dim=1).view(-1, self.num_classes)
-            loss_cls = self.classification_loss(logits, gt_labels.view(-1)) / normalizer
-        loss_box_reg = dense_box_regression_loss()(
-            anchors,
-            self.box2box_transform,
-            pred_deltas,
-            list(gt_boxes),
-            pos_mask,
-            box_reg_loss_type=self.box_reg_loss_type,
-            smooth_l1_beta=self.smooth_l1_beta,
-        )
-        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
 
     def ohem_loss(
         self,
@@ -385,7 +302,7 @@ class FocalLossRetinaNet(DenseDetector):
         Args:
             anchors: per level, ``Boxes`` of Hi*Wi*A anchors.
             pred_logits: per level, (N, Hi*Wi*A, K).
-            gt_labels: (N, R), see :meth:`label_anchors`.
+            gt_labels: (N, R) anchor labels, see :meth:`losses`.
             pred_deltas: per level, (N, Hi*Wi*A, 4).
         """
         num_images = gt_labels.shape[0]

@@ -31,8 +31,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from retinanet_plugin import cli
 from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
-from retinanet_plugin.config import config_sets_key
-from retinanet_plugin.config_validation import load_config
+from retinanet_plugin.config_io import config_sets_key, load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
     register_datasets_from_args,

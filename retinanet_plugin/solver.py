@@ -12,9 +12,12 @@ from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 
+from .rules import OptionRules, check_options, one_of
+
 __all__ = [
     "LR_SCHEDULERS",
     "OPTIMIZERS",
+    "OPTION_RULES",
     "WARMUP_METHODS",
     "build_lr_scheduler",
     "build_optimizer",
@@ -24,6 +27,11 @@ OPTIMIZERS = ("SGD", "AdamW")
 # The first two are detectron2's own; all four are warmup + an fvcore ParamScheduler.
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupPolyLR", "WarmupExponentialLR")
 WARMUP_METHODS = ("linear", "constant")  # detectron2's WarmupParamScheduler
+OPTION_RULES: OptionRules = {
+    "optimizer": ("SOLVER.OPTIMIZER", one_of(OPTIMIZERS)),
+    "lr_scheduler_name": ("SOLVER.LR_SCHEDULER_NAME", one_of(LR_SCHEDULERS)),
+    "warmup_method": ("SOLVER.WARMUP_METHOD", one_of(WARMUP_METHODS)),
+}
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -34,10 +42,9 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     on normalisation and bias parameters (the usual practice for AdamW).
     """
     name = cfg.SOLVER.OPTIMIZER
+    check_options(OPTION_RULES, optimizer=name)
     if name == "SGD":
         return build_sgd_optimizer(cfg, model)
-    if name != "AdamW":
-        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {name!r}")
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
@@ -79,17 +86,16 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
     """
     solver = cfg.SOLVER
     name = solver.LR_SCHEDULER_NAME
+    check_options(OPTION_RULES, lr_scheduler_name=name, warmup_method=solver.WARMUP_METHOD)
     if name in ("WarmupMultiStepLR", "WarmupCosineLR"):
         return build_detectron2_lr_scheduler(cfg, optimizer)
     schedule: ParamScheduler
     if name == "WarmupPolyLR":
         schedule = PolynomialDecayParamScheduler(base_value=1.0, power=solver.POLY_LR_POWER)
-    elif name == "WarmupExponentialLR":
+    else:  # "WarmupExponentialLR"
         schedule = ExponentialParamScheduler(
             start_value=1.0, decay=solver.EXPONENTIAL_LR_FINAL_FACTOR
         )
-    else:
-        raise ValueError(f"SOLVER.LR_SCHEDULER_NAME must be one of {LR_SCHEDULERS}, got {name!r}")
     # As detectron2's build_lr_scheduler wraps its two schedules.
     schedule = WarmupParamScheduler(
         schedule,

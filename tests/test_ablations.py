@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from detectron2.modeling import build_model
-from retinanet_plugin.config_validation import load_config, load_yaml_safely
+from retinanet_plugin.config_io import load_config, load_yaml_safely
 from retinanet_plugin.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

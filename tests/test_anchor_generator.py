@@ -8,7 +8,6 @@ import yaml
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
 from conftest import plugin_cfg, detectron2_cfg
-from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import (

@@ -17,7 +17,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from conftest import plugin_cfg
-from retinanet_plugin.config_validation import ConfigError, load_config
+from retinanet_plugin.config_io import ConfigError, load_config
 from retinanet_plugin.data import (
     MixingDatasetMapper,
     build_train_loader,

@@ -18,7 +18,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import get_config_file
 from retinanet_plugin.backbone import PANet, TimmBackbone, build_timm_backbone
-from retinanet_plugin.config_validation import ConfigError, load_config
+from retinanet_plugin.config_io import ConfigError, load_config
 from retinanet_plugin.solver import build_optimizer
 
 requires_timm = pytest.mark.skipif(

@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import get_config_file
-from retinanet_plugin.config_validation import ConfigError, load_config
+from retinanet_plugin.config_io import ConfigError, load_config
 from retinanet_plugin.meta_arch import BOX_REG_LOSS_TYPES
 from test_equality_with_detectron2 import build_pair
 

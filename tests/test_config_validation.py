@@ -1,4 +1,5 @@
-"""retinanet_plugin.config_validation: safe YAML, clear errors for bad files, keys and values."""
+"""retinanet_plugin.config_io and config_validation: safe YAML, clear errors for bad files, keys
+and values."""
 import glob
 import os
 
@@ -8,13 +9,13 @@ import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 sub
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from retinanet_plugin import add_retinanet_config
-from retinanet_plugin.config import config_sets_key
-from retinanet_plugin.config_validation import (
+from retinanet_plugin.config_io import (
     ConfigError,
+    config_sets_key,
     evaluate_arithmetic,
     load_config,
-    validate_config,
 )
+from retinanet_plugin.config_validation import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")

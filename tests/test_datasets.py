@@ -9,7 +9,7 @@ from conftest import plugin_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from retinanet_plugin import get_config_file
-from retinanet_plugin.config import config_sets_key
+from retinanet_plugin.config_io import config_sets_key
 from retinanet_plugin.data import (
     DatasetError,
     SHAPE_CLASSES,

@@ -1,11 +1,13 @@
-"""The fused focal loss equals the plain one (values and gradients), chunk boundaries included."""
+"""The focal loss (computed fused: loss and gradient in one chunked pass) equals the float64
+reference formula (values and gradients), chunk boundaries included."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
-from retinanet_plugin import focal_loss_from_labels, sigmoid_focal_loss, sigmoid_focal_loss_fused
+from focal_reference import reference_focal_loss
+from retinanet_plugin import focal_loss_from_labels, sigmoid_focal_loss
 
 # 3000 x 80 = 240k elements: four CPU chunks of 819 rows, the last one partial.
 SHAPE = (3000, 80)
@@ -39,10 +41,10 @@ def test_fused_equals_plain_float64_reference(alpha, gamma, reduction, soft):
     logits, targets = _inputs(seed=0, soft=soft)
     upstream = torch.randn(SHAPE, dtype=torch.float64) if reduction == "none" else 1.7
     ref_loss, ref_grad = _loss_and_grad(
-        sigmoid_focal_loss, logits, targets, alpha, gamma, reduction, upstream
+        reference_focal_loss, logits, targets, alpha, gamma, reduction, upstream
     )
     loss, grad = _loss_and_grad(
-        sigmoid_focal_loss_fused,
+        sigmoid_focal_loss,
         logits.float(),
         targets.float(),
         alpha,
@@ -61,8 +63,8 @@ def test_fused_float64_matches_plain_tightly(alpha, gamma):
     """In float64 the analytic gradient equals autograd's of the plain formula to ~1e-12."""
     logits, targets = _inputs(seed=1, soft=True, shape=(500, 7))
     upstream = torch.randn(500, 7, dtype=torch.float64)
-    ref = _loss_and_grad(sigmoid_focal_loss, logits, targets, alpha, gamma, "none", upstream)
-    out = _loss_and_grad(sigmoid_focal_loss_fused, logits, targets, alpha, gamma, "none", upstream)
+    ref = _loss_and_grad(reference_focal_loss, logits, targets, alpha, gamma, "none", upstream)
+    out = _loss_and_grad(sigmoid_focal_loss, logits, targets, alpha, gamma, "none", upstream)
     torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(out[1], ref[1], rtol=1e-10, atol=1e-14)
 
@@ -74,12 +76,12 @@ def test_fused_extreme_logits_finite_and_equal_to_plain(dtype, gamma):
     logits = torch.tensor([[100.0, 100.0, -100.0, -100.0, 0.0, 3.0, -30.0]], dtype=dtype)
     targets = torch.tensor([[0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]])
     ref_loss, ref_grad = _loss_and_grad(
-        sigmoid_focal_loss, logits, targets, 0.25, gamma, "none", 1.0
+        reference_focal_loss, logits, targets, 0.25, gamma, "none", 1.0
     )
-    loss, grad = _loss_and_grad(sigmoid_focal_loss_fused, logits, targets, 0.25, gamma, "none", 1.0)
+    loss, grad = _loss_and_grad(sigmoid_focal_loss, logits, targets, 0.25, gamma, "none", 1.0)
     assert grad.dtype == dtype
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-30)
     torch.testing.assert_close(
         grad, ref_grad, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-30
     )
@@ -98,7 +100,7 @@ def test_from_labels_equals_plain_on_one_hot_of_valid_rows():
     loss = focal_loss_from_labels(x, labels, alpha=0.25, gamma=2.0)
     loss.backward()
     ref_x = logits.double().requires_grad_(True)
-    ref = sigmoid_focal_loss(ref_x[valid], targets, alpha=0.25, gamma=2.0, reduction="sum")
+    ref = reference_focal_loss(ref_x[valid], targets, alpha=0.25, gamma=2.0, reduction="sum")
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-7)
@@ -115,27 +117,27 @@ def test_from_labels_all_ignored_is_zero():
 def test_fused_without_grad_gives_same_value():
     logits, targets = _inputs(seed=3)
     with torch.no_grad():
-        value = sigmoid_focal_loss_fused(logits.float(), targets.float(), reduction="sum")
-    ref = sigmoid_focal_loss(logits, targets, reduction="sum")
+        value = sigmoid_focal_loss(logits.float(), targets.float(), reduction="sum")
+    ref = reference_focal_loss(logits, targets, reduction="sum")
     torch.testing.assert_close(value.double(), ref, rtol=1e-6, atol=0)
 
 
 def test_fused_gives_no_gradient_to_targets():
     logits = torch.randn(4, 3, requires_grad=True)
     targets = torch.rand(4, 3, requires_grad=True)
-    sigmoid_focal_loss_fused(logits, targets, reduction="sum").backward()
+    sigmoid_focal_loss(logits, targets, reduction="sum").backward()
     assert targets.grad is None and logits.grad is not None
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: sigmoid_focal_loss_fused(torch.zeros(5), torch.zeros(5)), r"\(M, K\) logits"),
-        (lambda: sigmoid_focal_loss_fused(torch.zeros(5, 2), torch.zeros(5, 3)), "differs"),
+        (lambda: focal_loss_from_labels(torch.zeros(5), torch.zeros(5)), r"\(M, K\) logits"),
+        (lambda: sigmoid_focal_loss(torch.zeros(5, 2), torch.zeros(5, 3)), "differs"),
         (lambda: focal_loss_from_labels(torch.zeros(5, 2), torch.zeros(4)), "one label per row"),
         (lambda: focal_loss_from_labels(torch.zeros(5, 2), torch.zeros(5), gamma=-1), "gamma"),
         (
-            lambda: sigmoid_focal_loss_fused(torch.zeros(5, 2), torch.zeros(5, 2), reduction="x"),
+            lambda: sigmoid_focal_loss(torch.zeros(5, 2), torch.zeros(5, 2), reduction="x"),
             "reduction",
         ),
     ],
@@ -150,9 +152,9 @@ def test_fused_cpu_gradient_has_no_subnormals():
     subnormals is ~100x slower); larger ones equal the float64 reference."""
     logits = torch.linspace(-90.0, 90.0, 4000).view(500, 8)
     targets = (torch.arange(4000).view(500, 8) % 3 == 0).float()
-    _, grad = _loss_and_grad(sigmoid_focal_loss_fused, logits, targets, 0.25, 2.0, "sum", 1e-3)
+    _, grad = _loss_and_grad(sigmoid_focal_loss, logits, targets, 0.25, 2.0, "sum", 1e-3)
     _, ref = _loss_and_grad(
-        sigmoid_focal_loss, logits.double(), targets.double(), 0.25, 2.0, "sum", 1e-3
+        reference_focal_loss, logits.double(), targets.double(), 0.25, 2.0, "sum", 1e-3
     )
     finfo = torch.finfo(torch.float32)
     assert not ((grad != 0) & (grad.abs() < finfo.tiny)).any()
@@ -169,9 +171,11 @@ def test_fused_on_cuda_equals_float64_reference(dtype):
     plain loss evaluated in float64 on the CPU, within the input dtype's precision."""
     logits, targets = _inputs(seed=2)
     rounded = logits.to(dtype).double()  # the reference sees the same rounded inputs
-    ref_loss, ref_grad = _loss_and_grad(sigmoid_focal_loss, rounded, targets, 0.25, 2.0, "sum", 1.0)
+    ref_loss, ref_grad = _loss_and_grad(
+        reference_focal_loss, rounded, targets, 0.25, 2.0, "sum", 1.0
+    )
     loss, grad = _loss_and_grad(
-        sigmoid_focal_loss_fused, logits.to("cuda", dtype), targets.to("cuda", dtype), 0.25, 2.0,
+        sigmoid_focal_loss, logits.to("cuda", dtype), targets.to("cuda", dtype), 0.25, 2.0,
         "sum", 1.0,
     )
     assert loss.dtype == torch.float32 and grad.dtype == dtype
@@ -180,3 +184,13 @@ def test_fused_on_cuda_equals_float64_reference(dtype):
     torch.testing.assert_close(
         grad.cpu().double(), ref_grad, rtol=tolerance, atol=tolerance * ref_grad.abs().max()
     )
+
+
+def test_any_shape_is_computed_over_the_last_dimension():
+    """A (2, 3, 5) or 1-D input gives the reference's elementwise loss in its own shape."""
+    for shape in [(2, 3, 5), (11,)]:
+        logits, targets = _inputs(seed=4, shape=shape)
+        out = sigmoid_focal_loss(logits.float(), targets.float())
+        assert out.shape == shape
+        torch.testing.assert_close(out.double(), reference_focal_loss(logits, targets), rtol=2e-5,
+                                   atol=1e-7)

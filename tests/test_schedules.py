@@ -10,7 +10,7 @@ import torch
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
-from retinanet_plugin.config_validation import ConfigError, load_config
+from retinanet_plugin.config_io import ConfigError, load_config
 from retinanet_plugin.solver import LR_SCHEDULERS, build_lr_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,8 @@ def test_unknown_schedule_is_a_clear_error():
     cfg = load_config(TINY)
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupLinearLR"
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(ValueError, match="SOLVER.LR_SCHEDULER_NAME must be one of .*WarmupPolyLR"):
+    expected = r"\(SOLVER.LR_SCHEDULER_NAME\) = 'WarmupLinearLR': must be one of .*WarmupPolyLR"
+    with pytest.raises(ValueError, match=expected):
         build_lr_scheduler(cfg, optimizer)
 
 

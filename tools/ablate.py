@@ -60,7 +60,7 @@ def flatten(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def own_config(config_file: str) -> Dict[str, Any]:
     """The mapping a config file sets itself, without its ``_BASE_`` chain (loaded safely)."""
-    from retinanet_plugin.config_validation import load_yaml_safely
+    from retinanet_plugin.config_io import load_yaml_safely
 
     return load_yaml_safely(config_file, merge_bases=False)
 

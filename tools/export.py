@@ -26,7 +26,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from retinanet_plugin import cli
 from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
-from retinanet_plugin.config_validation import load_config
+from retinanet_plugin.config_io import load_config
 from retinanet_plugin.export import (
     FORMATS,
     QUANTIZATIONS,

@@ -1,0 +1,381 @@
+"""Loading a config: safe YAML with ``_BASE_``, merging with clear errors, then validation.
+
+:func:`load_config` builds the plugin's config from a YAML file (with its ``_BASE_`` chain) and
+``KEY VALUE`` overrides and checks its values (:mod:`.config_validation`); every problem is one
+:class:`~retinanet_plugin.config_validation.ConfigError` that names the file, the key, the value
+and the rule broken, instead of a ``KeyError`` or an assertion deep inside yacs, or a crash many
+minutes into training.
+
+YAML is read with a safe loader only. detectron2's ``CfgNode.merge_from_file`` falls back to
+``yaml.unsafe_load`` for files with Python tags, so a config file such as
+``X: !!python/object/apply:os.system ["rm -rf ~"]`` runs a command when it is merely loaded. Here
+such a file is refused. The one Python tag allowed is ``!!python/object/apply:eval`` with an
+arithmetic expression (numbers, lists, ``+ - * / // % **`` and list comprehensions), which
+detectron2's model-zoo ``Base-RetinaNet.yaml`` uses for its anchor sizes; it is computed by a
+small interpreter of those constructs, never by Python's ``eval``.
+"""
+import ast
+import difflib
+import operator
+import os
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+import yaml
+from detectron2.config import CfgNode, get_cfg
+from detectron2.config.compat import downgrade_config, guess_version, upgrade_config
+from detectron2.utils.file_io import PathManager
+from fvcore.common.config import BASE_KEY
+
+from .config import add_retinanet_config
+from .config_validation import ConfigError, validate_config
+
+__all__ = [
+    "ConfigError",
+    "config_sets_key",
+    "evaluate_arithmetic",
+    "load_config",
+    "load_yaml_safely",
+]
+
+_EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe YAML with _BASE_
+
+
+_BINARY_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+# Bounds that keep an expression from exhausting memory or time: ``10 ** 10 ** 10`` or a
+# comprehension over a huge range would otherwise hang the loader.
+_MAX_EXPONENT = 64
+_MAX_ITEMS = 10_000
+
+
+def _evaluate(node: ast.AST, names: Dict[str, Any]) -> Any:
+    """Value of an arithmetic expression tree; raises ValueError on any other construct."""
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body, names)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        if len(node.elts) > _MAX_ITEMS:
+            raise ValueError("too many items")
+        return [_evaluate(element, names) for element in node.elts]
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
+        return _UNARY_OPS[type(node.op)](_number(node.operand, names))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+        left, right = _number(node.left, names), _number(node.right, names)
+        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
+            raise ValueError(f"exponent {right} is too large")
+        result = _BINARY_OPS[type(node.op)](left, right)
+        if not isinstance(result, (int, float)):  # e.g. (-8) ** 0.5 is complex
+            raise ValueError(f"{result!r} is not a real number")
+        return result
+    if isinstance(node, ast.ListComp) and len(node.generators) == 1:
+        generator = node.generators[0]
+        if generator.ifs or generator.is_async or not isinstance(generator.target, ast.Name):
+            raise ValueError("only `[expression for name in list]` comprehensions are allowed")
+        items = _evaluate(generator.iter, names)
+        if not isinstance(items, list):
+            raise ValueError("a comprehension must iterate over a list")
+        return [_evaluate(node.elt, {**names, generator.target.id: item}) for item in items]
+    raise ValueError(f"{type(node).__name__} is not allowed")
+
+
+def _number(node: ast.AST, names: Dict[str, Any]) -> float:
+    """Value of ``node``, which must be a number (so that e.g. ``[0] * 10**9`` is refused)."""
+    value = _evaluate(node, names)
+    if not isinstance(value, (int, float)):
+        raise ValueError("arithmetic is allowed on numbers only")
+    return value
+
+
+def evaluate_arithmetic(expression: str) -> Any:
+    """Value of an arithmetic expression such as ``[[x, x * 2**(1/3)] for x in [32, 64]]``.
+
+    Args:
+        expression: numbers, lists and tuples (both give lists), ``+ - * / // % **`` and
+            single-loop list comprehensions without conditions.
+
+    Raises:
+        ValueError: for a syntax error or any other construct (names, calls, attributes, ...).
+    """
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"invalid syntax: {e.msg}") from e
+    return _evaluate(tree, {})
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also computes model-zoo ``!!python/object/apply:eval`` values."""
+
+
+def _construct_eval(loader: _SafeLoader, node: yaml.Node) -> Any:
+    if not isinstance(node, yaml.SequenceNode) or len(node.value) != 1:
+        raise yaml.constructor.ConstructorError(
+            None, None, "!!python/object/apply:eval takes one expression", node.start_mark
+        )
+    expression = loader.construct_scalar(node.value[0])
+    try:
+        return evaluate_arithmetic(expression)
+    except (ValueError, ArithmeticError) as e:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{expression!r} is not a plain arithmetic expression: {e}",
+            node.start_mark,
+        ) from e
+
+
+_SafeLoader.add_constructor(_EVAL_TAG, _construct_eval)
+
+
+def _merge_dicts(source: Dict[str, Any], target: Dict[str, Any], filename: str) -> None:
+    """Merges ``source`` into ``target`` in place (``source`` wins), as fvcore's ``_BASE_``."""
+    for key, value in source.items():
+        if isinstance(value, dict) and key in target:
+            if not isinstance(target[key], dict):
+                raise ConfigError(
+                    f"{filename}: {key} is a section, but its _BASE_ sets it to a value "
+                    f"({target[key]!r})"
+                )
+            _merge_dicts(value, target[key], filename)
+        else:
+            target[key] = value
+
+
+def load_yaml_safely(
+    filename: str,
+    referenced_by: Optional[str] = None,
+    merge_bases: bool = True,
+    _chain: Sequence[str] = (),
+) -> Dict[str, Any]:
+    """The mapping in a YAML config file, merged over its ``_BASE_`` files, loaded safely.
+
+    Like fvcore's ``CfgNode.load_yaml_with_base``: ``_BASE_`` is a path or list of paths,
+    relative to the file that names it unless absolute; the file's keys override its bases'.
+
+    Args:
+        filename: the config file.
+        referenced_by: the config file whose ``_BASE_`` names ``filename``, for error messages.
+        merge_bases: False for the file's own keys only (its ``_BASE_`` key dropped), e.g. what
+            an ablation config changes relative to its base.
+
+    Raises:
+        ConfigError: the file (or a base) does not exist, is a folder, is empty, is not valid
+            YAML (the message gives the line), is not a mapping, needs unsafe YAML loading (a
+            Python tag), or its ``_BASE_`` chain comes back to a file already in it.
+    """
+    where = f" (the _BASE_ of {referenced_by})" if referenced_by else ""
+    if PathManager.isdir(filename):
+        raise ConfigError(f"config file {filename}{where} is a folder; name a .yaml file in it")
+    if not PathManager.isfile(filename):
+        raise ConfigError(f"config file {filename}{where} does not exist")
+    real = os.path.realpath(filename) if os.path.exists(filename) else filename
+    if real in _chain:
+        cycle = " -> ".join([*_chain[_chain.index(real):], real])
+        raise ConfigError(f"{filename}: its _BASE_ chain is a cycle ({cycle}); remove one link")
+    with PathManager.open(filename, "r") as f:
+        try:
+            loaded = yaml.load(f, Loader=_SafeLoader)
+        except yaml.constructor.ConstructorError as e:
+            raise ConfigError(
+                f"{filename}{_line(e)}: refusing to load a config that needs unsafe YAML "
+                f"(Python object tags can run arbitrary code): {e.problem}"
+            ) from e
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{filename}{_line(e)}: invalid YAML: {problem}") from e
+    if loaded is None:
+        raise ConfigError(
+            f"config file {filename}{where} is empty; a config sets keys, or names the config it "
+            f"changes with {BASE_KEY}"
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{filename}: a config file must be a mapping of keys, not {type(loaded).__name__}"
+        )
+    if BASE_KEY not in loaded:
+        return loaded
+    bases = loaded.pop(BASE_KEY)
+    if not merge_bases:
+        return loaded
+    merged: Dict[str, Any] = {}
+    for base in bases if isinstance(bases, list) else [bases]:
+        if not isinstance(base, str):
+            raise ConfigError(f"{filename}: {BASE_KEY} must be a path or a list of paths")
+        base = os.path.expanduser(base)
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(filename), base)
+        base_keys = load_yaml_safely(base, referenced_by=filename, _chain=(*_chain, real))
+        _merge_dicts(base_keys, merged, filename)
+    _merge_dicts(loaded, merged, filename)
+    return merged
+
+
+def _line(error: yaml.YAMLError) -> str:
+    """", line N, column M" for a YAML error with a position, else ""."""
+    mark = getattr(error, "problem_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging with clear errors for unknown keys and wrong types
+
+
+def _dotted_keys(node: CfgNode, prefix: str = "") -> Iterator[str]:
+    """Every section and key of ``node`` as a dotted name ("MODEL", "MODEL.RETINANET", ...)."""
+    for key, value in node.items():
+        yield prefix + key
+        if isinstance(value, CfgNode):
+            yield from _dotted_keys(value, prefix + key + ".")
+
+
+def _unknown_key_error(cfg: CfgNode, full_key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(full_key, list(_dotted_keys(cfg)), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{source}: unknown config key {full_key}{hint}")
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether yacs accepts ``value`` for a key whose default is ``default``."""
+    if type(value) is type(default) or value is None or default is None:
+        return True
+    return isinstance(value, (list, tuple)) and isinstance(default, (list, tuple))
+
+
+def _type_error(full_key: str, value: Any, default: Any, source: str) -> ConfigError:
+    expected = type(default).__name__
+    # yacs does not turn an int into a float: `1` for a float key is a common slip.
+    int_for_float = isinstance(default, float) and isinstance(value, int)
+    hint = " (write it with a decimal point)" if int_for_float else ""
+    return ConfigError(
+        f"{source}: {full_key} = {value!r} has type {type(value).__name__}, "
+        f"expected {expected}{hint}"
+    )
+
+
+def _check_mapping(
+    root: CfgNode, node: CfgNode, loaded: CfgNode, source: str, prefix: str = ""
+) -> None:
+    """Checks that every key in ``loaded`` exists in ``node`` (the section ``prefix`` of
+    ``root``) with a value of the same type."""
+    for key, value in loaded.items():
+        full_key = prefix + key
+        if key not in node:
+            if root.key_is_deprecated(full_key):
+                continue
+            raise _unknown_key_error(root, full_key, source)
+        default = node[key]
+        # yacs turns string values into Python literals ("0.5" -> 0.5) before comparing types.
+        value = CfgNode._decode_cfg_value(value)
+        if isinstance(default, CfgNode) != isinstance(value, CfgNode):
+            what = "a section of keys" if isinstance(default, CfgNode) else "a single value"
+            raise ConfigError(f"{source}: {full_key} = {value!r}, but {full_key} is {what}")
+        if isinstance(default, CfgNode):
+            _check_mapping(root, default, value, source, full_key + ".")
+        elif not _same_kind(value, default):
+            raise _type_error(full_key, value, default, source)
+
+
+def _merge_file(cfg: CfgNode, config_file: str) -> None:
+    """Merges ``config_file`` into ``cfg`` like detectron2's ``merge_from_file``, but safely."""
+    loaded = CfgNode(load_yaml_safely(config_file))
+    version = loaded.get("VERSION", None)
+    if version is None:
+        version = guess_version(loaded, config_file)
+    if version > cfg.VERSION:
+        raise ConfigError(
+            f"{config_file}: VERSION = {version}, but this detectron2 reads configs up to "
+            f"version {cfg.VERSION}"
+        )
+    # Older configs name keys the old way: check and merge them into an old-version config, then
+    # upgrade the result, as detectron2 does.
+    target = cfg if version == cfg.VERSION else downgrade_config(cfg, to_version=version)
+    _check_mapping(target, target, loaded, config_file)
+    try:
+        target.merge_from_other_cfg(loaded)
+    except (KeyError, ValueError, AssertionError) as e:  # cases yacs knows beyond the checks above
+        raise ConfigError(f"{config_file}: {e}") from e
+    if target is not cfg:
+        upgraded = upgrade_config(target)
+        cfg.clear()
+        cfg.update(upgraded)
+
+
+def _merge_opts(cfg: CfgNode, opts: Sequence[str], source: str) -> None:
+    """Merges ``KEY VALUE`` overrides into ``cfg`` with clear errors."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(
+            f"{source}: overrides must be KEY VALUE pairs, but {opts[-1]!r} has no value"
+        )
+    for full_key, raw in zip(opts[0::2], opts[1::2]):
+        node: Any = cfg
+        for part in full_key.split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise _unknown_key_error(cfg, full_key, source)
+            node = node[part]
+        if isinstance(node, CfgNode):
+            raise ConfigError(f"{source}: {full_key} is a section of keys, not a single value")
+        value = CfgNode._decode_cfg_value(raw)
+        if not _same_kind(value, node):
+            raise _type_error(full_key, value, node, source)
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """The plugin's config from a file and ``KEY VALUE`` overrides, loaded safely and validated.
+
+    Args:
+        config_file: a YAML config (its ``_BASE_`` files are loaded too).
+        opts: overrides such as ``["SOLVER.BASE_LR", "0.01"]``, applied after the file.
+
+    Returns:
+        The config (not frozen), with the plugin's keys.
+
+    Raises:
+        ConfigError: a missing file, invalid or unsafe YAML, an unknown key (with the closest
+            known key), a value of the wrong type or an invalid value; the message names the file.
+    """
+    cfg = get_cfg()
+    add_retinanet_config(cfg)
+    _merge_file(cfg, config_file)
+    _merge_opts(cfg, opts, f"{config_file} (command-line overrides)")
+    validate_config(cfg, f"{config_file} (with command-line overrides)" if opts else config_file)
+    return cfg
+
+
+def config_sets_key(config_file: str, opts: Sequence[str], key: str) -> bool:
+    """Whether ``key`` (e.g. "MODEL.RETINANET.NUM_CLASSES") is set by ``config_file`` (with its
+    ``_BASE_`` chain) or by the ``KEY VALUE`` overrides ``opts``, rather than left at its default.
+
+    Raises:
+        ConfigError: ``config_file`` cannot be loaded safely (see ``load_yaml_safely``).
+    """
+    if key in list(opts)[::2]:
+        return True
+    # Safe loading: never run the Python tags of an untrusted file.
+    node = load_yaml_safely(config_file)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
