@@ -46,7 +46,11 @@ from retinanet_plugin.data.resumable import ResumableTrainLoader
 from retinanet_plugin.errors import UserError
 from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.launch import launch
-from retinanet_plugin.resume import load_training_state, training_state
+from retinanet_plugin.resume import (
+    GatherTrainingState,
+    checkpoint_training_state,
+    load_training_state,
+)
 from retinanet_plugin.run_checks import (
     check_datasets,
     check_device_and_processes,
@@ -74,6 +78,7 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg, trust_weights=False):
         self.trust_weights = trust_weights  # set first: the base constructor calls build_hooks
+        self._gather_training_state = GatherTrainingState(cfg.SOLVER.CHECKPOINT_PERIOD)
         super().__init__(cfg)
         if comm.is_main_process():
             # Room for a checkpoint (weights plus optimizer state, ~2x the weights), checked
@@ -87,7 +92,7 @@ class Trainer(DefaultTrainer):
         # (SGD momentum, AdamW moments) and AMP's grad scaler restarted on --resume; later
         # versions save it under the same key.
         state.setdefault("_trainer", inner_trainer(self).state_dict())
-        state["resume"] = training_state(self.model, self.data_loader)
+        state["resume"] = checkpoint_training_state(self, self._gather_training_state)
         return state
 
     def load_state_dict(self, state):
@@ -167,6 +172,10 @@ class Trainer(DefaultTrainer):
         for hook in trainer_hooks:
             if isinstance(hook, hooks.PeriodicWriter):
                 set_writer_period(hook, period)
+        # Every rank gathers its training state before the main process's PeriodicCheckpointer
+        # (which follows the LR scheduler's hook; the other ranks have none) writes it.
+        after = next(i for i, h in enumerate(trainer_hooks) if isinstance(h, hooks.LRScheduler))
+        trainer_hooks.insert(after + 1, self._gather_training_state)
         return trainer_hooks
 
 

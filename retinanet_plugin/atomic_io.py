@@ -4,16 +4,30 @@ A file is written to a temporary file in the same directory, flushed and fsync-e
 over the target (``os.replace`` is atomic on POSIX and Windows within one file system), and the
 directory entry is fsync-ed. Readers therefore see either the old file or the complete new one,
 never a truncated one.
+
+Paths of other storage that detectron2's ``PathManager`` handles (``s3://``, ``manifold://``, ...)
+have no rename; they are written through ``PathManager`` directly, as detectron2 writes them.
 """
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from typing import IO, Iterator
 
+from detectron2.utils.file_io import PathManager
+
 from .errors import UserError
 
-__all__ = ["OutputDirError", "atomic_write", "check_output_dir"]
+__all__ = ["OutputDirError", "atomic_write", "check_output_dir", "is_local_path"]
+
+# "scheme://" of a path that PathManager opens with another handler than the local disk's.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_local_path(path: str) -> bool:
+    """Whether ``path`` is on the local file system (not ``s3://``, ``manifold://``, ...)."""
+    return not _URI.match(path) or path.startswith("file://")
 
 TEMP_SUFFIX = ".tmp"
 
@@ -31,12 +45,17 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     ``.<name>.<random>.tmp`` file next to ``path``.
 
     Args:
-        path: the file to write.
+        path: the file to write; a non-local path (see :func:`is_local_path`) is written with
+            ``PathManager`` instead, without the guarantee.
         mode: "wb" or "w".
 
     Yields:
         the open temporary file.
     """
+    if not is_local_path(path):
+        with PathManager.open(path, mode) as f:
+            yield f
+        return
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp_path = tempfile.mkstemp(
         prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=directory
@@ -82,6 +101,9 @@ def check_output_dir(directory: str, min_free_bytes: int = 0) -> None:
     Raises:
         OutputDirError: the directory cannot be created or written, or has too little space.
     """
+    if not is_local_path(directory):
+        PathManager.mkdirs(directory)  # other storage: its handler reports its own errors
+        return
     try:
         os.makedirs(directory, exist_ok=True)
         with atomic_write(os.path.join(directory, ".write_test"), "wb") as f:

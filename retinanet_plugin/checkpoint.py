@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .atomic_io import atomic_write
 from .compat.private_api import pkl_unpickler
 from .errors import UserError
-from .safe_loading import load_pickle, load_torch
+from .safe_loading import WeightsReadError, load_pickle, load_torch
 
 __all__ = [
     "CheckpointNotFoundError",
@@ -106,7 +106,12 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
             if not os.path.isfile(path):
                 raise CheckpointNotFoundError(errno.ENOENT, "Checkpoint file not found", path)
         self._loading = path
-        loaded = super().load(path, *args, **kwargs)
+        try:
+            loaded = super().load(path, *args, **kwargs)
+        except UserError:
+            raise
+        except OSError as e:  # detectron2 opens .pkl files itself
+            raise WeightsReadError(path, e) from e
         if path:
             self.run_checkpoints.append(path)
         return loaded

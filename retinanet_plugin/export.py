@@ -331,7 +331,12 @@ def export_model(
     if quantize and not calibration_images:
         raise ExportError("int8 quantization needs calibration images; none were given")
     info = json.dumps(
-        {"config": cfg.dump(), "format": export_format, "dtype": dtype, "quantize": quantize}
+        {
+            "config": _without_weight_files(cfg).dump(),
+            "format": export_format,
+            "dtype": dtype,
+            "quantize": quantize,
+        }
     )
     network = ExportableNetwork(model).eval()
     if export_format == "torchscript":
@@ -458,12 +463,23 @@ def load_exported(path: str, num_threads: Optional[int] = None) -> ExportedRetin
     return ExportedRetinaNet(path, num_threads)
 
 
+def _without_weight_files(cfg: CfgNode) -> CfgNode:
+    """A copy of ``cfg`` naming no weight file (the exported graph holds the weights; a path of
+    the exporting machine, e.g. MODEL.TIMM.WEIGHTS, would not exist where the file is loaded)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.TIMM.WEIGHTS = ""
+    return cfg
+
+
 def _config_from_yaml(text: str, source: str) -> CfgNode:
-    """The plugin config stored in an exported file, on the CPU and without weights."""
+    """The plugin config stored in an exported file, on the CPU and without weight files (also
+    for files exported before they were left out)."""
     cfg = get_cfg()
     add_retinanet_config(cfg)
     cfg.merge_from_other_cfg(CfgNode.load_cfg(text))  # yaml.safe_load
+    cfg = _without_weight_files(cfg)
     cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
     validate_config(cfg, source)
     return cfg

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import retinanet_plugin  # noqa: F401  (compat patches, registered components)
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
@@ -86,8 +87,8 @@ def _metadata(cfg, dataset_name: str):
         metadata = MetadataCatalog.get(dataset_name)
         if hasattr(metadata, "thing_classes"):
             return metadata
-    names = [f"class_{i}" for i in range(cfg.MODEL.RETINANET.NUM_CLASSES)]
-    return MetadataCatalog.get("__retinanet_plugin_predict__").set(thing_classes=names)
+    # Not registered in MetadataCatalog: another run in this process may have other classes.
+    return Metadata(thing_classes=[f"class_{i}" for i in range(cfg.MODEL.RETINANET.NUM_CLASSES)])
 
 
 def _output_name(path: str, used: Dict[str, int]) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "NotACheckpointError",
     "RestrictedUnpickler",
     "UnsafeCheckpointError",
+    "WeightsReadError",
     "load_pickle",
     "load_torch",
 ]
@@ -82,6 +83,21 @@ class NotACheckpointError(UserError, ValueError):
     """A weights file is not a checkpoint of the expected kind (not a pickle, or not a dict)."""
 
 
+class WeightsReadError(UserError, OSError):
+    """A weights file that cannot be read at all (permissions, a folder, an I/O error)."""
+
+    def __init__(self, filename: str, error: OSError):
+        super().__init__(
+            error.errno,
+            f"cannot read {filename}: {error.strerror or error}; check the path and its "
+            "permissions",
+        )
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves only the globals of :data:`ALLOWED_GLOBALS`.
 
@@ -122,6 +138,8 @@ def load_pickle(file: BinaryIO, *, filename: str, encoding: str = "latin1") -> d
         data = RestrictedUnpickler(file, filename, encoding=encoding).load()
     except UnsafeCheckpointError:
         raise
+    except OSError as e:  # the file could not be read (a pickle error is about its content)
+        raise WeightsReadError(filename, e) from e
     except Exception as e:  # what malformed input raises varies: UnpicklingError, EOFError, ...
         raise NotACheckpointError(
             f"{filename} is not a weights file: expected {expected} ({type(e).__name__}: {e})"
@@ -162,6 +180,8 @@ def load_torch(filename: str, *, trust: bool = False) -> dict:
         if unsafe:
             raise UnsafeCheckpointError(filename, ", ".join(unsafe)) from None
         raise _not_a_torch_checkpoint(filename, e) from None
+    except OSError as e:  # the file could not be read (a pickle error is about its content)
+        raise WeightsReadError(filename, e) from e
     except Exception as e:  # what malformed input raises varies: EOFError, RuntimeError, ...
         raise _not_a_torch_checkpoint(filename, e) from None
     if not isinstance(data, dict):

@@ -88,3 +88,59 @@ def test_check_output_dir_names_a_path_that_is_a_file(tmp_path):
 def test_check_output_dir_needs_the_free_space(tmp_path):
     with pytest.raises(OutputDirError, match="MiB free"):
         check_output_dir(str(tmp_path), min_free_bytes=2**62)
+
+
+class _FolderHandler:
+    """A PathManager handler for "testfs://" paths, stored in a local folder: storage other than
+    the local disk, as s3:// or manifold:// are for detectron2 users."""
+
+    def __new__(cls, root):
+        from iopath.common.file_io import PathHandler
+
+        class Handler(PathHandler):
+            def _get_supported_prefixes(self):
+                return ["testfs://"]
+
+            def _local(self, path):
+                return os.path.join(root, path[len("testfs://"):])
+
+            def _get_local_path(self, path, **kwargs):
+                return self._local(path)
+
+            def _open(self, path, mode="r", **kwargs):
+                return open(self._local(path), mode)
+
+            def _mkdirs(self, path, **kwargs):
+                os.makedirs(self._local(path), exist_ok=True)
+
+            def _exists(self, path, **kwargs):
+                return os.path.exists(self._local(path))
+
+            def _isfile(self, path, **kwargs):
+                return os.path.isfile(self._local(path))
+
+            def _isdir(self, path, **kwargs):
+                return os.path.isdir(self._local(path))
+
+        return Handler()
+
+
+def test_output_dir_on_other_storage_is_written_through_path_manager(tmp_path):
+    """An OUTPUT_DIR that PathManager handles with another handler (no rename, no free-space
+    query) is checked and written through PathManager, including checkpoints."""
+    import torch
+    from detectron2.utils.file_io import PathManager
+
+    from retinanet_plugin.checkpoint import RetinaNetCheckpointer
+
+    PathManager.register_handler(_FolderHandler(str(tmp_path)), allow_override=True)
+    check_output_dir("testfs://run")
+    assert (tmp_path / "run").is_dir()
+    with atomic_write("testfs://run/notes.txt", "w") as f:
+        f.write("remote")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "remote"
+    checkpointer = RetinaNetCheckpointer(torch.nn.Linear(2, 1), "testfs://run")
+    checkpointer.save("model_0000001")
+    assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_0000001.pth"
+    saved = torch.load(tmp_path / "run" / "model_0000001.pth", weights_only=True)
+    assert set(saved["model"]) == {"weight", "bias"}

@@ -374,3 +374,19 @@ def test_ddp_of_a_cpu_model_gets_no_device_ids(monkeypatch):
     monkeypatch.setattr(defaults, "DistributedDataParallel", FakeDDP)
     defaults.create_ddp_model(torch.nn.Linear(2, 2), broadcast_buffers=False)
     assert captured == {"device_ids": None, "broadcast_buffers": False}
+
+
+def test_map_dataset_retries_an_element_its_mapper_rejects():
+    """detectron2's MapDataset answers a None from the mapper with another element (0.6's
+    random.sample on a set raised TypeError on Python >= 3.11; the patch fixes only that)."""
+    from detectron2.data.common import MapDataset
+
+    dataset = MapDataset(list(range(10)), lambda x: None if x == 3 else x * 10)
+    assert dataset[2] == 20
+    replacement = dataset[3]
+    assert replacement in {x * 10 for x in range(10) if x != 3}
+    assert any(p.startswith("MapDataset") for p in compat.APPLIED) == (
+        "sample(self._fallback_candidates" in open(
+            DETECTRON2_DIR / "data" / "common.py"
+        ).read()
+    )

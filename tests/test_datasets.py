@@ -124,3 +124,28 @@ def test_voc_split_of_a_single_image_loads(voc_dataset, request):
     register_voc_dataset(name, voc_dataset, "one", class_names=list(SHAPE_CLASSES))
     records = DatasetCatalog.get(name)
     assert [os.path.basename(r["file_name"]) for r in records] == [first + ".jpg"]
+
+
+def test_a_coco_file_is_parsed_once_by_the_plugin_and_once_by_detectron2(
+    shapes_dataset, request, monkeypatch
+):
+    """Setting up a run (class count) and loading the dataset (checks, then detectron2's own
+    loader) parse the annotation file twice in all, not four times."""
+    import json as json_module
+
+    json_file, image_root = shapes_dataset["train"]
+    parsed = []
+    original = json_module.load
+
+    def counting_load(f, *args, **kwargs):
+        parsed.append(os.path.abspath(getattr(f, "name", "")))
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(json_module, "load", counting_load)
+    name = unique("parsed", request)
+    register_coco_dataset(name, json_file, image_root)
+    cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml")
+    resolve_num_classes(cfg, name, set_by_user=False)  # what train_net's setup does
+    records = DatasetCatalog.get(name)  # what the training loader does
+    assert len(records) == 16
+    assert parsed.count(os.path.abspath(json_file)) == 2

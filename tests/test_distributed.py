@@ -53,6 +53,11 @@ def test_two_cpu_processes_stay_in_sync(shapes_dataset, tmp_path):
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
+    # The checkpoint holds each rank's own training state (RNGs, loss normalizer).
+    final = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
+    per_rank = final["trainer"]["resume"]["per_rank"]
+    assert len(per_rank) == 2
+    assert not torch.equal(per_rank[0]["rng"]["torch"], per_rank[1]["rng"]["torch"])
     record = json.loads((tmp_path / "losses.json").read_text())
     assert record["world_size"] == 2
     assert len(record["losses"]) == 3

@@ -103,6 +103,24 @@ def test_export_gives_the_models_detections(fp32_model, inputs, tmp_path, export
     assert_same_detections(detections(exported, inputs), detections(model, inputs))
 
 
+def test_exported_file_names_no_weight_file_of_the_exporting_machine(
+    fp32_model, inputs, tmp_path
+):
+    """A config naming local weight files (here a timm backbone's MODEL.TIMM.WEIGHTS) exports
+    without them, so the file loads on a machine that lacks those paths."""
+    cfg, model = fp32_model
+    timm_weights = tmp_path / "backbone.safetensors"
+    timm_weights.write_bytes(b"weights of the exporting machine")
+    cfg = cfg.clone()
+    cfg.MODEL.TIMM.WEIGHTS = str(timm_weights)
+    path = str(tmp_path / "model.ts")
+    export_model(cfg, model, "torchscript", path, synthetic_test_image(cfg))
+    timm_weights.unlink()  # elsewhere
+    exported = load_exported(path)
+    assert exported.cfg.MODEL.TIMM.WEIGHTS == "" and exported.cfg.MODEL.WEIGHTS == ""
+    assert_same_detections(detections(exported, inputs), detections(model, inputs))
+
+
 def test_bfloat16_torchscript_computes_in_bfloat16(inputs, tmp_path):
     cfg = tiny_cfg("MODEL.INFERENCE_DTYPE", "bfloat16")
     model = build_tiny_model(cfg)

@@ -291,3 +291,26 @@ def test_unset_sampler_seed_draws_a_shared_seed_that_resume_restores(sampler_see
     assert loader.state_dict() == {"seed": expected_seed}
     reference = _loader(records, grouping=True, workers=0, seed=expected_seed)
     assert _take(loader, 4) == _take(reference, 4)
+
+
+@pytest.mark.parametrize("world_size, rank, expected", [(2, 1, 1), (2, 0, 0), (3, 2, 0), (1, 0, 0)])
+def test_each_rank_restores_its_own_training_state(monkeypatch, world_size, rank, expected):
+    """A checkpoint of 2 processes: each of 2 ranks gets its own RNGs and loss normalizer; any
+    other number of processes gets rank 0's."""
+    import random
+
+    from detectron2.utils import comm
+    from retinanet_plugin.resume import load_training_state, training_state
+
+    model = torch.nn.Linear(1, 1)
+    states = []
+    for seed in (10, 11):
+        random.seed(seed)
+        model.loss_normalizer = float(seed)
+        states.append(training_state(model, None))
+    monkeypatch.setattr(comm, "get_rank", lambda: rank)
+    monkeypatch.setattr(comm, "get_world_size", lambda: world_size)
+    load_training_state({"per_rank": states}, model, None)
+    assert model.loss_normalizer == float(10 + expected)
+    # Python's RNG continues from the state saved right after seeding that rank's generator.
+    assert random.random() == random.Random(10 + expected).random()

@@ -4,6 +4,7 @@ malformed files."""
 import json
 import os
 import pickle
+import re
 import random
 import subprocess
 import sys
@@ -181,3 +182,28 @@ def test_train_net_refuses_malicious_weights(tmp_path, shapes_dataset):
     assert result.returncode == 2
     assert f"error: Refusing to load {path}: it refers to builtins.exec" in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_a_weights_file_that_cannot_be_read_is_not_called_malformed(tmp_path, monkeypatch, suffix):
+    """A read failure (here a PermissionError, which root's test run cannot provoke with file
+    modes) says the file cannot be read, not that it is not a weights file."""
+    import builtins
+
+    import torch
+
+    from retinanet_plugin.checkpoint import RetinaNetCheckpointer
+    from retinanet_plugin.safe_loading import WeightsReadError
+
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(b"x")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(WeightsReadError, match=rf"cannot read {re.escape(str(path))}: Permission"):
+        RetinaNetCheckpointer(torch.nn.Linear(1, 1)).load(str(path))

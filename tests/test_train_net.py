@@ -256,3 +256,23 @@ def test_predict_scales_16_bit_images(trained, shapes_dataset, tmp_path):
         "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
     )
     assert "Predicted 1 images" in log and (tmp_path / "out" / "deep.png").exists()
+
+
+def test_predict_main_runs_twice_in_one_process_with_other_classes(shapes_dataset, tmp_path):
+    """Without a dataset the class names are made up per run; a second run with another class
+    count must not collide with the first's."""
+    from conftest import plugin_cfg
+    from detectron2.modeling import build_model
+    from retinanet_plugin import predict
+
+    image = os.path.join(shapes_dataset["val"][1], sorted(os.listdir(shapes_dataset["val"][1]))[0])
+    for num_classes in (2, 3):
+        weights = tmp_path / f"weights{num_classes}.pth"
+        cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml", "MODEL.RETINANET.NUM_CLASSES", num_classes)
+        torch.save({"model": build_model(cfg).state_dict()}, weights)
+        status = predict.main([
+            "--config-file", TINY, "--input", image, "--output", str(tmp_path / f"o{num_classes}"),
+            "MODEL.RETINANET.NUM_CLASSES", str(num_classes), "MODEL.WEIGHTS", str(weights),
+        ])
+        assert status == 0
+        assert (tmp_path / f"o{num_classes}" / "coco_results.json").exists()

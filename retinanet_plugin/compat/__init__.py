@@ -14,7 +14,6 @@ on an upstream detectron2 built with its native ops only what it still needs is 
 ``import retinanet_plugin`` calls :func:`apply` before any detectron2 submodule is imported.
 """
 import logging
-import warnings
 from typing import Dict, List, Optional
 
 from . import patches
@@ -36,13 +35,6 @@ APPLIED: List[str] = []
 NATIVE_OPS_ERROR: Optional[str] = None
 
 
-def _silence_import_time_warnings() -> None:
-    # detectron2 0.6 and fvcore script functions with torch.jit, and model_zoo imports
-    # pkg_resources, at import time; both warn on every run and nothing a user does fixes them.
-    warnings.filterwarnings("ignore", message="`torch.jit.script", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-
-
 _applied_once = False
 
 
@@ -55,7 +47,6 @@ def apply() -> Dict[str, object]:
     global _applied_once, NATIVE_OPS_ERROR
     if not _applied_once:
         _applied_once = True
-        _silence_import_time_warnings()
         NATIVE_OPS_ERROR = native_ops_error()
         done: List[Optional[str]] = []
         if NATIVE_OPS_ERROR is not None:

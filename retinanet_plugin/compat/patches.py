@@ -7,7 +7,7 @@ Each docstring names the upstream fix, if there is one.
 import functools
 import importlib
 import inspect
-import logging
+import random
 import re
 import types
 from typing import Dict, List, Optional
@@ -145,60 +145,33 @@ def patch_create_ddp_model_for_cpu() -> Optional[str]:
     return "create_ddp_model: no device_ids for CPU models (DDP with gloo)"
 
 
-# What reading a truncated, corrupt or missing image raises in detectron2's read_image: PIL's
-# UnidentifiedImageError and "image file is truncated" are OSErrors; some broken PNG chunks give
-# SyntaxError.
-_UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError)
+class _SampleFromSets(random.Random):
+    """``random.Random`` whose ``sample`` also takes a set, as before Python 3.11 (in the set's
+    iteration order, as detectron2's fix, 400a49c1, does with ``list(set)``)."""
+
+    def sample(self, population, k, **kwargs):
+        if isinstance(population, (set, frozenset)):
+            population = list(population)
+        return super().sample(population, k, **kwargs)
 
 
 def patch_map_dataset_retry() -> Optional[str]:
-    """``MapDataset.__getitem__`` draws a replacement for a failed element with
-    ``random.sample(set, k=1)``, a TypeError since Python 3.11, so the first image it cannot
-    load crashed training: it draws from a tuple, and an image that cannot be read (``OSError``,
-    e.g. a truncated file, or PIL's ``SyntaxError``) is skipped with a warning naming its file
-    and the number skipped so far, then another element is tried, as detectron2 intends.
-    The TypeError is fixed upstream by 400a49c1 (2025-04-13)."""
+    """``MapDataset.__getitem__`` draws a replacement for an element its mapper returned None
+    for with ``random.sample(set, k=1)``, a TypeError since Python 3.11, so the first such
+    element crashed training: each ``MapDataset`` gets a random generator whose ``sample``
+    takes the set (same seed, 42). Fixed upstream by 400a49c1 (2025-04-13). (Skipping
+    unreadable images, which returns None for them, is the plugin's training loader's own.)"""
     from detectron2.data import common
 
     map_dataset = common.MapDataset
     if "sample(self._fallback_candidates" not in inspect.getsource(map_dataset.__getitem__):
         return None
-    data_logger = logging.getLogger("detectron2.data.common")
+    original_init = map_dataset.__init__
 
-    def skip(self, element, cur_idx: int, reason: str) -> None:
-        self._num_skipped = getattr(self, "_num_skipped", 0) + 1
-        name = element.get("file_name") if isinstance(element, dict) else None
-        data_logger.warning(
-            "Skipped %s: %s; %d elements skipped so far by this data loader process",
-            name or f"dataset element {cur_idx}", reason, self._num_skipped,
-        )
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._rng = _SampleFromSets(42)
 
-    def __getitem__(self, idx):
-        retry_count = 0
-        cur_idx = int(idx)
-        while True:
-            element = self._dataset[cur_idx]
-            try:
-                data = self._map_func(element)
-                reason = "the mapper returned None"
-            except _UNREADABLE_IMAGE_ERRORS as e:
-                data, reason = None, f"cannot read it ({type(e).__name__}: {e})"
-            if data is not None:
-                self._fallback_candidates.add(cur_idx)
-                return data
-            skip(self, element, cur_idx, reason)
-
-            # As detectron2: try a random other element that has not failed.
-            retry_count += 1
-            self._fallback_candidates.discard(cur_idx)
-            if not self._fallback_candidates:
-                raise RuntimeError(f"none of the {len(self)} dataset elements could be loaded")
-            cur_idx = self._rng.choice(tuple(self._fallback_candidates))
-            if retry_count >= 3:
-                data_logger.warning(
-                    "Failed to apply `_map_func` for idx: %d, retry count: %d", idx, retry_count
-                )
-
-    __getitem__.__wrapped__ = map_dataset.__getitem__
-    map_dataset.__getitem__ = __getitem__
-    return "MapDataset: skip unreadable images with a warning (random.sample on a set)"
+    map_dataset.__init__ = __init__
+    return "MapDataset: its retry samples from a set (random.sample on a set, Python >= 3.11)"

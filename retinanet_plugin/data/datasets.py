@@ -17,6 +17,7 @@ from .validation import (
     check_voc_split,
     clean_boxes,
     correct_image_sizes,
+    forget_coco_json,
     parse_voc_xml,
     read_coco_json,
     resolve_inside,
@@ -59,7 +60,10 @@ def _claim_name(name: str, registration: tuple) -> bool:
 
 
 def _load_coco(name: str, json_file: str, image_root: str) -> List[Dict]:
-    check_coco_json(json_file, image_root)
+    try:
+        check_coco_json(json_file, image_root)
+    finally:
+        forget_coco_json()  # detectron2's loader parses the file itself
     return clean_boxes(name, correct_image_sizes(name, load_coco_json(json_file, image_root, name)))
 
 

@@ -14,17 +14,17 @@ seed and the iteration:
   alone (no decoding), then maps the images left in the aspect-ratio buckets followed by the rest
   of the stream.
 
-Only the sampler's seed is saved (:meth:`ResumableTrainLoader.state_dict`). A mapper that returns
-None or fails to read an image is retried by detectron2's ``MapDataset`` on another image, which
-is not replayed: batches after such a skip (logged with a count) may differ from an
-uninterrupted run's.
+Only the sampler's seed is saved (:meth:`ResumableTrainLoader.state_dict`). An image that cannot be
+read is skipped with a warning and a count (:class:`SkipUnreadableImages`), and detectron2's
+``MapDataset`` maps a random other one instead, which is not replayed: batches after such a skip
+may differ from an uninterrupted run's.
 """
 import contextlib
 import itertools
 import logging
 import operator
 import random
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -99,6 +99,38 @@ class _PositionedStream(torchdata.IterableDataset):
                 yield self.mapped[index]
 
 
+# What reading a truncated, corrupt or missing image raises in detectron2's read_image: PIL's
+# UnidentifiedImageError and "image file is truncated" are OSErrors; some broken PNG chunks give
+# SyntaxError.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError)
+
+
+class SkipUnreadableImages:
+    """A mapper that returns None for an image that cannot be read, with a warning naming the
+    file and the count so far; detectron2's ``MapDataset`` then maps a random other image
+    instead, as it does for any None.
+
+    Args:
+        mapper: maps a dataset dict to the model's input dict (e.g. detectron2's DatasetMapper).
+    """
+
+    def __init__(self, mapper: Callable[[Dict], Dict]):
+        self.mapper = mapper
+        self.num_skipped = 0  # per data loader process
+
+    def __call__(self, record: Dict) -> Optional[Dict]:
+        try:
+            return self.mapper(record)
+        except UNREADABLE_IMAGE_ERRORS as e:
+            self.num_skipped += 1
+            logger.warning(
+                "Skipped %s: cannot read it (%s: %s); %d images skipped so far by this data "
+                "loader process",
+                record.get("file_name"), type(e).__name__, e, self.num_skipped,
+            )
+            return None
+
+
 def _plain_batches(items, batch_size: int) -> Iterator[List[Dict]]:
     iterator = iter(items)
     while True:
@@ -136,7 +168,7 @@ class ResumableTrainLoader:
         if isinstance(dataset, list):
             dataset = DatasetFromList(dataset, copy=False)
         self.dataset = dataset
-        self.mapped = MapDataset(dataset, mapper)
+        self.mapped = MapDataset(dataset, SkipUnreadableImages(mapper))
         self.sampler = sampler
         seed = sampler_seed(sampler)
         if seed is None or seed < 0:

@@ -23,6 +23,7 @@ __all__ = [
     "correct_image_sizes",
     "image_file_size",
     "resolve_inside",
+    "forget_coco_json",
     "read_coco_json",
     "check_coco_json",
     "parse_voc_xml",
@@ -77,13 +78,34 @@ def _check_files_exist(paths: Sequence[str], what: str) -> None:
         )
 
 
+# The last COCO file read, keyed by (path, modification time, size): the class names read when a
+# run is set up and the checks made when the dataset is loaded share one parse of a file that
+# can take tens of seconds to parse; forget_coco_json() drops it once the dataset is loaded.
+_last_read: Dict[Tuple[str, int, int], dict] = {}
+
+
 def read_coco_json(json_file: str) -> dict:
     """Reads a COCO annotation file, with the file and the position of a JSON syntax error.
+    The result is shared with the next call for the same unchanged file (do not modify it).
 
     Raises:
         DatasetError: the file is not valid JSON or lacks the COCO ``images`` /
             ``categories`` lists (``annotations`` may be missing: an image-only test set).
     """
+    stat = os.stat(json_file)
+    key = (os.path.abspath(json_file), stat.st_mtime_ns, stat.st_size)
+    if key not in _last_read:
+        forget_coco_json()
+        _last_read[key] = _parse_coco_json(json_file)
+    return _last_read[key]
+
+
+def forget_coco_json() -> None:
+    """Drops the COCO file :func:`read_coco_json` keeps."""
+    _last_read.clear()
+
+
+def _parse_coco_json(json_file: str) -> dict:
     try:
         with open(json_file, encoding="utf-8") as f:
             coco = json.load(f)
