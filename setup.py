@@ -13,6 +13,7 @@ setup(
     description="RetinaNet with focal loss as a detectron2 plugin",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["retinanet_plugin", "retinanet_plugin.*"]),
     # retinanet_plugin/configs is a symlink to the repository's configs/.

@@ -67,8 +67,21 @@ def pytest_counts(output: str) -> Dict[str, int]:
     return {name: int(number) for number, name in re.findall(outcome, summaries[-1])}
 
 
+def cuda_test_files() -> List[str]:
+    """The test files with ``cuda``-marked tests (collecting only them is seconds faster)."""
+    tests = os.path.join(REPO, "tests")
+    return [
+        os.path.join("tests", name) for name in sorted(os.listdir(tests))
+        if name.startswith("test_") and name.endswith(".py")
+        and "pytest.mark.cuda" in open(os.path.join(tests, name), encoding="utf-8").read()
+    ]
+
+
 def run_tests(timeout_s: float) -> Dict:
-    command = [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+    command = [
+        sys.executable, "-m", "pytest", *cuda_test_files(), "-m", "cuda", "-q",
+        "-p", "no:cacheprovider",
+    ]
     result = _run("tests", command, timeout_s)
     result["counts"] = pytest_counts(result["output_tail"])
     return result

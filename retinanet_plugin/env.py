@@ -7,6 +7,7 @@ compatibility patches were applied.
 """
 import argparse
 import os
+import sys
 from typing import List, Tuple
 
 from tabulate import tabulate
@@ -37,9 +38,15 @@ def collect_env() -> str:
     return tabulate(plugin_env_rows()) + "\n" + collect_env_info()
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Print the environment retinanet_plugin runs in.")
     parser.add_argument(
         "--plugin-only", action="store_true", help="only the plugin and detectron2 rows"
     )
-    print(tabulate(plugin_env_rows()) if parser.parse_args().plugin_only else collect_env())
+    args = parser.parse_args(argv)
+    print(tabulate(plugin_env_rows()) if args.plugin_only else collect_env())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

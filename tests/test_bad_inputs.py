@@ -8,7 +8,6 @@ and rewrites it when run with ``UPDATE_README=1``
 (``UPDATE_README=1 pytest tests/test_bad_inputs.py``).
 """
 import json
-import logging
 import os
 import re
 import subprocess
@@ -20,6 +19,7 @@ import torch
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
 from detectron2.modeling import build_model
+from conftest import isolated_process_state
 from retinanet_plugin import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,35 +369,9 @@ def _entry_main(entry: str):
 
 @pytest.fixture(autouse=True)
 def _no_state_left_behind():
-    """Entry points register datasets and attach log handlers to the (captured) stderr of the
-    test that runs them (detectron2's setup_logger): undo both, so that each case's message
-    depends on the case alone and later tests do not write to a closed stream."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from retinanet_plugin.data import datasets
-    from retinanet_plugin.run_checks import _user_registered
-
-    # Datasets other tests registered are hidden for the case (messages list registered names).
-    hidden = {name: DatasetCatalog[name] for name in _user_registered()}
-    for name in hidden:
-        DatasetCatalog.remove(name)
-    registered = set(DatasetCatalog.list())
-    loggers = [logging.getLogger()] + [
-        logger for logger in logging.Logger.manager.loggerDict.values()
-        if isinstance(logger, logging.Logger)
-    ]
-    before = {id(logger): list(logger.handlers) for logger in loggers}
-    yield
-    for logger in logging.Logger.manager.loggerDict.values():
-        if isinstance(logger, logging.Logger):
-            logger.handlers = [h for h in logger.handlers if h in before.get(id(logger), [])]
-    root = logging.getLogger()
-    root.handlers = [h for h in root.handlers if h in before[id(root)]]
-    for name in set(DatasetCatalog.list()) - registered:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-        datasets._REGISTRATIONS.pop(name, None)
-    for name, load in hidden.items():
-        DatasetCatalog.register(name, load)
+    """Each case's message depends on the case alone (see conftest.isolated_process_state)."""
+    with isolated_process_state():
+        yield
 
 
 # The message of each case, as the README table shows it (temporary paths replaced).
@@ -451,35 +425,63 @@ def test_readme_table_lists_every_case():
 # ---------------------------------------------------------------------------------------------
 # The real command lines
 
+# (entry point, how Python runs it, arguments with a bad input)
+COMMAND_LINES = [
+    ("train_net", ("path", "train_net.py"), ["--config-file", "nope.yaml"]),
+    ("predict", ("module", "retinanet_plugin.predict"),
+     ["--config-file", TINY, "--input", "x", "--output", "y", "--batch-size", "0"]),
+    ("plot_metrics", ("module", "retinanet_plugin.plot_metrics"), ["nope.json"]),
+    ("export", ("path", "tools/export.py"),
+     ["--config-file", TINY, "--format", "onnx", "--output", "/no/m.onnx"]),
+    ("train_net --debug", ("path", "train_net.py"), ["--config-file", "nope.yaml", "--debug"]),
+]
+# Runs each entry point as `python <file>` / `python -m <module>` would (runpy, __main__), in
+# one process to pay the torch and detectron2 imports once; prints {name: [status, stderr]}.
+_RUN_COMMAND_LINES = """
+import contextlib, io, json, runpy, sys, traceback
+results = {}
+for name, (kind, target), argv in json.loads(sys.argv[1]):
+    sys.argv = [target] + argv
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            if kind == "path":
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    except BaseException:  # what Python would print and exit 1 for
+        status = 1
+        stderr.write(traceback.format_exc())
+    results[name] = [status, stderr.getvalue()]
+print(json.dumps(results))
+"""
 
-def _command(*args):
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300
+
+@pytest.fixture(scope="module")
+def command_lines():
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_COMMAND_LINES, json.dumps(COMMAND_LINES)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["train_net.py", "--config-file", "nope.yaml"],
-        ["-m", "retinanet_plugin.predict", "--config-file", TINY, "--input", "x", "--output",
-         "y", "--batch-size", "0"],
-        ["-m", "retinanet_plugin.plot_metrics", "nope.json"],
-        ["tools/export.py", "--config-file", TINY, "--format", "onnx", "--output", "/no/m.onnx"],
-    ],
-    ids=["train_net", "predict", "plot_metrics", "export"],
-)
-def test_command_line_prints_one_error_line_and_exits_2(command):
-    result = _command(*command)
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+@pytest.mark.parametrize("name", [c[0] for c in COMMAND_LINES if "--debug" not in c[2]])
+def test_command_line_prints_one_error_line_and_exits_2(command_lines, name):
+    status, stderr = command_lines[name]
+    assert status == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "Traceback" not in stderr, stderr
 
 
-def test_debug_flag_shows_the_traceback():
-    result = _command("train_net.py", "--config-file", "nope.yaml", "--debug")
-    assert result.returncode == 1
-    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+def test_debug_flag_shows_the_traceback(command_lines):
+    status, stderr = command_lines["train_net --debug"]
+    assert status == 1
+    assert "Traceback" in stderr and "ConfigError" in stderr
 
 
 def test_options_after_the_overrides_are_options():

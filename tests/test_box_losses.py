@@ -7,10 +7,12 @@ import torch
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import get_config_file
 from retinanet_plugin.config_io import ConfigError, load_config
+from retinanet_plugin.compat.private_api import dense_box_regression_loss
 from retinanet_plugin.meta_arch import BOX_REG_LOSS_TYPES
 from test_equality_with_detectron2 import build_pair
 
@@ -89,8 +91,23 @@ def test_each_setting_gives_a_different_box_loss():
     assert len(set(values)) == len(LOSSES), values
 
 
-def test_loss_types_are_detectron2s():
-    assert set(BOX_REG_LOSS_TYPES) == {"smooth_l1", "giou", "diou", "ciou"}
+def test_loss_types_are_exactly_those_detectron2_computes():
+    """Each allowed type runs in detectron2's box loss, and a type outside the list is one it
+    refuses: the list matches detectron2's."""
+    anchors = [Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 25.0]]))]
+    deltas = [torch.randn(1, 2, 4) * 0.1]
+    gt_boxes = [torch.tensor([[1.0, 1.0, 11.0, 12.0], [4.0, 6.0, 19.0, 22.0]])]
+    foreground = torch.tensor([[True, True]])
+    transform = Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0))
+    for loss_type in BOX_REG_LOSS_TYPES:
+        loss = dense_box_regression_loss()(
+            anchors, transform, deltas, gt_boxes, foreground, box_reg_loss_type=loss_type
+        )
+        assert torch.isfinite(loss) and loss > 0, loss_type
+    with pytest.raises(ValueError, match="Invalid dense box regression loss type"):
+        dense_box_regression_loss()(
+            anchors, transform, deltas, gt_boxes, foreground, box_reg_loss_type="l2"
+        )
     cfg = plugin_cfg("retinanet_R50_FPN_1x.yaml")
     assert (cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE, cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA) == (
         "smooth_l1", 0.0  # the paper's L1 loss

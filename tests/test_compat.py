@@ -1,10 +1,13 @@
 """Tests for retinanet_plugin.compat: each test asserts what the installed detectron2 needs
 (0.6 or upstream main, with or without native ops), against a reference independent of the
 patch: a fresh interpreter without the plugin, Pillow's version, hand-computed values."""
+import functools
+import json
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import PIL
@@ -27,13 +30,28 @@ NATIVE_OPS = compat.NATIVE_OPS_ERROR is None
 DETECTRON2_DIR = Path(detectron2.__file__).parent
 
 
-def _imports_without_the_plugin(module: str) -> bool:
-    """Whether ``import <module>`` works in a fresh interpreter without retinanet_plugin (the
+_PROBED = ("detectron2._C", "detectron2.layers", "detectron2.evaluation")
+
+
+@functools.lru_cache(maxsize=None)
+def _imports_without_the_plugin() -> Dict[str, bool]:
+    """Which of :data:`_PROBED` import in a fresh interpreter without retinanet_plugin (the
     reference for which stand-ins the installed detectron2 needs)."""
-    result = subprocess.run(
-        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+    probe = (
+        "import importlib, json\n"
+        "found = {}\n"
+        f"for module in {_PROBED!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(module)\n"
+        "        found[module] = True\n"
+        "    except Exception:  # ImportError, or what a half-imported package raises next\n"
+        "        found[module] = False\n"
+        "print(json.dumps(found))\n"
     )
-    return result.returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +62,7 @@ def _imports_without_the_plugin(module: str) -> bool:
 def test_native_ops_error_says_whether_detectron2_c_loads():
     """NATIVE_OPS_ERROR is None exactly when detectron2._C is a compiled module that loads."""
     compiled = list(DETECTRON2_DIR.glob("_C*.so")) + list(DETECTRON2_DIR.glob("_C*.pyd"))
-    loads = bool(compiled) and _imports_without_the_plugin("detectron2._C")
+    loads = bool(compiled) and _imports_without_the_plugin()["detectron2._C"]
     assert NATIVE_OPS == loads
     if loads:
         assert hasattr(sys.modules["detectron2._C"], "__file__")  # the real extension
@@ -56,9 +74,9 @@ def test_c_stand_in_only_where_detectron2_fails_to_import_without_it():
     """The detectron2._C stand-in is installed exactly when the native ops are missing and
     detectron2.layers or detectron2.evaluation cannot be imported without it (detectron2 0.6);
     upstream main imports without _C by itself and gets no stand-in."""
-    needed = not NATIVE_OPS and not all(
-        _imports_without_the_plugin(m) for m in ("detectron2.layers", "detectron2.evaluation")
-    )
+    probed = _imports_without_the_plugin()
+    imports = probed["detectron2.layers"] and probed["detectron2.evaluation"]
+    needed = not NATIVE_OPS and not imports
     is_stand_in = isinstance(sys.modules.get("detectron2._C"), _MissingNativeOps)
     assert is_stand_in == needed
     assert any("detectron2._C stand-in" in patch for patch in compat.APPLIED) == needed

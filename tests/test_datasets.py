@@ -133,6 +133,8 @@ def test_a_coco_file_is_parsed_once_by_the_plugin_and_once_by_detectron2(
     loader) parse the annotation file twice in all, not four times."""
     import json as json_module
 
+    from retinanet_plugin.data.validation import forget_coco_json
+
     json_file, image_root = shapes_dataset["train"]
     parsed = []
     original = json_module.load
@@ -142,6 +144,7 @@ def test_a_coco_file_is_parsed_once_by_the_plugin_and_once_by_detectron2(
         return original(f, *args, **kwargs)
 
     monkeypatch.setattr(json_module, "load", counting_load)
+    forget_coco_json()  # another test may have read this file last
     name = unique("parsed", request)
     register_coco_dataset(name, json_file, image_root)
     cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml")

@@ -145,11 +145,14 @@ def test_random_kills_including_during_checkpoint_writes_never_lose_the_run(
     while not (tmp_path / "model_final.pth").exists():
         before = pointer.read_text() if pointer.exists() else None
         proc = _start(command)
-        # Once this life has written a checkpoint (start-up done, training going), kill it a
-        # random fraction of an iteration or two later: in a step or in a checkpoint write.
+        # Once this life has written a checkpoint (start-up done, training going), kill it: the
+        # first three lives at once (so that at least three kills happen, whatever the speed of
+        # the machine), later ones a random fraction of an iteration or two later, in a step or
+        # in a checkpoint write.
         while proc.poll() is None and (pointer.read_text() if pointer.exists() else None) == before:
             time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.3))
+        if resumes >= 3:
+            time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1

@@ -4,14 +4,15 @@ malformed files."""
 import json
 import os
 import pickle
-import re
 import random
-import subprocess
+import re
 import sys
 from collections import OrderedDict
 
 import numpy as np
 import pytest
+
+from conftest import run_main
 import torch
 from torch import nn
 
@@ -173,14 +174,16 @@ def test_train_net_refuses_malicious_weights(tmp_path, shapes_dataset):
     """End to end: --eval-only with a malicious MODEL.WEIGHTS stops before anything runs."""
     marker = tmp_path / "marker"
     path = write_pickle(tmp_path / "evil.pkl", {"model": {}, "x": WritesMarker(marker)})
-    result = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", TINY, "--eval-only",
-         "--register-coco", "evil_val", *shapes_dataset["val"], "MODEL.WEIGHTS", path,
-         "DATASETS.TEST", "('evil_val',)", "OUTPUT_DIR", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
-    assert result.returncode == 2
-    assert f"error: Refusing to load {path}: it refers to builtins.exec" in result.stderr
+    sys.path.insert(0, REPO)
+    import train_net
+
+    status, output = run_main(train_net.main, [
+        "--config-file", TINY, "--eval-only", "--register-coco", "evil_val",
+        *shapes_dataset["val"], "MODEL.WEIGHTS", path, "DATASETS.TEST", "('evil_val',)",
+        "OUTPUT_DIR", str(tmp_path / "out"),
+    ])
+    assert status == 2
+    assert f"error: Refusing to load {path}: it refers to builtins.exec" in output
     assert not marker.exists()
 
 
