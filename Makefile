@@ -14,7 +14,7 @@ ABLATE_ARGS ?= --configs "configs/ablations/table1a_ce_alpha0.[257]*.yaml" \
 	--demo-data --output output/ablations/gamma_alpha SOLVER.MAX_ITER 200 \
 	SOLVER.STEPS "(155, 185)" SOLVER.WARMUP_ITERS 50 SOLVER.CHECKPOINT_PERIOD 100000 SEED 0
 
-.PHONY: install test test-slow demo bench ablate env clean
+.PHONY: install test test-slow lint demo bench ablate env clean
 
 install: $(STAMP)
 
@@ -35,13 +35,20 @@ test: install
 test-slow: install
 	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 
+# Code style: black and isort (line length 100, setup.cfg), flake8 (line length, unused names).
+LINT_PATHS := retinanet_plugin tools benchmarks tests train_net.py setup.py
+lint: install
+	$(PY) -m black --check -l 100 $(LINT_PATHS)
+	$(PY) -m isort --check-only $(LINT_PATHS)
+	$(PY) -m flake8 $(LINT_PATHS)
+
 demo: install
 	$(PY) tools/demo.py --overwrite
 
 # Benchmarks against detectron2's and torchvision's RetinaNet (several minutes on 2 cores); writes
-# benchmarks/results/<machine>.{json,md} and the README's table for this machine.
+# benchmarks/results/<machine>.{json,md} and the table for this machine in docs/performance.md.
 bench: install
-	$(PY) -m benchmarks.run --update-readme $(BENCH_ARGS)
+	$(PY) -m benchmarks.run --update-docs $(BENCH_ARGS)
 
 # Trains and evaluates each config, then writes a comparison table (.md, .json) and an AP chart;
 # see `python tools/ablate.py --help`.

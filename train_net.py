@@ -69,7 +69,7 @@ class TrainingDivergedError(UserError, FloatingPointError):
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer with COCO evaluation, SOLVER.OPTIMIZER and the plugin's LR
     schedules, the INPUT.AUG augmentations, the plugin's checkpoint loading (safe by default,
-    fine-tuning-aware) and an exact --resume (optimizer, data stream, RNGs, loss normaliser).
+    fine-tuning-aware) and an exact --resume (optimizer, data stream, RNGs, loss normalizer).
 
     Args:
         cfg: the config.
@@ -109,7 +109,11 @@ class Trainer(DefaultTrainer):
             self.data_loader.start_iter = self.start_iter
             restart_data_iterator(inner_trainer(self))
         final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
-        if self.start_iter >= self.max_iter and comm.is_main_process() and not os.path.exists(final):
+        if (
+            self.start_iter >= self.max_iter
+            and comm.is_main_process()
+            and not os.path.exists(final)
+        ):
             # Killed after the last iteration's checkpoint but before model_final was written:
             # no step is left to run, so the periodic checkpointer would never write it.
             logger.info("All %d iterations were done; writing the missing %s", self.max_iter, final)
@@ -123,12 +127,15 @@ class Trainer(DefaultTrainer):
             # from: a checkpoint of this run (an earlier run's files may be in OUTPUT_DIR too).
             here = os.path.abspath(self.cfg.OUTPUT_DIR)
             ours = [
-                path for path in self.checkpointer.run_checkpoints
+                path
+                for path in self.checkpointer.run_checkpoints
                 if os.path.dirname(os.path.abspath(path)) == here
             ]
             resume = (
                 f"The last checkpoint of this run, safe to resume from with --resume, is "
-                f"{ours[-1]}." if ours else "This run wrote no checkpoint before it."
+                f"{ours[-1]}."
+                if ours
+                else "This run wrote no checkpoint before it."
             )
             raise TrainingDivergedError(
                 f"{e} Training stopped. {resume} Lower SOLVER.BASE_LR or enable "

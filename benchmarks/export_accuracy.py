@@ -33,9 +33,9 @@ from detectron2.modeling import build_model
 from retinanet_plugin.checkpoint import RetinaNetCheckpointer
 from retinanet_plugin.config_io import load_config
 from retinanet_plugin.data import add_dataset_arguments, register_datasets_from_args
+from retinanet_plugin.data.images import expand_inputs
 from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.export import export_model, load_exported, load_test_input
-from retinanet_plugin.data.images import expand_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "output", "demo")

@@ -19,8 +19,9 @@ another fails:
 This script then adds its ``gpu_check`` record (the three steps) to ``<gpu>.json``. More than
 one process per GPU is not checked: detectron2's ``launch`` (NCCL) needs one GPU per process.
 An offline GPU machine needs the packages of ``requirements.txt`` that it lacks and a detectron2
-(``tools/install_detectron2.py --wheel-dir DIR`` builds a wheel to carry); see the README.
+(``tools/install_detectron2.py --wheel-dir DIR`` builds a wheel to carry); see docs/testing.md.
 """
+
 import argparse
 import json
 import os
@@ -42,9 +43,7 @@ def _run(name: str, command: List[str], timeout_s: float) -> Dict:
     print(f"[gpu_check] {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s
-        )
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         returncode, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         returncode = "timeout"
@@ -61,7 +60,9 @@ def _run(name: str, command: List[str], timeout_s: float) -> Dict:
 def pytest_counts(output: str) -> Dict[str, int]:
     """The counts of pytest's summary line ("3 passed, 1 skipped, 5 deselected in 2.0s")."""
     outcome = r"(\d+) (passed|failed|skipped|deselected|errors?|warnings?)"
-    summaries = [line for line in output.splitlines() if re.search(outcome + r".* in [\d.]+s", line)]
+    summaries = [
+        line for line in output.splitlines() if re.search(outcome + r".* in [\d.]+s", line)
+    ]
     if not summaries:
         return {}
     return {name: int(number) for number, name in re.findall(outcome, summaries[-1])}
@@ -71,16 +72,25 @@ def cuda_test_files() -> List[str]:
     """The test files with ``cuda``-marked tests (collecting only them is seconds faster)."""
     tests = os.path.join(REPO, "tests")
     return [
-        os.path.join("tests", name) for name in sorted(os.listdir(tests))
-        if name.startswith("test_") and name.endswith(".py")
+        os.path.join("tests", name)
+        for name in sorted(os.listdir(tests))
+        if name.startswith("test_")
+        and name.endswith(".py")
         and "pytest.mark.cuda" in open(os.path.join(tests, name), encoding="utf-8").read()
     ]
 
 
 def run_tests(timeout_s: float) -> Dict:
     command = [
-        sys.executable, "-m", "pytest", *cuda_test_files(), "-m", "cuda", "-q",
-        "-p", "no:cacheprovider",
+        sys.executable,
+        "-m",
+        "pytest",
+        *cuda_test_files(),
+        "-m",
+        "cuda",
+        "-q",
+        "-p",
+        "no:cacheprovider",
     ]
     result = _run("tests", command, timeout_s)
     result["counts"] = pytest_counts(result["output_tail"])
@@ -95,8 +105,18 @@ def run_training(device: str, quick: bool, timeout_s: float) -> Dict:
     sizes = ["--num-train", "600", "--num-val", "100"]
     if quick:
         sizes = ["--num-train", "8", "--num-val", "4", "--num-pictures", "1"]
-        opts += ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN",
-                 "(128,)", "INPUT.MIN_SIZE_TEST", "128", "MODEL.RETINANET.SCORE_THRESH_TEST", "0"]
+        opts += [
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(128,)",
+            "INPUT.MIN_SIZE_TEST",
+            "128",
+            "MODEL.RETINANET.SCORE_THRESH_TEST",
+            "0",
+        ]
     command = [sys.executable, os.path.join("tools", "demo.py"), "--output", output, *sizes, *opts]
     result = _run("train", command, timeout_s)
     result["options"] = opts
@@ -118,8 +138,15 @@ def run_training(device: str, quick: bool, timeout_s: float) -> Dict:
 
 
 def run_bench(device: str, quick: bool, cases: str, output_dir: str, timeout_s: float) -> Dict:
-    command = [sys.executable, "-m", "benchmarks.run", "--devices", device, "--output-dir",
-               output_dir]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--devices",
+        device,
+        "--output-dir",
+        output_dir,
+    ]
     if quick:
         command.append("--quick")
     if cases:
@@ -142,12 +169,17 @@ def main(argv=None) -> int:
     steps = [s for s in args.steps.split(",") if s]
     unknown = sorted(set(steps) - {"tests", "train", "bench"})
     if unknown:
-        print(f"error: --steps {','.join(unknown)}: unknown; choose from tests, train, bench",
-              file=sys.stderr)
+        print(
+            f"error: --steps {','.join(unknown)}: unknown; choose from tests, train, bench",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: no CUDA GPU is visible to torch here; run on a GPU "
-              "machine, or pass --device cpu for a dry run", file=sys.stderr)
+        print(
+            "error: --device cuda: no CUDA GPU is visible to torch here; run on a GPU "
+            "machine, or pass --device cpu for a dry run",
+            file=sys.stderr,
+        )
         return 2
     from benchmarks.measure import device_label
 

@@ -24,7 +24,7 @@ import torch
 
 RESULT_PREFIX = "BENCHMARK_RESULT "
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(REPO, "README.md")
+PERFORMANCE_DOC = os.path.join(REPO, "docs", "performance.md")
 
 # name: (default, --quick value, help)
 SIZES = {
@@ -54,9 +54,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument(
-        "--update-readme",
+        "--update-docs",
         action="store_true",
-        help="replace the table between README's <!-- bench:DEVICE --> markers",
+        help="replace the table between docs/performance.md's <!-- bench:DEVICE --> markers",
     )
     for name, (default, _, help_text) in SIZES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), help=help_text)
@@ -143,8 +143,9 @@ def run_case(args, device: str, name: str, case) -> dict:
 
 
 def _versions() -> dict:
-    import detectron2
     import torchvision
+
+    import detectron2
 
     return {
         "python": platform.python_version(),
@@ -192,16 +193,16 @@ def _fmt(value: Optional[float], pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
-def update_readme(label: str, table: str, readme: str = README) -> bool:
+def update_docs_table(label: str, table: str, doc: str = PERFORMANCE_DOC) -> bool:
     """Replaces the text between ``<!-- bench:LABEL -->`` and ``<!-- /bench:LABEL -->``."""
-    with open(readme) as f:
+    with open(doc) as f:
         text = f.read()
     pattern = re.compile(
         rf"(<!-- bench:{re.escape(label)} -->\n).*?(<!-- /bench:{re.escape(label)} -->)", re.DOTALL
     )
     if not pattern.search(text):
         return False
-    with open(readme, "w") as f:
+    with open(doc, "w") as f:
         f.write(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
     return True
 
@@ -240,9 +241,9 @@ def main(argv=None) -> None:
             f.write(table)
         print(table)
         print(f"wrote {path}.json and {path}.md")
-        if args.update_readme:
-            updated = update_readme(label, table)
-            print(("updated " if updated else f"no <!-- bench:{label} --> block in ") + README)
+        if args.update_docs:
+            updated = update_docs_table(label, table)
+            print(("updated " if updated else f"no <!-- bench:{label} --> block in ") + PERFORMANCE_DOC)
 
 
 if __name__ == "__main__":

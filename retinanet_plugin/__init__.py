@@ -5,6 +5,7 @@ Importing this package makes the installed detectron2 usable on current librarie
 registries: the meta-architecture ``FocalLossRetinaNet``, the anchor generator
 ``RetinaNetAnchorGenerator`` and the head ``FocalLossHead`` (in ``RETINANET_HEAD_REGISTRY``).
 """
+
 import warnings
 
 from . import compat

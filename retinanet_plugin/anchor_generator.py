@@ -1,4 +1,5 @@
 """RetinaNet's anchors: several octave scales and aspect ratios per pyramid level."""
+
 from typing import List, Sequence
 
 from detectron2.config import configurable
@@ -74,7 +75,7 @@ class RetinaNetAnchorGenerator(DefaultAnchorGenerator):
             scales_per_octave: number of octave scales per base size.
             aspect_ratios: aspect ratios (height / width) per level, or one list for all.
             strides: stride of each input feature map.
-            offset: relative offset of the first anchor centre from the top-left corner, in
+            offset: relative offset of the first anchor center from the top-left corner, in
                 [0, 1) (detectron2's RetinaNet: 0.0).
         """
         super().__init__(

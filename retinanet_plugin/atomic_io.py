@@ -8,6 +8,7 @@ never a truncated one.
 Paths of other storage that detectron2's ``PathManager`` handles (``s3://``, ``manifold://``, ...)
 have no rename; they are written through ``PathManager`` directly, as detectron2 writes them.
 """
+
 import contextlib
 import os
 import re
@@ -28,6 +29,7 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 def is_local_path(path: str) -> bool:
     """Whether ``path`` is on the local file system (not ``s3://``, ``manifold://``, ...)."""
     return not _URI.match(path) or path.startswith("file://")
+
 
 TEMP_SUFFIX = ".tmp"
 

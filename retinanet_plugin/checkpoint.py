@@ -1,4 +1,5 @@
 """Checkpoint loading that runs no code from the file, and fine-tuning on other classes."""
+
 import contextlib
 import errno
 import functools
@@ -7,9 +8,10 @@ import os
 from typing import List
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import Checkpointer
 from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.checkpoint import DetectionCheckpointer
 
 from .atomic_io import atomic_write
 from .compat.private_api import pkl_unpickler
@@ -72,12 +74,12 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
 
     Every tensor whose shape matches is loaded. detectron2 skips (and logs) tensors whose shape
     differs; when the skipped ones are the classification output layer (a checkpoint trained
-    with another number of classes), that layer is re-initialised with the paper's prior
+    with another number of classes), that layer is re-initialized with the paper's prior
     probability bias and one summary line says so. Skipped tensors outside that layer get a
     warning naming them, since they mean the architectures differ.
 
     Args:
-        allow_new_classes: False for inference, where a re-initialised classification layer
+        allow_new_classes: False for inference, where a re-initialized classification layer
             would give random classes: a class-count mismatch is then an error.
         trust_weights: load files the way detectron2 does, unpickling arbitrary objects (which
             can run code from the file). Only for files from a trusted source.
@@ -201,7 +203,7 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _TorchLoading):
             weight = next(s for s in classification if s[0].endswith("weight"))
             logger.info(
                 "Fine-tuning: skipped %s (checkpoint %s, model %s: a different number of "
-                "classes); re-initialised the classification layer with prior probability %g",
+                "classes); re-initialized the classification layer with prior probability %g",
                 ", ".join(s[0] for s in classification),
                 tuple(weight[1]),
                 tuple(weight[2]),

@@ -7,6 +7,7 @@ Every entry point (``train_net.py``, ``python -m retinanet_plugin.predict``,
 as one line ``error: ...`` on stderr with exit status 2 and no traceback; ``--debug`` shows the
 traceback instead. Any other exception is a bug and keeps its traceback.
 """
+
 import argparse
 import re
 import sys
@@ -59,7 +60,8 @@ def _option_action(by_name: Dict[str, argparse.Action], token: str) -> Optional[
         return candidates.pop()
     known = sorted(n for n in by_name if n.startswith("--"))
     raise UserError(
-        f"unknown option {name}" + (" (ambiguous)" if candidates else "")
+        f"unknown option {name}"
+        + (" (ambiguous)" if candidates else "")
         + f"; the options are {', '.join(known)}"
     )
 

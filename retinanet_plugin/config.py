@@ -7,6 +7,7 @@ where detectron2's RetinaNet (which the plugin equals by default) differs: the l
 detectron2's moving average of the foreground count ("ema"), the paper divides by each batch's
 count ("batch").
 """
+
 import os
 
 from detectron2.config import CfgNode as CN
@@ -79,7 +80,7 @@ def add_retinanet_config(cfg: CN) -> None:
     # res3..res5 (strides 8..32) on most CNNs.
     _C.MODEL.TIMM.OUT_INDICES = (2, 3, 4)
     # Local timm checkpoint (.pth/.bin/.safetensors of the whole timm model) to start from;
-    # "" = random initialisation. Nothing is ever downloaded.
+    # "" = random initialization. Nothing is ever downloaded.
     _C.MODEL.TIMM.WEIGHTS = ""
     # Batch norm of the timm model: "FrozenBN" (fixed statistics and affine, for fine-tuning
     # pretrained weights with few images per GPU, as detectron2's ResNets), "BN" (trained as is)
@@ -113,13 +114,13 @@ def add_retinanet_config(cfg: CN) -> None:
     _C.INPUT.AUG.SCALE_CROP = CN({"ENABLED": False, "PROB": 0.5})
     _C.INPUT.AUG.SCALE_CROP.SCALE_RANGE = (0.1, 2.0)
     _C.INPUT.AUG.SCALE_CROP.SIZE = (1024, 1024)
-    # Colour jitter: brightness, contrast and saturation factors drawn uniformly in these
+    # Color jitter: brightness, contrast and saturation factors drawn uniformly in these
     # (min, max) ranges (1 = unchanged), applied together with probability PROB.
     _C.INPUT.AUG.COLOR_JITTER = CN({"ENABLED": False, "PROB": 0.5})
     _C.INPUT.AUG.COLOR_JITTER.BRIGHTNESS = (0.8, 1.2)
     _C.INPUT.AUG.COLOR_JITTER.CONTRAST = (0.8, 1.2)
     _C.INPUT.AUG.COLOR_JITTER.SATURATION = (0.8, 1.2)
-    # Mosaic: the image and 3 random others as a 2x2 grid around a centre drawn uniformly in
+    # Mosaic: the image and 3 random others as a 2x2 grid around a center drawn uniformly in
     # CENTER_RANGE times the image's width and height; boxes cut to MIN_SIZE pixels or less in
     # width or height are dropped.
     _C.INPUT.AUG.MOSAIC = CN({"ENABLED": False, "PROB": 0.5})
@@ -148,4 +149,3 @@ def get_config_file(name: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"retinanet_plugin has no config {name!r} (looked for {path})")
     return path
-

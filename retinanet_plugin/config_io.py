@@ -14,6 +14,7 @@ arithmetic expression (numbers, lists, ``+ - * / // % **`` and list comprehensio
 detectron2's model-zoo ``Base-RetinaNet.yaml`` uses for its anchor sizes; it is computed by a
 small interpreter of those constructs, never by Python's ``eval``.
 """
+
 import ast
 import difflib
 import operator
@@ -21,10 +22,11 @@ import os
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import yaml
+from fvcore.common.config import BASE_KEY
+
 from detectron2.config import CfgNode, get_cfg
 from detectron2.config.compat import downgrade_config, guess_version, upgrade_config
 from detectron2.utils.file_io import PathManager
-from fvcore.common.config import BASE_KEY
 
 from .config import add_retinanet_config
 from .config_validation import ConfigError, validate_config
@@ -132,7 +134,9 @@ def _construct_eval(loader: _SafeLoader, node: yaml.Node) -> Any:
         return evaluate_arithmetic(expression)
     except (ValueError, ArithmeticError) as e:
         raise yaml.constructor.ConstructorError(
-            None, None, f"{expression!r} is not a plain arithmetic expression: {e}",
+            None,
+            None,
+            f"{expression!r} is not a plain arithmetic expression: {e}",
             node.start_mark,
         ) from e
 
@@ -183,7 +187,7 @@ def load_yaml_safely(
         raise ConfigError(f"config file {filename}{where} does not exist")
     real = os.path.realpath(filename) if os.path.exists(filename) else filename
     if real in _chain:
-        cycle = " -> ".join([*_chain[_chain.index(real):], real])
+        cycle = " -> ".join([*_chain[_chain.index(real) :], real])
         raise ConfigError(f"{filename}: its _BASE_ chain is a cycle ({cycle}); remove one link")
     with PathManager.open(filename, "r") as f:
         try:
@@ -224,7 +228,7 @@ def load_yaml_safely(
 
 
 def _line(error: yaml.YAMLError) -> str:
-    """", line N, column M" for a YAML error with a position, else ""."""
+    """ ", line N, column M" for a YAML error with a position, else ""."""
     mark = getattr(error, "problem_mark", None)
     return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 

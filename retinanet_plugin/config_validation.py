@@ -6,10 +6,12 @@ The rules on the options of the plugin's components come from the components' ow
 ``OPTION_RULES`` tables (see :mod:`retinanet_plugin.rules`), which their constructors also check,
 so each rule is written once; the rules here are those on keys no single constructor owns.
 """
+
 import os
 from typing import Callable, Iterator
 
 import torch
+
 from detectron2.config import CfgNode
 
 from . import anchor_generator, evaluation, head, meta_arch, solver
@@ -131,7 +133,8 @@ def _timm_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
     indices = list(timm_cfg.OUT_INDICES)
     yield from check(
         "MODEL.TIMM.OUT_INDICES",
-        bool(indices) and all(isinstance(i, int) and i >= 0 for i in indices)
+        bool(indices)
+        and all(isinstance(i, int) and i >= 0 for i in indices)
         and _increasing(indices),
         "must be non-negative integers in increasing order",
     )

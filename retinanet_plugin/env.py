@@ -5,6 +5,7 @@ installed), preceded by what a bug report about this plugin needs on top of it: 
 version, detectron2's version, whether detectron2's native ops are present, and which
 compatibility patches were applied.
 """
+
 import argparse
 import os
 import sys

@@ -25,8 +25,9 @@ import logging
 import numbers
 from typing import Optional, Set, Tuple, Type
 
-from detectron2.evaluation import COCOEvaluator
 from pycocotools.cocoeval import COCOeval
+
+from detectron2.evaluation import COCOEvaluator
 
 from .compat.private_api import (
     check_coco_evaluator_hooks,

@@ -1,9 +1,10 @@
-"""Deployment export: the network of a :class:`FocalLossRetinaNet` as TorchScript or ONNX, and a
-runtime that turns the exported file's outputs into detectron2 ``Instances``.
+"""Deployment export: the network of a :class:`FocalLossRetinaNet` as TorchScript or ONNX. The
+runtime that turns the exported file's outputs into detectron2 ``Instances`` is
+:mod:`retinanet_plugin.export_runtime` (``load_exported``, also importable from here).
 
 What is exported and what stays in Python:
 
-* **Exported** (:class:`ExportableNetwork`): input normalisation, padding to the backbone's size
+* **Exported** (:class:`ExportableNetwork`): input normalization, padding to the backbone's size
   divisibility, backbone + FPN and head. Input: one image, a (3, H, W) float32 tensor of pixel
   values in ``cfg.INPUT.FORMAT`` channel order, already resized as the test loader resizes
   (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``; :func:`load_test_input`); H and W are dynamic.
@@ -11,7 +12,7 @@ What is exported and what stays in Python:
   deltas (1, A*4, Hi, Wi), all float32.
 * **Python** (:class:`ExportedRetinaNet`): anchors, score threshold, top-k per level, box
   decoding, class-wise NMS and the top detections, i.e. the model's own
-  ``FocalLossRetinaNet.forward_inference`` (with ``grouped_nms``), then detectron2's
+  ``retinanet_plugin.postprocessing.batched_detections``, then detectron2's
   ``detector_postprocess`` to the original image size. These steps have data-dependent shapes
   and loops (``nonzero``, per-image top-k, per-group NMS), which a trace would freeze to the
   sample's sizes; in Python they are the same code as the PyTorch model's, so detections match
@@ -46,23 +47,23 @@ import logging
 import os
 import tempfile
 import warnings
-import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from detectron2.config import CfgNode, get_cfg
-from detectron2.data import transforms as T
-from detectron2.data.detection_utils import build_augmentation
-from detectron2.modeling import build_model
-from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import ImageList, Instances
+from detectron2.config import CfgNode
 
-from .config import add_retinanet_config
-from .config_validation import validate_config
-from .errors import UserError
-from .data.images import read_image, test_input
+from .export_runtime import (
+    METADATA_KEY,
+    ExportedRetinaNet,
+    ExportError,
+    OnnxGraph,
+    load_exported,
+    load_test_input,
+    onnx_modules,
+    without_weight_files,
+)
 from .meta_arch import FocalLossRetinaNet
 
 __all__ = [
@@ -83,31 +84,14 @@ logger = logging.getLogger(__name__)
 FORMATS = ("torchscript", "onnx")
 QUANTIZATIONS = ("int8",)
 ONNX_OPSET = 17
-# Name of the ONNX metadata entry / TorchScript extra file holding config and export options.
-METADATA_KEY = "retinanet_plugin"
-INSTALL_HINT = "pip install 'retinanet_plugin[export]' (or pip install onnx onnxruntime)"
 # Exported outputs must equal the model's within these (float32 graphs differ by rounding only).
 OUTPUT_RTOL = OUTPUT_ATOL = 1e-3
-
-
-class ExportError(UserError, RuntimeError):
-    """An export that cannot be made (unsupported option) or whose result is wrong."""
-
-
-def _onnx_modules(purpose: str):
-    """The ``onnx`` and ``onnxruntime`` modules, or an ImportError saying how to install them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise ImportError(f"{purpose} needs onnx and onnxruntime ({e}); {INSTALL_HINT}") from e
-    return onnx, onnxruntime
 
 
 class ExportableNetwork(nn.Module):
     """The exported part of a :class:`FocalLossRetinaNet`: one image in, raw head outputs out.
 
-    Calls the model's own ``preprocess_image`` (normalisation, padding), backbone and head.
+    Calls the model's own ``preprocess_image`` (normalization, padding), backbone and head.
     """
 
     def __init__(self, model: FocalLossRetinaNet):
@@ -140,18 +124,6 @@ class ExportableNetwork(nn.Module):
         # Without the weight cache: with it the trace would store the cast weights as constants
         # (and refuses to, as they require grad) instead of recording the casts.
         return torch.autocast("cpu", dtype=self.model.inference_dtype, cache_enabled=False)
-
-
-def load_test_input(path: str, cfg: CfgNode) -> Dict:
-    """An image file as detectron2's test loader gives it to the model.
-
-    Returns:
-        {"image": (3, H, W) float32 in ``cfg.INPUT.FORMAT``, resized by detectron2's test
-        augmentation (shortest edge to ``INPUT.MIN_SIZE_TEST``), "height", "width": the file's
-        size, to which the detections are scaled back}.
-    """
-    augmentations = T.AugmentationList(build_augmentation(cfg, is_train=False))
-    return test_input(read_image(path, cfg.INPUT.FORMAT), augmentations)
 
 
 def synthetic_test_image(cfg: CfgNode, seed: int = 0) -> Tensor:
@@ -201,7 +173,7 @@ def _export_torchscript(network: ExportableNetwork, sample: Tensor, path: str, i
 
 
 def _export_onnx(network: ExportableNetwork, sample: Tensor, path: str, info: str) -> None:
-    onnx, _ = _onnx_modules("ONNX export")
+    onnx, _ = onnx_modules("ONNX export")
     names = network.output_names
     # Every output's grid follows the input's size.
     dynamic_axes = {"image": {1: "height", 2: "width"}}
@@ -219,7 +191,7 @@ def _export_onnx(network: ExportableNetwork, sample: Tensor, path: str, info: st
             dynamic_axes=dynamic_axes,
         )
     _set_onnx_metadata(onnx, path, info)
-    _check_outputs(network, _OnnxGraph(path), sample, "ONNX export")
+    _check_outputs(network, OnnxGraph(path), sample, "ONNX export")
 
 
 def _set_onnx_metadata(onnx, path: str, info: str) -> None:
@@ -242,7 +214,7 @@ def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Seque
         calibration_images: at least one (3, H, W) float32 image as in :func:`load_test_input`,
             preferably from the training set (32 cost the demo model 0.13 AP against float32).
     """
-    onnx, _ = _onnx_modules("int8 quantization")
+    onnx, _ = onnx_modules("int8 quantization")
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -263,7 +235,7 @@ def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Seque
     with tempfile.TemporaryDirectory(prefix="retinanet_quant_") as tmp:
         prepared = os.path.join(tmp, "prepared.onnx")
         # Symbolic shape inference cannot follow the size-dependent padding; ONNX's own shape
-        # inference and onnxruntime's graph optimisations, the rest of the preparation, still run.
+        # inference and onnxruntime's graph optimizations, the rest of the preparation, still run.
         quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
         quantize_static(
             prepared,
@@ -332,7 +304,7 @@ def export_model(
         raise ExportError("int8 quantization needs calibration images; none were given")
     info = json.dumps(
         {
-            "config": _without_weight_files(cfg).dump(),
+            "config": without_weight_files(cfg).dump(),
             "format": export_format,
             "dtype": dtype,
             "quantize": quantize,
@@ -355,131 +327,3 @@ def export_model(
         f", {quantize}" if quantize else "",
         output,
     )
-
-
-# ------------------------------------------------------------------------------------- runtime
-class _TorchScriptGraph:
-    """A TorchScript file written by :func:`export_model`, called like the network."""
-
-    def __init__(self, path: str):
-        files = {METADATA_KEY: ""}
-        self.module = torch.jit.load(path, map_location="cpu", _extra_files=files)
-        self.info = files[METADATA_KEY]
-
-    def __call__(self, image: Tensor) -> List[Tensor]:
-        with torch.no_grad():
-            return list(self.module(image))
-
-
-class _OnnxGraph:
-    """An ONNX file written by :func:`export_model`, run by onnxruntime's CPU provider."""
-
-    def __init__(self, path: str, num_threads: Optional[int] = None):
-        _, onnxruntime = _onnx_modules("Running an ONNX export")
-        options = onnxruntime.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        self.session = onnxruntime.InferenceSession(
-            path, options, providers=["CPUExecutionProvider"]
-        )
-        self.info = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "")
-
-    def __call__(self, image: Tensor) -> List[Tensor]:
-        outputs = self.session.run(None, {"image": image.numpy()})
-        return [torch.from_numpy(x) for x in outputs]
-
-
-class ExportedRetinaNet:
-    """An exported RetinaNet with the PyTorch model's interface and output, on the CPU.
-
-    ``exported(batched_inputs)`` takes what ``FocalLossRetinaNet`` takes at inference (a list of
-    dicts with "image": (3, H, W) tensor in ``cfg.INPUT.FORMAT``, resized for the test, uint8 or
-    float, and optional "height"/"width" of the original image) and returns
-    ``[{"instances": Instances}]`` with ``pred_boxes``, ``scores`` and ``pred_classes`` in the
-    original image's coordinates, so it can replace the model, e.g. in detectron2's
-    ``inference_on_dataset``. Images run one at a time, as detectron2's test loader feeds them.
-
-    Post-processing is the model's own ``forward_inference``, on a ``FocalLossRetinaNet`` built
-    from the config stored in the file (its backbone and head are not needed and are dropped).
-
-    Args:
-        path: a ``.ts``/``.onnx`` file written by :func:`export_model` (TorchScript files are
-            recognised as zip archives, anything else is read as ONNX). TorchScript files contain
-            code that ``torch.jit.load`` runs: load only files from a trusted source.
-        num_threads: onnxruntime's intra-op threads for ONNX files (default: onnxruntime's, one
-            per physical core). TorchScript runs on torch's threads (``torch.set_num_threads``).
-    """
-
-    def __init__(self, path: str, num_threads: Optional[int] = None):
-        if not os.path.isfile(path):
-            raise ExportError(f"exported model {path} does not exist")
-        self.path = path
-        try:
-            if zipfile.is_zipfile(path):
-                self.graph = _TorchScriptGraph(path)
-            else:
-                self.graph = _OnnxGraph(path, num_threads)
-        except ImportError:  # onnx/onnxruntime missing: its own message says how to install
-            raise
-        except Exception as e:  # torch.jit and onnxruntime raise their own types for junk
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise ExportError(
-                f"{path} is not a TorchScript or ONNX model ({type(e).__name__}: {reason}); "
-                "load a file written by tools/export.py"
-            ) from e
-        if not self.graph.info:
-            raise ExportError(
-                f"{path} has no {METADATA_KEY!r} metadata: it was not written by "
-                "retinanet_plugin.export (tools/export.py)"
-            )
-        info = json.loads(self.graph.info)
-        self.format, self.dtype, self.quantize = info["format"], info["dtype"], info["quantize"]
-        self.cfg = _config_from_yaml(info["config"], path)
-        self.model = build_model(self.cfg).eval()
-        del self.model.backbone, self.model.head  # the exported graph replaces them
-
-    @torch.no_grad()
-    def __call__(self, batched_inputs: Sequence[Dict]) -> List[Dict[str, Instances]]:
-        results = []
-        for inputs in batched_inputs:
-            image = inputs["image"].to(torch.float32)  # the graph's input type
-            outputs = self.graph(image)
-            num_levels = len(outputs) // 2
-            logits, deltas = outputs[:num_levels], outputs[num_levels:]
-            image_size = tuple(image.shape[-2:])
-            # forward_inference reads only the image sizes of the batch, and only the grid size
-            # of each level's features (for the anchors), which the head outputs share.
-            (instances,) = self.model.forward_inference(
-                ImageList(image[None], [image_size]), logits, (logits, deltas)
-            )
-            height = inputs.get("height", image_size[0])
-            width = inputs.get("width", image_size[1])
-            results.append({"instances": detector_postprocess(instances, height, width)})
-        return results
-
-
-def load_exported(path: str, num_threads: Optional[int] = None) -> ExportedRetinaNet:
-    """The :class:`ExportedRetinaNet` of a file written by :func:`export_model`."""
-    return ExportedRetinaNet(path, num_threads)
-
-
-def _without_weight_files(cfg: CfgNode) -> CfgNode:
-    """A copy of ``cfg`` naming no weight file (the exported graph holds the weights; a path of
-    the exporting machine, e.g. MODEL.TIMM.WEIGHTS, would not exist where the file is loaded)."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.TIMM.WEIGHTS = ""
-    return cfg
-
-
-def _config_from_yaml(text: str, source: str) -> CfgNode:
-    """The plugin config stored in an exported file, on the CPU and without weight files (also
-    for files exported before they were left out)."""
-    cfg = get_cfg()
-    add_retinanet_config(cfg)
-    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))  # yaml.safe_load
-    cfg = _without_weight_files(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    validate_config(cfg, source)
-    return cfg

@@ -134,7 +134,7 @@ def _focal_loss_and_grad(
         # float32); on CPUs arithmetic on subnormals is ~100x slower, which made the classifier
         # convolution's backward several times slower than detectron2's. Below tiny / eps
         # (1e-31 in float32) a gradient is far under the rounding of any sum it enters, and
-        # flushing there leaves room for the loss normaliser's scaling: flush to 0.
+        # flushing there leaves room for the loss normalizer's scaling: flush to 0.
         finfo = torch.finfo(x.dtype)
         grad.masked_fill_(grad.abs() < finfo.tiny / finfo.eps, 0.0)
     return loss, grad
@@ -233,9 +233,7 @@ def sigmoid_focal_loss(
     width = shape[-1] if logits.dim() >= 2 else 1
     rows = logits.reshape(-1, width)
     flat_targets = targets.detach().reshape(-1, width)
-    loss = _FusedFocalLoss.apply(
-        rows, lambda r: flat_targets[r], None, alpha, gamma, reduction
-    )
+    loss = _FusedFocalLoss.apply(rows, lambda r: flat_targets[r], None, alpha, gamma, reduction)
     return loss.reshape(shape) if reduction == "none" else loss
 
 

@@ -1,4 +1,5 @@
 """RetinaNet's dense head: a classification and a box subnet shared across pyramid levels."""
+
 import math
 from typing import List
 
@@ -57,12 +58,12 @@ def _norm_passing_the_probe(norm: str):
 @RETINANET_HEAD_REGISTRY.register()
 class FocalLossHead(RetinaNetHead):
     """The paper's head (Sec. 4, Fig. 3): detectron2's ``RetinaNetHead``, with GroupNorm usable
-    on detectron2 0.6 and a way to re-initialise the classifier for fine-tuning.
+    on detectron2 0.6 and a way to re-initialize the classifier for fine-tuning.
 
     Per level, a classification subnet and a box subnet, each of ``len(conv_dims)`` 3x3 convs
-    with ReLU (optionally normalised; "BN"/"SyncBN" keep per-level statistics), ending in a 3x3
+    with ReLU (optionally normalized; "BN"/"SyncBN" keep per-level statistics), ending in a 3x3
     conv with K*A (class logits) or 4*A (box deltas) outputs; each subnet is shared across all
-    pyramid levels. All convs are initialised N(0, 0.01) with zero bias, except the final
+    pyramid levels. All convs are initialized N(0, 0.01) with zero bias, except the final
     classification bias -log((1 - pi) / pi), so every anchor starts with foreground confidence
     pi. Module names are detectron2's, so checkpoints load in either.
     """

@@ -5,6 +5,7 @@ processes. With ``device="cpu"`` and more than one process this starts the proce
 the gloo backend and sets up detectron2's ``comm`` state the way detectron2 does; everything
 else goes to detectron2's ``launch`` unchanged.
 """
+
 import os
 from datetime import timedelta
 

@@ -1,19 +1,17 @@
 """The RetinaNet detector (Lin et al. 2017) with the paper's options, as detectron2's RetinaNet.
 
-:class:`FocalLossRetinaNet` is detectron2's ``RetinaNet`` (anchor labelling, training forward,
-pre-processing, visualisation) with the plugin's registered head and anchor generator, and only
+:class:`FocalLossRetinaNet` is detectron2's ``RetinaNet`` (anchor labeling, training forward,
+pre-processing, visualization) with the plugin's registered head and anchor generator, and only
 these parts of its own: the classification loss (a fused focal loss, the appendix's FL*, or
-OHEM, Table 1d), the choice of loss normaliser, bfloat16 inference, and a batched inference
+OHEM, Table 1d), the choice of loss normalizer, bfloat16 inference, and a batched inference
 post-processing that gives detectron2's detections faster.
 """
 
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, nms
 
 from detectron2.config import configurable
 from detectron2.layers import cat
@@ -29,9 +27,10 @@ from .compat.private_api import dense_box_regression_loss
 from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .head import build_retinanet_head
 from .ohem import NO_RATIO, ohem_cross_entropy
+from .postprocessing import batched_detections
 from .rules import OptionRules, above, at_least, check_options, in_interval, one_of
 
-__all__ = ["FocalLossRetinaNet", "grouped_nms"]
+__all__ = ["FocalLossRetinaNet"]
 
 
 CLS_LOSS_TYPES = ("focal", "focal_star", "ohem")
@@ -74,11 +73,11 @@ class FocalLossRetinaNet(RetinaNet):
     < 0.4 background, in between ignored; each ground-truth box also keeps its best anchors);
     here the classification loss is summed over all non-ignored anchors, the box loss over
     foreground anchors, and both are divided by the number of foreground anchors (an EMA of it,
-    detectron2's normaliser, by default); with ``CLS_LOSS_TYPE`` "ohem" the classification loss
+    detectron2's normalizer, by default); with ``CLS_LOSS_TYPE`` "ohem" the classification loss
     is instead the mean cross-entropy over the online hard examples
     (:mod:`retinanet_plugin.ohem`). Inference: per level the top-k candidates above a score
     threshold are decoded, then merged over levels, class-wise NMS, and the top detections per
-    image are kept, all images of a batch at once.
+    image are kept, all images of a batch at once (:mod:`retinanet_plugin.postprocessing`).
 
     Parameter and buffer names equal detectron2's ``RetinaNet`` for the same config, so
     checkpoints load in either direction.
@@ -110,7 +109,7 @@ class FocalLossRetinaNet(RetinaNet):
                 the IoU threshold of the NMS over the examples' predicted boxes.
             loss_normalizer: "ema" (moving average of foreground anchors per batch, as
                 detectron2) or "batch" (this batch's count, as the paper).
-            loss_normalizer_momentum, loss_normalizer_init: of the "ema" normaliser.
+            loss_normalizer_momentum, loss_normalizer_init: of the "ema" normalizer.
             inference_dtype: "float32", or "bfloat16" to run backbone and head under bfloat16
                 autocast at inference (box decoding, scores and NMS stay float32).
             retinanet_options: detectron2's ``RetinaNet`` arguments (backbone, head,
@@ -216,7 +215,7 @@ class FocalLossRetinaNet(RetinaNet):
         gt_boxes: Sequence[Tensor],
     ) -> Dict[str, Tensor]:
         """detectron2's ``RetinaNet.losses`` with the plugin's classification losses and
-        normalisers.
+        normalizers.
 
         Args:
             anchors: per level, ``Boxes`` of Hi*Wi*A anchors.
@@ -330,13 +329,9 @@ class FocalLossRetinaNet(RetinaNet):
         features: List[Tensor],
         predictions: Tuple[List[Tensor], List[Tensor]],
     ) -> List[Instances]:
-        """Detections of every image of the batch, all images and levels processed together.
-
-        Same result as detectron2's per-image, per-level ``RetinaNet.inference_single_image``
-        (score threshold, top-k candidates per level and image, class-wise NMS, top detections
-        per image), but the threshold is applied to the logits in the head's own (N, A*K, H, W)
-        layout, so neither the sigmoid nor the (N, H*W*A, K) transpose of the full logit maps is
-        computed: both run on the few candidates only. One NMS call covers all images.
+        """Detections of every image of the batch, all images and levels processed together
+        (:func:`retinanet_plugin.postprocessing.batched_detections`; the same result as
+        detectron2's per-image ``RetinaNet.inference_single_image``).
 
         Args:
             images: the batch; only ``image_sizes`` is used.
@@ -348,156 +343,17 @@ class FocalLossRetinaNet(RetinaNet):
             ``pred_classes`` (D,), sorted by decreasing score, D <= max_detections_per_image.
         """
         logits, deltas = predictions
-        anchors = self.anchor_generator(features)
-        num_images = len(images.image_sizes)
         # Post-processing in float32 even when the head ran under bfloat16 autocast.
         with torch.autocast(device_type=self.device.type, enabled=False):
-            candidates = [
-                self._level_candidates(anchors_i.tensor, logits_i, deltas_i)
-                for anchors_i, logits_i, deltas_i in zip(anchors, logits, deltas)
-            ]
-            boxes, scores, classes, image_ids = (cat(list(x)) for x in zip(*candidates))
-            # One class-wise NMS for the whole batch: groups are (image, class) pairs.
-            keep = grouped_nms(
-                boxes, scores, image_ids * self.num_classes + classes, self.test_nms_thresh
+            return batched_detections(
+                [anchors.tensor for anchors in self.anchor_generator(features)],
+                logits,
+                deltas,
+                images.image_sizes,
+                self.box2box_transform,
+                num_classes=self.num_classes,
+                score_thresh=self.test_score_thresh,
+                topk_candidates=self.test_topk_candidates,
+                nms_thresh=self.test_nms_thresh,
+                max_detections_per_image=self.max_detections_per_image,
             )
-            max_per_image = self.max_detections_per_image
-            keep = keep[_first_k_per_image(image_ids[keep], num_images, max_per_image)]
-            counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
-            return [
-                Instances(image_size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
-                for image_size, b, s, c in zip(
-                    images.image_sizes,
-                    boxes[keep].split(counts),
-                    scores[keep].split(counts),
-                    classes[keep].split(counts),
-                )
-            ]
-
-    def _level_candidates(
-        self, anchors: Tensor, logits: Tensor, deltas: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Decoded top-k candidates above the score threshold of one level, for all images.
-
-        Args:
-            anchors: (H*W*A, 4) anchors of the level, location-major.
-            logits: (N, A*K, H, W) class logits.
-            deltas: (N, A*4, H, W) box deltas.
-
-        Returns:
-            boxes (C, 4), scores (C,), classes (C,), image indices (C,) of the C candidates.
-        """
-        num_images, _, height, width = logits.shape
-        num_anchors = logits.shape[1] // self.num_classes
-        # float32 (a no-op unless the head ran in bfloat16): the threshold is compared exactly.
-        flat_logits = logits.reshape(num_images, -1).float()
-        # sigmoid is increasing, so thresholding logits at logit(thresh) selects the same ones.
-        above = flat_logits > _logit(self.test_score_thresh)
-        # Row-major: candidates come grouped by image.
-        image_ids, flat_idxs = above.nonzero(as_tuple=True)
-        candidate_logits = flat_logits[image_ids, flat_idxs]
-        keep = _top_k_per_image(candidate_logits, image_ids, num_images, self.test_topk_candidates)
-        if keep is not None:
-            image_ids, flat_idxs = image_ids[keep], flat_idxs[keep]
-            candidate_logits = candidate_logits[keep]
-        scores = candidate_logits.sigmoid()
-        # flat index -> (anchor a, class k, location y * W + x) of the (A, K, H, W) layout.
-        locations = flat_idxs % (height * width)
-        anchor_and_class = flat_idxs // (height * width)
-        anchor_in_cell = anchor_and_class // self.num_classes
-        classes = anchor_and_class % self.num_classes
-        box_deltas = deltas.reshape(num_images, num_anchors, 4, height * width)[
-            image_ids, anchor_in_cell, :, locations
-        ]
-        boxes = self.box2box_transform.apply_deltas(
-            box_deltas.float(), anchors[locations * num_anchors + anchor_in_cell]
-        )
-        return boxes, scores, classes, image_ids
-
-
-def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each group (e.g. image x class): torchvision's ``batched_nms`` result.
-
-    On CPU, torchvision's ``batched_nms`` either runs one NMS over all boxes with per-group
-    offsets, quadratic in the total box count, or, above 1000 boxes, scans the whole array once
-    per group. Sorting by group once and running NMS on each contiguous slice costs one sort plus
-    one small NMS per group. On GPUs torchvision's single-kernel version is faster and is used.
-
-    Args:
-        boxes: (C, 4) boxes (x1, y1, x2, y2).
-        scores: (C,) scores.
-        groups: (C,) int64 group of each box; boxes in different groups never suppress each
-            other.
-        iou_threshold: boxes with IoU above this with a higher-scoring box of their group are
-            removed.
-
-    Returns:
-        (D,) int64 indices of the kept boxes in decreasing order of score.
-    """
-    if boxes.device.type != "cpu" or len(boxes) <= 1000:
-        return batched_nms(boxes, scores, groups, iou_threshold)
-    order = groups.argsort(stable=True)
-    counts = torch.unique_consecutive(groups[order], return_counts=True)[1].tolist()
-    kept, start = [], 0
-    for count in counts:
-        group = order[start : start + count]
-        kept.append(group if count == 1 else group[nms(boxes[group], scores[group], iou_threshold)])
-        start += count
-    keep = cat(kept)
-    return keep[scores[keep].argsort(descending=True)]
-
-
-def _logit(probability: float) -> float:
-    """Inverse of the sigmoid (-inf / inf outside (0, 1))."""
-    if probability <= 0:
-        return -math.inf
-    if probability >= 1:
-        return math.inf
-    return math.log(probability / (1.0 - probability))
-
-
-def _top_k_per_image(
-    scores: Tensor, image_ids: Tensor, num_images: int, k: int
-) -> Optional[Tensor]:
-    """Indices of the ``k`` highest scores of every image, or None if no image has more than k.
-
-    Args:
-        scores: (C,) scores (or logits), grouped by image.
-        image_ids: (C,) image index of each score, non-decreasing.
-        num_images: N, the number of images.
-        k: scores kept per image.
-
-    Returns:
-        (C',) int64 indices into the C scores, grouped by image, or None (keep all).
-    """
-    counts = torch.bincount(image_ids, minlength=num_images).tolist()
-    if max(counts, default=0) <= k:
-        return None
-    keep, start = [], 0
-    for count in counts:
-        # topk is linear in the count; a sort of all candidates is not.
-        if count > k:
-            keep.append(scores[start : start + count].topk(k).indices + start)
-        else:
-            keep.append(torch.arange(start, start + count, device=scores.device))
-        start += count
-    return torch.cat(keep)
-
-
-def _first_k_per_image(image_ids: Tensor, num_images: int, k: int) -> Tensor:
-    """Indices of the first ``k`` elements of every image, keeping their order within it.
-
-    Args:
-        image_ids: (C,) image index of each element, e.g. of detections sorted by score.
-        num_images: N, the number of images.
-        k: elements kept per image.
-
-    Returns:
-        (C',) int64 indices into the C elements, grouped by image.
-    """
-    # Stable: the order (by score) is kept within each image.
-    order = image_ids.argsort(stable=True)
-    counts = torch.bincount(image_ids, minlength=num_images)
-    first_of_image = counts.cumsum(0) - counts
-    rank = torch.arange(len(order), device=order.device) - first_of_image[image_ids[order]]
-    return order[rank < k]

@@ -2,6 +2,7 @@
 
     python -m retinanet_plugin.plot_metrics output/metrics.json [--output losses.png]
 """
+
 import argparse
 import json
 import logging
@@ -42,8 +43,9 @@ def read_metrics(metrics_file: str) -> List[Dict]:
     if os.path.isdir(metrics_file):
         raise MetricsFileError(f"{metrics_file} is a folder; name its metrics.json")
     if not os.path.isfile(metrics_file):
-        raise MetricsFileError(f"{metrics_file} does not exist (train_net.py writes metrics.json "
-                               "into OUTPUT_DIR)")
+        raise MetricsFileError(
+            f"{metrics_file} does not exist (train_net.py writes metrics.json " "into OUTPUT_DIR)"
+        )
     with open(metrics_file, encoding="utf-8", errors="replace") as f:
         lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     records = []
@@ -54,8 +56,9 @@ def read_metrics(metrics_file: str) -> List[Dict]:
                 raise ValueError("not a JSON object")
         except ValueError as e:
             if number == lines[-1][0]:
-                logger.warning("%s: skipped its last line %d, cut short (%s)", metrics_file,
-                               number, e)
+                logger.warning(
+                    "%s: skipped its last line %d, cut short (%s)", metrics_file, number, e
+                )
                 continue
             raise MetricsFileError(
                 f"{metrics_file}, line {number}: not a JSON object ({e}); is it detectron2's "
@@ -73,8 +76,14 @@ def _series(records: List[Dict], key: str):
 
 
 def _note_too_few(ax, what: str, count: int) -> None:
-    ax.text(0.5, 0.5, f"{count} {what} row(s): too few to draw", ha="center", va="center",
-            transform=ax.transAxes)
+    ax.text(
+        0.5,
+        0.5,
+        f"{count} {what} row(s): too few to draw",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+    )
 
 
 def plot_metrics(metrics_file: str, output_file: str) -> str:

@@ -8,8 +8,10 @@ Class names (and, unless set, MODEL.RETINANET.NUM_CLASSES) come from a dataset w
 classes: ``--dataset NAME``, else the first one registered with the same ``--register-coco`` /
 ``--register-voc`` options as train_net.py, else ``DATASETS.TEST[0]`` if registered. Files that
 cannot be read are reported by name and skipped; the exit code is 1 if any were, 2 for bad
-options or if no input matched. 16-bit images are scaled to 8 bits, not clipped.
+options or if no input matched. 16-bit images are scaled to 8 bits, not clipped. ``--tile SIZE``
+predicts large images tile by tile (:mod:`retinanet_plugin.tiling`).
 """
+
 import argparse
 import json
 import logging
@@ -23,8 +25,8 @@ from tqdm import tqdm
 
 import retinanet_plugin  # noqa: F401  (compat patches, registered components)
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.catalog import Metadata
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
@@ -41,12 +43,14 @@ from retinanet_plugin.data import (
 from retinanet_plugin.data.images import expand_inputs, read_image, test_input
 from retinanet_plugin.errors import UserError
 from retinanet_plugin.run_checks import check_device
+from retinanet_plugin.tiling import TiledPredictor
 
 logger = logging.getLogger("retinanet_plugin.predict")  # also when run as __main__
 
 
 class PredictError(UserError, ValueError):
     """A prediction command that cannot work as given."""
+
 
 MIN_DRAWING_SIDE = 512
 
@@ -152,17 +156,35 @@ def predict_files(
 
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument(
-        "--input", action="append", required=True,
+        "--input",
+        action="append",
+        required=True,
         help="image file, folder or glob pattern (repeatable)",
     )
     parser.add_argument("--output", required=True, help="folder for images and results JSON")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="default: 0.5")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="predict each image in SIZE x SIZE tiles, merged with NMS (default 0: whole images)",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="fraction of a tile shared with its neighbours, in [0, 1); objects up to F * SIZE "
+        "pixels across are found whole (default: 0.25)",
+    )
     parser.add_argument("--dataset", default=None, help="registered dataset for class names")
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
     add_dataset_arguments(parser)
@@ -177,6 +199,10 @@ def _check_options(args) -> None:
         raise PredictError(f"--score-threshold {args.score_threshold}: must be in [0, 1]")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.tile < 0:
+        raise PredictError(f"--tile {args.tile}: must be a tile size in pixels, or 0 for none")
+    if not 0.0 <= args.tile_overlap < 1.0:
+        raise PredictError(f"--tile-overlap {args.tile_overlap}: must be in [0, 1)")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise PredictError(f"--output {args.output} is a file; name a folder for the pictures")
     if args.dataset is not None and args.dataset not in DatasetCatalog.list():
@@ -196,7 +222,7 @@ def main(argv=None) -> int:
     if not cfg.MODEL.WEIGHTS:
         raise PredictError(
             "no weights: set MODEL.WEIGHTS to a trained model (e.g. MODEL.WEIGHTS "
-            "output/model_final.pth); a randomly initialised model detects nothing meaningful"
+            "output/model_final.pth); a randomly initialized model detects nothing meaningful"
         )
     check_device(cfg)
     registered = [entry[0] for entry in args.register_coco + args.register_voc]
@@ -210,8 +236,18 @@ def main(argv=None) -> int:
     if not files:
         raise PredictError(f"--input {' '.join(args.input)}: no image file matched")
     predictor = BatchPredictor(cfg, trust_weights=args.trust_weights)
+    if args.tile:
+        nms_thresh = cfg.MODEL.RETINANET.NMS_THRESH_TEST
+        predictor = TiledPredictor(
+            predictor, args.tile, args.tile_overlap, nms_thresh, batch_size=args.batch_size
+        )
+        logger.info("Predicting in %d px tiles overlapping by %g", args.tile, args.tile_overlap)
     results, failures, scores = predict_files(
-        predictor, files, args.output, _metadata(cfg, dataset), args.score_threshold,
+        predictor,
+        files,
+        args.output,
+        _metadata(cfg, dataset),
+        args.score_threshold,
         args.batch_size,
     )
     results_file = os.path.join(args.output, "coco_results.json")
@@ -220,14 +256,19 @@ def main(argv=None) -> int:
     logger.info(
         "Predicted %d images: %d detections with score >= %g, %d images skipped; pictures and "
         "%s in %s",
-        len(files) - len(failures), len(results), args.score_threshold, len(failures),
-        os.path.basename(results_file), args.output,
+        len(files) - len(failures),
+        len(results),
+        args.score_threshold,
+        len(failures),
+        os.path.basename(results_file),
+        args.output,
     )
     if not results and scores:
         logger.warning(
             "No detection reached --score-threshold %g (the highest score was %.3f): lower it "
             "to see the model's best guesses",
-            args.score_threshold, max(scores),
+            args.score_threshold,
+            max(scores),
         )
     if failures:
         logger.error(

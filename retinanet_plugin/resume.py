@@ -8,15 +8,17 @@ processes, :class:`GatherTrainingState` collects every rank's state into the che
 rank restores its own. Everything here is tensors, numbers, strings and containers, so checkpoints
 still load with ``torch.load(weights_only=True)``.
 """
+
 import logging
 import random
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import nn
+
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-from torch import nn
 
 __all__ = ["GatherTrainingState", "checkpoint_training_state", "load_training_state"]
 
@@ -66,7 +68,9 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         else:
             logger.warning(
                 "The checkpoint's CUDA RNG states are of %d GPUs, this process sees %d: the "
-                "CUDA RNGs are not restored", len(cuda), torch.cuda.device_count(),
+                "CUDA RNGs are not restored",
+                len(cuda),
+                torch.cuda.device_count(),
             )
 
 
@@ -131,7 +135,8 @@ def load_training_state(state: Dict[str, Any], model: nn.Module, data_loader) ->
             logger.warning(
                 "The checkpoint holds the training state of %d process(es), this run has %d: "
                 "every process continues from rank 0's RNGs and loss normalizer",
-                len(per_rank), world_size,
+                len(per_rank),
+                world_size,
             )
     _set_rng_state(own["rng"])
     if "loss_normalizer" in own:

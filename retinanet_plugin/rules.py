@@ -6,6 +6,7 @@ with :func:`check_options`, and config validation checks the config's values wit
 :func:`config_errors` over the same tables, so a config and a direct Python call are held to the
 same rule, with the same words.
 """
+
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from .errors import UserError
@@ -47,8 +48,13 @@ def above(minimum: float) -> Rule:
 
 
 def in_interval(
-    low: float, high: float, *, low_open: bool = False, high_open: bool = False,
-    or_equal_to: Sequence[Any] = (), meaning: str = "",
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    or_equal_to: Sequence[Any] = (),
+    meaning: str = "",
 ) -> Rule:
     """Inside [low, high] (or open at either end), or one of ``or_equal_to`` (``meaning`` says
     what those special values mean)."""

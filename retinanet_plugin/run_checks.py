@@ -6,6 +6,7 @@ processes and devices asked for, the datasets named in the config, the weights t
 the output folder. Each failure is a :class:`RunCheckError` naming the option or config key, the
 value, what is wrong and how to fix it.
 """
+
 import difflib
 import glob
 import logging
@@ -13,6 +14,7 @@ import os
 from typing import List, Optional
 
 import torch
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .errors import UserError
@@ -20,6 +22,7 @@ from .errors import UserError
 __all__ = [
     "RUN_OUTPUTS",
     "RunCheckError",
+    "check_dataset",
     "check_datasets",
     "check_device",
     "check_device_and_processes",
@@ -97,7 +100,9 @@ def _user_registered() -> List[str]:
     return [n for n in DatasetCatalog.list() if not n.startswith(builtin_prefixes)]
 
 
-def _check_dataset(key: str, name: str) -> None:
+def check_dataset(key: str, name: str) -> None:
+    """Dataset ``name`` (given by option or config key ``key``) is registered and, where its
+    metadata names files, they exist."""
     if name not in DatasetCatalog.list():
         close = difflib.get_close_matches(name, DatasetCatalog.list(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -128,13 +133,11 @@ def check_datasets(cfg, eval_only: bool) -> None:
                 "DATASETS.TRAIN is empty: name the registered dataset(s) to train on"
             )
         for name in cfg.DATASETS.TRAIN:
-            _check_dataset("DATASETS.TRAIN", name)
+            check_dataset("DATASETS.TRAIN", name)
     elif not cfg.DATASETS.TEST:
-        raise RunCheckError(
-            "--eval-only with DATASETS.TEST empty: name the dataset(s) to evaluate"
-        )
+        raise RunCheckError("--eval-only with DATASETS.TEST empty: name the dataset(s) to evaluate")
     for name in cfg.DATASETS.TEST:
-        _check_dataset("DATASETS.TEST", name)
+        check_dataset("DATASETS.TEST", name)
 
 
 def _last_checkpoint(output_dir: str) -> Optional[str]:
@@ -169,7 +172,7 @@ def check_weights(cfg, resume: bool, eval_only: bool) -> None:
             raise RunCheckError(f"MODEL.WEIGHTS = {weights!r} does not exist")
     if eval_only and last is None and not weights:
         raise RunCheckError(
-            "--eval-only without weights would evaluate a randomly initialised model: set "
+            "--eval-only without weights would evaluate a randomly initialized model: set "
             "MODEL.WEIGHTS to a trained model (e.g. OUTPUT_DIR/model_final.pth), or add --resume "
             "to evaluate OUTPUT_DIR's last checkpoint"
         )
@@ -207,5 +210,7 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
         os.remove(path)
     logger.warning(
         "--overwrite: removed %d file(s) of the earlier run in %s: %s",
-        len(removed), output_dir, ", ".join(os.path.basename(p) for p in removed),
+        len(removed),
+        output_dir,
+        ", ".join(os.path.basename(p) for p in removed),
     )

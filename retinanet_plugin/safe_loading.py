@@ -7,6 +7,7 @@ arrays, numbers, strings, bytes and containers, and ``.pth`` checkpoints go thro
 ``torch.load(weights_only=True)``. Files the user trusts can still be read the usual way
 (``--trust-weights``).
 """
+
 import importlib
 import pickle
 import re
@@ -196,7 +197,8 @@ def _not_a_torch_checkpoint(filename: str, reason) -> NotACheckpointError:
     if isinstance(reason, Exception):
         # Drop the paragraphs torch wraps around weights_only failures: they do not apply here.
         lines = [
-            line for line in str(reason).splitlines()
+            line
+            for line in str(reason).splitlines()
             if line.strip() and not line.startswith(_TORCH_BOILERPLATE)
         ]
         reason = f"{type(reason).__name__}: {' '.join(lines)}"

@@ -1,5 +1,6 @@
 """Optimizers selected by ``SOLVER.OPTIMIZER`` and learning-rate schedules selected by
 ``SOLVER.LR_SCHEDULER_NAME``."""
+
 import torch
 from fvcore.common.param_scheduler import (
     ExponentialParamScheduler,
@@ -39,7 +40,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
     "SGD" is detectron2's own (momentum, weight decay, norm/bias overrides). "AdamW" uses
     ``SOLVER.BASE_LR``, ``SOLVER.ADAMW_BETAS`` and ``SOLVER.WEIGHT_DECAY`` with no weight decay
-    on normalisation and bias parameters (the usual practice for AdamW).
+    on normalization and bias parameters (the usual practice for AdamW).
     """
     name = cfg.SOLVER.OPTIMIZER
     check_options(OPTION_RULES, optimizer=name)

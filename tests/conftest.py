@@ -1,4 +1,5 @@
 """Shared fixtures: configs of the plugin and of detectron2, and a small generated dataset."""
+
 import contextlib
 import io
 import logging
@@ -12,6 +13,13 @@ from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from retinanet_plugin import add_retinanet_config, get_config_file
 from retinanet_plugin.data import make_shapes_dataset
+
+# Overrides for a tiny end-to-end run of the tiny config: 3 iterations of 2 small images, and a
+# score threshold of 0 so that the evaluation of the barely trained model computes a real AP.
+TINY_RUN = (
+    "SOLVER.MAX_ITER 3 SOLVER.IMS_PER_BATCH 2 INPUT.MIN_SIZE_TRAIN (128,) INPUT.MIN_SIZE_TEST 128 "
+    "MODEL.RETINANET.SCORE_THRESH_TEST 0.0"
+).split()
 
 
 def pytest_configure(config):
@@ -161,7 +169,8 @@ def isolated_process_state():
         DatasetCatalog.remove(name)
     registered = set(DatasetCatalog.list())
     loggers = [logging.getLogger()] + [
-        logger for logger in logging.Logger.manager.loggerDict.values()
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
         if isinstance(logger, logging.Logger)
     ]
     handlers = {id(logger): list(logger.handlers) for logger in loggers}
@@ -198,8 +207,9 @@ def run_main(main, argv):
     # root logger after an earlier run here set it up).
     warnings_handler = logging.StreamHandler(output)
     warnings_handler.setLevel(logging.WARNING)
-    with isolated_process_state(), contextlib.redirect_stdout(output), \
-            contextlib.redirect_stderr(output):
+    with isolated_process_state(), contextlib.redirect_stdout(output), contextlib.redirect_stderr(
+        output
+    ):
         for name in ("", "retinanet_plugin"):
             logging.getLogger(name).addHandler(warnings_handler)
         status = cli.run(main, [str(a) for a in argv])

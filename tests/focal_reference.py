@@ -4,6 +4,7 @@ An autograd composition in log-sigmoid form (finite for any finite logit, differ
 order), evaluated in float64; ``tests/test_focal_loss.py`` checks it against the paper's
 formula, hand-computed values and fvcore.
 """
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY_RUN
 from detectron2.modeling import build_model
 from retinanet_plugin.config_io import load_config, load_yaml_safely
 from retinanet_plugin.errors import UserError
@@ -188,16 +189,7 @@ def test_two_config_run_writes_table_json_and_chart(tmp_path, shapes_dataset):
         "('ablate_train',)",
         "DATASETS.TEST",
         "('ablate_val',)",
-        "SOLVER.MAX_ITER",
-        "3",
-        "SOLVER.IMS_PER_BATCH",
-        "2",
-        "INPUT.MIN_SIZE_TRAIN",
-        "(128,)",
-        "INPUT.MIN_SIZE_TEST",
-        "128",
-        "MODEL.RETINANET.SCORE_THRESH_TEST",
-        "0.0",
+        *TINY_RUN,
     ]
     assert ablate.main(argv) == 0
     summary = json.loads((tmp_path / "ablations.json").read_text())
@@ -228,10 +220,14 @@ def test_two_config_run_writes_table_json_and_chart(tmp_path, shapes_dataset):
 @pytest.mark.parametrize(
     "log, reason",
     [
-        ("[12/03] loading\nerror: DATASETS.TRAIN: dataset 'x' is not registered\n",
-         "DATASETS.TRAIN: dataset 'x' is not registered"),
-        ("Traceback (most recent call last):\n  File ...\nKeyError: 'boom'\n\n",
-         "KeyError: 'boom'"),
+        (
+            "[12/03] loading\nerror: DATASETS.TRAIN: dataset 'x' is not registered\n",
+            "DATASETS.TRAIN: dataset 'x' is not registered",
+        ),
+        (
+            "Traceback (most recent call last):\n  File ...\nKeyError: 'boom'\n\n",
+            "KeyError: 'boom'",
+        ),
         ("", "(no output)"),
     ],
 )

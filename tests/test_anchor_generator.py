@@ -1,4 +1,5 @@
 """Tests for retinanet_plugin.RetinaNetAnchorGenerator, octave_scaled_sizes and the YAML configs."""
+
 import math
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import torch
 import yaml
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
-from conftest import plugin_cfg, detectron2_cfg
+from conftest import detectron2_cfg, plugin_cfg
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import (
@@ -33,9 +34,6 @@ ZOO_COUNTERPARTS = [
     ("retinanet_R50_FPN_3x.yaml", "COCO-Detection/retinanet_R_50_FPN_3x.yaml"),
     ("retinanet_R101_FPN_3x.yaml", "COCO-Detection/retinanet_R_101_FPN_3x.yaml"),
 ]
-
-
-
 
 
 def _features(height, width, batch=1):
@@ -159,7 +157,7 @@ def test_nine_anchors_per_location(generators):
 
 def test_level0_cell_anchor_areas_and_ratios(generators):
     """Level-0 cell anchors have areas (32 2^(i/3))^2 and height/width ratios {0.5, 1, 2}, and are
-    centred on the origin."""
+    centered on the origin."""
     ours, _ = generators
     cell = list(ours.cell_anchors)[0].double()
     widths = cell[:, 2] - cell[:, 0]

@@ -1,4 +1,5 @@
 """Crash-safe writes and the output-directory check."""
+
 import errno
 import os
 import signal
@@ -102,7 +103,7 @@ class _FolderHandler:
                 return ["testfs://"]
 
             def _local(self, path):
-                return os.path.join(root, path[len("testfs://"):])
+                return os.path.join(root, path[len("testfs://") :])
 
             def _get_local_path(self, path, **kwargs):
                 return self._local(path)
@@ -129,8 +130,8 @@ def test_output_dir_on_other_storage_is_written_through_path_manager(tmp_path):
     """An OUTPUT_DIR that PathManager handles with another handler (no rename, no free-space
     query) is checked and written through PathManager, including checkpoints."""
     import torch
-    from detectron2.utils.file_io import PathManager
 
+    from detectron2.utils.file_io import PathManager
     from retinanet_plugin.checkpoint import RetinaNetCheckpointer
 
     PathManager.register_handler(_FolderHandler(str(tmp_path)), allow_override=True)

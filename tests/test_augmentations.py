@@ -1,6 +1,6 @@
 """Training augmentations (INPUT.AUG: retinanet_plugin.data.augmentations and .mixing).
 
-Objects are filled rectangles, drawn into the image in a colour that encodes their class and, for
+Objects are filled rectangles, drawn into the image in a color that encodes their class and, for
 the per-image augmentations, into a label map that detectron2's mapper transforms alongside the
 image (as a semantic segmentation, nearest-neighbour). After each transform, every box must be the
 tight box of its object's pixels, and objects that the rules drop must be gone.
@@ -13,10 +13,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
-from detectron2.structures import Boxes, BoxMode, Instances
+from test_train_net import REPO, TINY
 
 from conftest import plugin_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
+from detectron2.structures import Boxes, BoxMode, Instances
 from retinanet_plugin.config_io import ConfigError, load_config
 from retinanet_plugin.data import (
     MixingDatasetMapper,
@@ -27,7 +28,6 @@ from retinanet_plugin.data import (
     mosaic,
     register_coco_dataset,
 )
-from test_train_net import REPO, TINY
 
 sys.path.insert(0, REPO)  # train_net.py
 
@@ -44,14 +44,14 @@ LAYOUTS = [
 AUGMENTATIONS = ("ROTATION", "SCALE_CROP", "COLOR_JITTER", "MOSAIC", "MIXUP", "CUTMIX")
 
 
-def colour(label):
-    """BGR colour of the object of class ``label`` (unique per label)."""
+def color(label):
+    """BGR color of the object of class ``label`` (unique per label)."""
     return (200, 10 + 5 * label, 60)
 
 
 def pixels_of(image_chw, label):
     """Boolean (H, W) mask of the pixels of the object of class ``label``."""
-    return (image_chw == torch.tensor(colour(label), dtype=torch.uint8).view(3, 1, 1)).all(0)
+    return (image_chw == torch.tensor(color(label), dtype=torch.uint8).view(3, 1, 1)).all(0)
 
 
 def tight_box(mask):
@@ -64,7 +64,7 @@ def draw(size, boxes, first_label, background):
     image = np.full(size + (3,), background, np.uint8)
     labels = np.zeros(size, np.uint8)
     for label, (x0, y0, x1, y1) in enumerate(boxes, start=first_label):
-        image[y0:y1, x0:x1] = colour(label)
+        image[y0:y1, x0:x1] = color(label)
         labels[y0:y1, x0:x1] = label + 1
     return image, labels
 
@@ -174,7 +174,7 @@ def test_scale_crop_clips_and_removes_boxes(records):
 
 
 def test_color_jitter_changes_pixels_not_boxes(records):
-    """Colour jitter after the geometric augmentations: same boxes as detectron2's mapper for the
+    """Color jitter after the geometric augmentations: same boxes as detectron2's mapper for the
     same seed; brightness 0.5 alone halves the pixels (detectron2's BlendTransform)."""
     jitter = {"BRIGHTNESS": (0.5, 0.5), "CONTRAST": (1.0, 1.0), "SATURATION": (1.0, 1.0)}
     cfg = aug_cfg(COLOR_JITTER={"PROB": 1.0, **jitter})
@@ -248,7 +248,7 @@ def tensor_image(index):
 
 
 def visible_objects(image):
-    """{class: (tight box, pixel count)} of every object colour in ``image``."""
+    """{class: (tight box, pixel count)} of every object color in ``image``."""
     found = {}
     for label in range(sum(len(b) for _, b in LAYOUTS)):
         mask = pixels_of(image, label)

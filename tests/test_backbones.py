@@ -1,6 +1,7 @@
 """Backbones by config: detectron2's ResNet-18..152 with FPN, the timm adapter and the PANet neck.
 Every config builds and trains at tiny sizes; structures and outputs are checked against
 torchvision's ResNets, timm's own models and the PANet formula."""
+
 import importlib.util
 import sys
 
@@ -27,15 +28,24 @@ requires_timm = pytest.mark.skipif(
 
 # Tiny heads and unit-variance inputs (random weights with the MSRA std of 1 give huge features).
 TINY = (
-    "MODEL.FPN.OUT_CHANNELS", "32",
-    "MODEL.RETINANET.NUM_CONVS", "1",
-    "MODEL.RETINANET.NUM_CLASSES", "3",
-    "MODEL.PIXEL_STD", "[57.375, 57.120, 58.395]",
+    "MODEL.FPN.OUT_CHANNELS",
+    "32",
+    "MODEL.RETINANET.NUM_CONVS",
+    "1",
+    "MODEL.RETINANET.NUM_CLASSES",
+    "3",
+    "MODEL.PIXEL_STD",
+    "[57.375, 57.120, 58.395]",
 )
 TIMM_B0 = "backbones/retinanet_timm_efficientnet_b0_FPN.yaml"
 # The ResNet paper's Table 1: residual blocks per stage (conv2_x .. conv5_x).
-BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
-                    152: [3, 8, 36, 3]}
+BLOCKS_PER_STAGE = {
+    18: [2, 2, 2, 2],
+    34: [3, 4, 6, 3],
+    50: [3, 4, 6, 3],
+    101: [3, 4, 23, 3],
+    152: [3, 8, 36, 3],
+}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -100,7 +110,10 @@ def test_resnet_structure_equals_torchvision(depth):
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 64, 64))
     assert {k: tuple(v.shape) for k, v in features.items()} == {
-        "p3": (1, 32, 8, 8), "p4": (1, 32, 4, 4), "p5": (1, 32, 2, 2), "p6": (1, 32, 1, 1),
+        "p3": (1, 32, 8, 8),
+        "p4": (1, 32, 4, 4),
+        "p5": (1, 32, 2, 2),
+        "p6": (1, 32, 1, 1),
         "p7": (1, 32, 1, 1),
     }
 
@@ -122,10 +135,18 @@ def test_config_builds_and_trains(config):
 
 @requires_timm
 def test_timm_panet_with_group_norm_trains():
-    model, _ = train_two_iterations(plugin_cfg(
-        TIMM_B0, *TINY, "MODEL.BACKBONE.NAME", "build_retinanet_timm_panet_backbone",
-        "MODEL.PANET.NORM", "GN", "MODEL.TIMM.NORM", "BN",
-    ))
+    model, _ = train_two_iterations(
+        plugin_cfg(
+            TIMM_B0,
+            *TINY,
+            "MODEL.BACKBONE.NAME",
+            "build_retinanet_timm_panet_backbone",
+            "MODEL.PANET.NORM",
+            "GN",
+            "MODEL.TIMM.NORM",
+            "BN",
+        )
+    )
     assert isinstance(model.backbone, PANet)
     assert isinstance(model.backbone.bottom_up, TimmBackbone)
     assert isinstance(model.backbone.pan_output4.norm, torch.nn.GroupNorm)
@@ -146,7 +167,9 @@ def test_timm_levels_are_named_by_stride_with_timm_channels():
     backbone = timm_backbone()
     # EfficientNet-B0's stages 2, 4 and 6 (Tan & Le 2019, Table 1): 40, 112, 320 channels.
     assert {k: (s.channels, s.stride) for k, s in backbone.output_shape().items()} == {
-        "res3": (40, 8), "res4": (112, 16), "res5": (320, 32),
+        "res3": (40, 8),
+        "res4": (112, 16),
+        "res5": (320, 32),
     }
     with torch.no_grad():
         features = backbone(torch.randn(2, 3, 64, 96))
@@ -257,8 +280,10 @@ def test_panet_equals_its_formula_on_the_fpn_outputs():
     """N3 = P3, N_{l+1} = ReLU(conv3x3(ReLU(conv3x3_s2(N_l)) + P_{l+1})), with P from
     detectron2's own RetinaNet FPN loaded with the same weights."""
     cfg = plugin_cfg(
-        "backbones/retinanet_R18_FPN_1x.yaml", *TINY,
-        "MODEL.BACKBONE.NAME", "build_retinanet_resnet_panet_backbone",
+        "backbones/retinanet_R18_FPN_1x.yaml",
+        *TINY,
+        "MODEL.BACKBONE.NAME",
+        "build_retinanet_resnet_panet_backbone",
     )
     torch.manual_seed(0)
     panet = build_backbone(cfg).double()

@@ -2,11 +2,12 @@
 no traceback, from every entry point, before any long work starts.
 
 Each case runs the entry point's ``main`` in this process through ``retinanet_plugin.cli.run``
-(the subprocess tests at the end check the real command lines). The README's Reliability table
+(the subprocess tests at the end check the real command lines). The table in docs/reliability.md
 is generated from these cases: :func:`test_readme_table_lists_every_case` fails when it is stale,
-and rewrites it when run with ``UPDATE_README=1``
-(``UPDATE_README=1 pytest tests/test_bad_inputs.py``).
+and rewrites it when run with ``UPDATE_DOCS=1``
+(``UPDATE_DOCS=1 pytest tests/test_bad_inputs.py``).
 """
+
 import json
 import os
 import re
@@ -18,15 +19,15 @@ import pytest
 import torch
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
-from detectron2.modeling import build_model
 from conftest import isolated_process_state
+from detectron2.modeling import build_model
 from retinanet_plugin import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # train_net.py
 sys.path.insert(0, os.path.join(REPO, "tools"))
 TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
-README = os.path.join(REPO, "README.md")
+RELIABILITY_DOC = os.path.join(REPO, "docs", "reliability.md")
 TABLE_START, TABLE_END = "<!-- bad-inputs -->", "<!-- /bad-inputs -->"
 # Bounds what a case would run if its check did not fire.
 SHORT = ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
@@ -34,7 +35,7 @@ SHORT = ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WO
 
 class Case(NamedTuple):
     entry: str  # the command (train_net.py, predict, plot_metrics, export.py, ablate.py, demo.py)
-    what: str  # the bad input, for the README table
+    what: str  # the bad input, for the docs' table
     argv: Callable[["Env"], List[str]]
     expected: List[str]  # fragments the message must contain (the file / key / value named)
 
@@ -62,16 +63,44 @@ class Env:
     def register(self) -> List[str]:
         """train_net's dataset options for the shapes splits, under names unique to the test."""
         return [
-            "--register-coco", f"{self.name}_train", self.train_json, self.train_root,
-            "--register-coco", f"{self.name}_val", self.val_json, self.val_root,
+            "--register-coco",
+            f"{self.name}_train",
+            self.train_json,
+            self.train_root,
+            "--register-coco",
+            f"{self.name}_val",
+            self.val_json,
+            self.val_root,
         ]
 
     def train(self, *extra: str) -> List[str]:
         """A correct train_net command line, then ``extra``."""
         return [
-            "--config-file", TINY, *self.register(),
-            "DATASETS.TRAIN", f"('{self.name}_train',)", "DATASETS.TEST", f"('{self.name}_val',)",
-            *SHORT, "OUTPUT_DIR", self.out, *extra,
+            "--config-file",
+            TINY,
+            *self.register(),
+            "DATASETS.TRAIN",
+            f"('{self.name}_train',)",
+            "DATASETS.TEST",
+            f"('{self.name}_val',)",
+            *SHORT,
+            "OUTPUT_DIR",
+            self.out,
+            *extra,
+        ]
+
+    def export(self, format: str, output: str, *extra: str) -> List[str]:
+        """tools/export.py's arguments for the tiny model with weights, then ``extra``."""
+        return [
+            "--config-file",
+            TINY,
+            "--weights",
+            self.weights(),
+            "--format",
+            format,
+            "--output",
+            output,
+            *extra,
         ]
 
     def weights(self) -> str:
@@ -92,7 +121,12 @@ class Env:
 
     def predict(self, *extra: str) -> List[str]:
         return [
-            "--config-file", TINY, "--input", self.val_root, "--output", str(self.tmp / "pred"),
+            "--config-file",
+            TINY,
+            "--input",
+            self.val_root,
+            "--output",
+            str(self.tmp / "pred"),
             *extra,
         ]
 
@@ -134,216 +168,352 @@ def _finished_run(env: Env) -> List[str]:
 CASES: Dict[str, Case] = {
     # -- train_net.py: config file ----------------------------------------------------------
     "config-missing": Case(
-        "train_net.py", "`--config-file` that does not exist",
-        lambda e: ["--config-file", e.path("nope.yaml")], ["nope.yaml", "does not exist"],
+        "train_net.py",
+        "`--config-file` that does not exist",
+        lambda e: ["--config-file", e.path("nope.yaml")],
+        ["nope.yaml", "does not exist"],
     ),
     "config-folder": Case(
-        "train_net.py", "`--config-file` that is a folder",
-        lambda e: ["--config-file", str(e.tmp)], ["is a folder"],
+        "train_net.py",
+        "`--config-file` that is a folder",
+        lambda e: ["--config-file", str(e.tmp)],
+        ["is a folder"],
     ),
     "config-empty": Case(
-        "train_net.py", "empty config file",
-        lambda e: ["--config-file", e.path("empty.yaml", "")], ["empty.yaml", "is empty"],
+        "train_net.py",
+        "empty config file",
+        lambda e: ["--config-file", e.path("empty.yaml", "")],
+        ["empty.yaml", "is empty"],
     ),
     "base-cycle": Case(
-        "train_net.py", "`_BASE_` chain that loops", _base_cycle, ["a.yaml", "cycle"],
+        "train_net.py",
+        "`_BASE_` chain that loops",
+        _base_cycle,
+        ["a.yaml", "cycle"],
     ),
     "config-yaml": Case(
-        "train_net.py", "YAML syntax error",
-        lambda e: ["--config-file", e.path("bad.yaml", "MODEL: [\n")], ["bad.yaml", "line"],
+        "train_net.py",
+        "YAML syntax error",
+        lambda e: ["--config-file", e.path("bad.yaml", "MODEL: [\n")],
+        ["bad.yaml", "line"],
     ),
     "unknown-key": Case(
-        "train_net.py", "misspelled override key",
-        lambda e: e.train("SOLVER.BASE_LRR", "0.1"), ["SOLVER.BASE_LRR", "SOLVER.BASE_LR"],
+        "train_net.py",
+        "misspelled override key",
+        lambda e: e.train("SOLVER.BASE_LRR", "0.1"),
+        ["SOLVER.BASE_LRR", "SOLVER.BASE_LR"],
     ),
     "override-no-value": Case(
-        "train_net.py", "override without a value",
-        lambda e: e.train("SOLVER.BASE_LR"), ["'SOLVER.BASE_LR' has no value"],
+        "train_net.py",
+        "override without a value",
+        lambda e: e.train("SOLVER.BASE_LR"),
+        ["'SOLVER.BASE_LR' has no value"],
     ),
     "wrong-type": Case(
-        "train_net.py", "override of the wrong type",
-        lambda e: e.train("SOLVER.MAX_ITER", "lots"), ["SOLVER.MAX_ITER", "'lots'"],
+        "train_net.py",
+        "override of the wrong type",
+        lambda e: e.train("SOLVER.MAX_ITER", "lots"),
+        ["SOLVER.MAX_ITER", "'lots'"],
     ),
     # -- train_net.py: options --------------------------------------------------------------
     "unknown-option": Case(
-        "train_net.py", "unknown option",
-        lambda e: e.train("--resmue"), ["unknown option --resmue"],
+        "train_net.py",
+        "unknown option",
+        lambda e: e.train("--resmue"),
+        ["unknown option --resmue"],
     ),
     "register-too-few": Case(
-        "train_net.py", "`--register-coco` with two of its three values, before overrides",
-        lambda e: ["--config-file", TINY, "--register-coco", "x", "x.json", "SOLVER.MAX_ITER",
-                   "1"],
+        "train_net.py",
+        "`--register-coco` with two of its three values, before overrides",
+        lambda e: ["--config-file", TINY, "--register-coco", "x", "x.json", "SOLVER.MAX_ITER", "1"],
         ["--register-coco takes 3 value(s)", "NAME JSON IMAGE_ROOT", "'SOLVER.MAX_ITER'"],
     ),
     "num-gpus-0": Case(
-        "train_net.py", "`--num-gpus 0`", lambda e: e.train("--num-gpus", "0"), ["--num-gpus 0"],
+        "train_net.py",
+        "`--num-gpus 0`",
+        lambda e: e.train("--num-gpus", "0"),
+        ["--num-gpus 0"],
     ),
     "batch-not-divisible": Case(
-        "train_net.py", "`SOLVER.IMS_PER_BATCH` not divisible by the processes",
+        "train_net.py",
+        "`SOLVER.IMS_PER_BATCH` not divisible by the processes",
         lambda e: e.train("--num-gpus", "2", "SOLVER.IMS_PER_BATCH", "3"),
         ["SOLVER.IMS_PER_BATCH = 3", "2 processes"],
     ),
     "cuda-without-gpu": Case(
-        "train_net.py", "`--num-gpus 2` with `MODEL.DEVICE cuda` on a machine without a GPU",
+        "train_net.py",
+        "`--num-gpus 2` with `MODEL.DEVICE cuda` on a machine without a GPU",
         lambda e: e.train("--num-gpus", "2", "MODEL.DEVICE", "cuda"),
         ["MODEL.DEVICE = 'cuda'", "no CUDA GPU"],
     ),
     # -- train_net.py: config values --------------------------------------------------------
     "device-unknown": Case(
-        "train_net.py", "unknown `MODEL.DEVICE`", lambda e: e.train("MODEL.DEVICE", "tpu"),
+        "train_net.py",
+        "unknown `MODEL.DEVICE`",
+        lambda e: e.train("MODEL.DEVICE", "tpu"),
         ["MODEL.DEVICE = 'tpu'"],
     ),
     "input-format": Case(
-        "train_net.py", "unknown `INPUT.FORMAT`", lambda e: e.train("INPUT.FORMAT", "BRG"),
+        "train_net.py",
+        "unknown `INPUT.FORMAT`",
+        lambda e: e.train("INPUT.FORMAT", "BRG"),
         ["INPUT.FORMAT = 'BRG'", "'BGR'"],
     ),
     "pixel-mean-length": Case(
-        "train_net.py", "`MODEL.PIXEL_MEAN` of the wrong length",
-        lambda e: e.train("MODEL.PIXEL_MEAN", "[103.5, 116.3]"), ["MODEL.PIXEL_MEAN", "3 number"],
+        "train_net.py",
+        "`MODEL.PIXEL_MEAN` of the wrong length",
+        lambda e: e.train("MODEL.PIXEL_MEAN", "[103.5, 116.3]"),
+        ["MODEL.PIXEL_MEAN", "3 number"],
     ),
     "min-size-negative": Case(
-        "train_net.py", "negative `INPUT.MIN_SIZE_TRAIN`",
-        lambda e: e.train("INPUT.MIN_SIZE_TRAIN", "(-128,)"), ["INPUT.MIN_SIZE_TRAIN", "(-128,)"],
+        "train_net.py",
+        "negative `INPUT.MIN_SIZE_TRAIN`",
+        lambda e: e.train("INPUT.MIN_SIZE_TRAIN", "(-128,)"),
+        ["INPUT.MIN_SIZE_TRAIN", "(-128,)"],
     ),
     "workers-negative": Case(
-        "train_net.py", "negative `DATALOADER.NUM_WORKERS`",
-        lambda e: e.train("DATALOADER.NUM_WORKERS", "-1"), ["DATALOADER.NUM_WORKERS = -1"],
+        "train_net.py",
+        "negative `DATALOADER.NUM_WORKERS`",
+        lambda e: e.train("DATALOADER.NUM_WORKERS", "-1"),
+        ["DATALOADER.NUM_WORKERS = -1"],
     ),
     "test-aug": Case(
-        "train_net.py", "`TEST.AUG.ENABLED True`", lambda e: e.train("TEST.AUG.ENABLED", "True"),
+        "train_net.py",
+        "`TEST.AUG.ENABLED True`",
+        lambda e: e.train("TEST.AUG.ENABLED", "True"),
         ["TEST.AUG.ENABLED", "test-time augmentation"],
     ),
     # -- train_net.py: datasets -------------------------------------------------------------
     "test-set-unregistered": Case(
-        "train_net.py", "`DATASETS.TEST` not registered (only `DATASETS.TRAIN` set)",
-        lambda e: ["--config-file", TINY, *e.register(), "DATASETS.TRAIN",
-                   f"('{e.name}_train',)", *SHORT, "OUTPUT_DIR", e.out],
+        "train_net.py",
+        "`DATASETS.TEST` not registered (only `DATASETS.TRAIN` set)",
+        lambda e: [
+            "--config-file",
+            TINY,
+            *e.register(),
+            "DATASETS.TRAIN",
+            f"('{e.name}_train',)",
+            *SHORT,
+            "OUTPUT_DIR",
+            e.out,
+        ],
         ["DATASETS.TEST", "'retinanet_demo_val' is not registered", "--register-coco"],
     ),
     "train-set-typo": Case(
-        "train_net.py", "misspelled `DATASETS.TRAIN` name",
+        "train_net.py",
+        "misspelled `DATASETS.TRAIN` name",
         lambda e: e.train("DATASETS.TRAIN", f"('{e.name}_trian',)"),
         ["DATASETS.TRAIN", "_trian' is not registered", "did you mean"],
     ),
     "register-missing-json": Case(
-        "train_net.py", "`--register-coco` with a missing JSON",
-        lambda e: ["--config-file", TINY, "--register-coco", f"{e.name}_x",
-                   e.path("missing.json"), e.train_root],
+        "train_net.py",
+        "`--register-coco` with a missing JSON",
+        lambda e: [
+            "--config-file",
+            TINY,
+            "--register-coco",
+            f"{e.name}_x",
+            e.path("missing.json"),
+            e.train_root,
+        ],
         ["missing.json", "does not exist"],
     ),
     "duplicate-image-id": Case(
-        "train_net.py", "COCO JSON with two images of one id",
-        lambda e: ["--config-file", TINY, "--register-coco", f"{e.name}_dup",
-                   e.coco_copy(_duplicate_image_id), e.train_root, "DATASETS.TRAIN",
-                   f"('{e.name}_dup',)", "DATASETS.TEST", "()", *SHORT, "OUTPUT_DIR", e.out],
+        "train_net.py",
+        "COCO JSON with two images of one id",
+        lambda e: [
+            "--config-file",
+            TINY,
+            "--register-coco",
+            f"{e.name}_dup",
+            e.coco_copy(_duplicate_image_id),
+            e.train_root,
+            "DATASETS.TRAIN",
+            f"('{e.name}_dup',)",
+            "DATASETS.TEST",
+            "()",
+            *SHORT,
+            "OUTPUT_DIR",
+            e.out,
+        ],
         ["edited.json", "2 images have id", "must be unique"],
     ),
     # -- train_net.py: weights and output folder --------------------------------------------
     "weights-missing": Case(
-        "train_net.py", "`MODEL.WEIGHTS` that does not exist",
-        lambda e: e.train("MODEL.WEIGHTS", e.path("gone.pth")), ["MODEL.WEIGHTS", "gone.pth"],
+        "train_net.py",
+        "`MODEL.WEIGHTS` that does not exist",
+        lambda e: e.train("MODEL.WEIGHTS", e.path("gone.pth")),
+        ["MODEL.WEIGHTS", "gone.pth"],
     ),
     "weights-folder": Case(
-        "train_net.py", "`MODEL.WEIGHTS` that is a folder",
-        lambda e: e.train("MODEL.WEIGHTS", str(e.tmp)), ["MODEL.WEIGHTS", "is a folder"],
+        "train_net.py",
+        "`MODEL.WEIGHTS` that is a folder",
+        lambda e: e.train("MODEL.WEIGHTS", str(e.tmp)),
+        ["MODEL.WEIGHTS", "is a folder"],
     ),
     "weights-no-match": Case(
-        "train_net.py", "weights of another architecture (no tensor fits)",
+        "train_net.py",
+        "weights of another architecture (no tensor fits)",
         lambda e: e.train("MODEL.WEIGHTS", _wrong_weights(e)),
         ["other.pth", "none of its 1 tensors fits", "MODEL.WEIGHTS ''"],
     ),
     "weights-not-a-checkpoint": Case(
-        "train_net.py", "`MODEL.WEIGHTS` that is not a weights file",
+        "train_net.py",
+        "`MODEL.WEIGHTS` that is not a weights file",
         lambda e: e.train("MODEL.WEIGHTS", e.path("notes.pth", b"not a checkpoint")),
         ["notes.pth"],
     ),
     "eval-only-no-weights": Case(
-        "train_net.py", "`--eval-only` without weights",
-        lambda e: e.train("--eval-only"), ["--eval-only", "randomly initialised"],
+        "train_net.py",
+        "`--eval-only` without weights",
+        lambda e: e.train("--eval-only"),
+        ["--eval-only", "randomly initialized"],
     ),
     "bad-last-checkpoint": Case(
-        "train_net.py", "`--resume` with garbage in `last_checkpoint`",
-        _bad_pointer, ["last_checkpoint names 'model_0000999.pth'"],
+        "train_net.py",
+        "`--resume` with garbage in `last_checkpoint`",
+        _bad_pointer,
+        ["last_checkpoint names 'model_0000999.pth'"],
     ),
     "output-holds-run": Case(
-        "train_net.py", "`OUTPUT_DIR` holding a finished run (no `--resume`/`--overwrite`)",
-        _finished_run, ["holds an earlier run", "model_final.pth", "--resume", "--overwrite"],
+        "train_net.py",
+        "`OUTPUT_DIR` holding a finished run (no `--resume`/`--overwrite`)",
+        _finished_run,
+        ["holds an earlier run", "model_final.pth", "--resume", "--overwrite"],
     ),
     "output-is-file": Case(
-        "train_net.py", "`OUTPUT_DIR` that is a file",
-        lambda e: e.train("OUTPUT_DIR", e.path("afile", "x")), ["OUTPUT_DIR", "is a file"],
+        "train_net.py",
+        "`OUTPUT_DIR` that is a file",
+        lambda e: e.train("OUTPUT_DIR", e.path("afile", "x")),
+        ["OUTPUT_DIR", "is a file"],
     ),
     # -- predict -----------------------------------------------------------------------------
     "predict-threshold": Case(
-        "predict", "`--score-threshold` outside [0, 1]",
-        lambda e: e.predict("--score-threshold", "1.5"), ["--score-threshold 1.5", "[0, 1]"],
+        "predict",
+        "`--score-threshold` outside [0, 1]",
+        lambda e: e.predict("--score-threshold", "1.5"),
+        ["--score-threshold 1.5", "[0, 1]"],
     ),
     "predict-batch-size": Case(
-        "predict", "`--batch-size 0`", lambda e: e.predict("--batch-size", "0"),
+        "predict",
+        "`--batch-size 0`",
+        lambda e: e.predict("--batch-size", "0"),
         ["--batch-size 0"],
     ),
+    "predict-tile-overlap": Case(
+        "predict",
+        "`--tile-overlap 1`",
+        lambda e: e.predict("--tile", "256", "--tile-overlap", "1"),
+        ["--tile-overlap 1", "[0, 1)"],
+    ),
     "predict-no-weights": Case(
-        "predict", "no weights", lambda e: e.predict(), ["no weights", "MODEL.WEIGHTS"],
+        "predict",
+        "no weights",
+        lambda e: e.predict(),
+        ["no weights", "MODEL.WEIGHTS"],
     ),
     "predict-output-file": Case(
-        "predict", "`--output` that is a file",
-        lambda e: e.predict("--output", e.path("taken.txt", "x")), ["taken.txt", "is a file"],
+        "predict",
+        "`--output` that is a file",
+        lambda e: e.predict("--output", e.path("taken.txt", "x")),
+        ["taken.txt", "is a file"],
     ),
     "predict-no-input": Case(
-        "predict", "`--input` matching no image",
-        lambda e: ["--config-file", TINY, "--input", e.path("nothing*.jpg"), "--output",
-                   str(e.tmp / "pred"), "MODEL.WEIGHTS", e.weights()],
+        "predict",
+        "`--input` matching no image",
+        lambda e: [
+            "--config-file",
+            TINY,
+            "--input",
+            e.path("nothing*.jpg"),
+            "--output",
+            str(e.tmp / "pred"),
+            "MODEL.WEIGHTS",
+            e.weights(),
+        ],
         ["nothing*.jpg", "no image file matched"],
     ),
     "predict-dataset": Case(
-        "predict", "`--dataset` not registered",
-        lambda e: e.predict("--dataset", "shapez"), ["--dataset shapez", "not registered"],
+        "predict",
+        "`--dataset` not registered",
+        lambda e: e.predict("--dataset", "shapez"),
+        ["--dataset shapez", "not registered"],
     ),
     "predict-device": Case(
-        "predict", "`MODEL.DEVICE cuda` on a machine without a GPU",
+        "predict",
+        "`MODEL.DEVICE cuda` on a machine without a GPU",
         lambda e: e.predict("MODEL.WEIGHTS", e.weights(), "MODEL.DEVICE", "cuda"),
         ["MODEL.DEVICE = 'cuda'", "no CUDA GPU"],
     ),
     # -- plot_metrics --------------------------------------------------------------------------
     "metrics-missing": Case(
-        "plot_metrics", "metrics file that does not exist",
-        lambda e: [e.path("metrics.json")], ["metrics.json", "does not exist"],
+        "plot_metrics",
+        "metrics file that does not exist",
+        lambda e: [e.path("metrics.json")],
+        ["metrics.json", "does not exist"],
     ),
     "metrics-empty": Case(
-        "plot_metrics", "empty metrics file",
-        lambda e: [e.path("metrics.json", "")], ["metrics.json", "holds no records"],
+        "plot_metrics",
+        "empty metrics file",
+        lambda e: [e.path("metrics.json", "")],
+        ["metrics.json", "holds no records"],
     ),
     "metrics-corrupt": Case(
-        "plot_metrics", "metrics file with a broken line before the last",
+        "plot_metrics",
+        "metrics file with a broken line before the last",
         lambda e: [e.path("metrics.json", '{"iteration": 0}\nnot json\n{"iteration": 1}\n')],
         ["metrics.json, line 2"],
     ),
     # -- tools/export.py -------------------------------------------------------------------------
     "export-folder": Case(
-        "export.py", "`--output` in a folder that does not exist",
-        lambda e: ["--config-file", TINY, "--weights", e.weights(), "--format", "onnx",
-                   "--output", str(e.tmp / "missing" / "model.onnx")],
+        "export.py",
+        "`--output` in a folder that does not exist",
+        lambda e: e.export("onnx", str(e.tmp / "missing" / "model.onnx")),
         ["missing", "does not exist"],
     ),
     "export-no-weights": Case(
-        "export.py", "no weights",
+        "export.py",
+        "no weights",
         lambda e: ["--config-file", TINY, "--format", "onnx", "--output", e.path("m.onnx")],
         ["no weights to export"],
     ),
     "export-sample": Case(
-        "export.py", "`--sample-image` that is not an image",
-        lambda e: ["--config-file", TINY, "--weights", e.weights(), "--format", "torchscript",
-                   "--output", e.path("m.ts"), "--sample-image", e.path("x.png", b"nope")],
+        "export.py",
+        "`--sample-image` that is not an image",
+        lambda e: e.export(
+            "torchscript", e.path("m.ts"), "--sample-image", e.path("x.png", b"nope")
+        ),
         ["x.png", "cannot be read as an image"],
     ),
-    # -- tools/ablate.py, tools/demo.py -----------------------------------------------------------
+    # -- tools/ablate.py, tools/analyze_dataset.py, tools/demo.py ------------------------------
     "ablate-configs": Case(
-        "ablate.py", "`--configs` matching no file",
+        "ablate.py",
+        "`--configs` matching no file",
         lambda e: ["--configs", e.path("nope_*.yaml"), "--output", e.out],
         ["nope_*.yaml", "matches no file"],
     ),
+    "analyze-dataset": Case(
+        "analyze_dataset.py",
+        "`--dataset` not registered",
+        lambda e: ["--config-file", TINY, *e.register(), "--dataset", f"{e.name}_trian"],
+        ["--dataset", "_trian", "is not registered", "did you mean"],
+    ),
+    "analyze-write-config": Case(
+        "analyze_dataset.py",
+        "`--write-config` naming an existing file",
+        lambda e: [
+            "--config-file",
+            TINY,
+            "--fit-anchors",
+            "--write-config",
+            e.path("mine.yaml", ""),
+        ],
+        ["mine.yaml exists"],
+    ),
     "demo-output": Case(
-        "demo.py", "`--output` holding an earlier demo run", _earlier_demo,
+        "demo.py",
+        "`--output` holding an earlier demo run",
+        _earlier_demo,
         ["holds an earlier run", "--overwrite"],
     ),
 }
@@ -374,7 +544,7 @@ def _no_state_left_behind():
         yield
 
 
-# The message of each case, as the README table shows it (temporary paths replaced).
+# The message of each case, as the docs' table shows it (temporary paths replaced).
 MESSAGES: Dict[str, str] = {}
 
 
@@ -404,22 +574,21 @@ def render_table(messages: Dict[str, str]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def test_readme_table_lists_every_case():
-    """README's table shows every case with the message the case produced in this run."""
+def test_docs_table_lists_every_case():
+    """docs/reliability.md's table shows every case with the message it produced in this run."""
     missing = [c for c in CASES if c not in MESSAGES]
     if missing:
         pytest.skip(f"{len(missing)} cases did not run in this session (e.g. {missing[0]})")
-    with open(README) as f:
+    with open(RELIABILITY_DOC) as f:
         text = f.read()
     head, rest = text.split(TABLE_START, 1)
     block, tail = rest.split(TABLE_END, 1)
     table = render_table(MESSAGES)
-    if os.environ.get("UPDATE_README") == "1":
-        with open(README, "w") as f:
+    if os.environ.get("UPDATE_DOCS") == "1":
+        with open(RELIABILITY_DOC, "w") as f:
             f.write(head + TABLE_START + "\n" + table + TABLE_END + tail)
-    assert block.strip("\n") + "\n" == table or os.environ.get("UPDATE_README") == "1", (
-        "README's bad-input table is stale: UPDATE_README=1 pytest tests/test_bad_inputs.py"
-    )
+    stale = "docs/reliability.md's bad-input table is stale: UPDATE_DOCS=1 pytest " + __file__
+    assert block.strip("\n") + "\n" == table or os.environ.get("UPDATE_DOCS") == "1", stale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,11 +597,18 @@ def test_readme_table_lists_every_case():
 # (entry point, how Python runs it, arguments with a bad input)
 COMMAND_LINES = [
     ("train_net", ("path", "train_net.py"), ["--config-file", "nope.yaml"]),
-    ("predict", ("module", "retinanet_plugin.predict"),
-     ["--config-file", TINY, "--input", "x", "--output", "y", "--batch-size", "0"]),
+    (
+        "predict",
+        ("module", "retinanet_plugin.predict"),
+        ["--config-file", TINY, "--input", "x", "--output", "y", "--batch-size", "0"],
+    ),
     ("plot_metrics", ("module", "retinanet_plugin.plot_metrics"), ["nope.json"]),
-    ("export", ("path", "tools/export.py"),
-     ["--config-file", TINY, "--format", "onnx", "--output", "/no/m.onnx"]),
+    (
+        "export",
+        ("path", "tools/export.py"),
+        ["--config-file", TINY, "--format", "onnx", "--output", "/no/m.onnx"],
+    ),
+    ("analyze_dataset", ("path", "tools/analyze_dataset.py"), ["--config-file", "nope.yaml"]),
     ("train_net --debug", ("path", "train_net.py"), ["--config-file", "nope.yaml", "--debug"]),
 ]
 # Runs each entry point as `python <file>` / `python -m <module>` would (runpy, __main__), in
@@ -464,7 +640,10 @@ print(json.dumps(results))
 def command_lines():
     result = subprocess.run(
         [sys.executable, "-c", _RUN_COMMAND_LINES, json.dumps(COMMAND_LINES)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -490,9 +669,20 @@ def test_options_after_the_overrides_are_options():
 
     args = cli.parse(
         train_net.argument_parser(),
-        ["--config-file", TINY, "SOLVER.MAX_ITER", "3", "--resume", "--register-coco", "a",
-         "b.json", "c", "MODEL.WEIGHTS", "w.pth", "--num-gpus=2"],
+        [
+            "--config-file",
+            TINY,
+            "SOLVER.MAX_ITER",
+            "3",
+            "--resume",
+            "--register-coco",
+            "a",
+            "b.json",
+            "c",
+            "MODEL.WEIGHTS",
+            "w.pth",
+            "--num-gpus=2",
+        ],
     )
     assert args.resume and args.num_gpus == 2 and args.register_coco == [["a", "b.json", "c"]]
     assert args.opts == ["SOLVER.MAX_ITER", "3", "MODEL.WEIGHTS", "w.pth"]
-

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import cases as bench_cases  # noqa: E402
-from benchmarks.run import SIZES, markdown_table, update_readme  # noqa: E402
+from benchmarks.run import SIZES, markdown_table, update_docs_table  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -66,7 +66,7 @@ def test_coco_eval_case_backends_agree():
         assert value == pytest.approx(stats["pycocotools"], abs=1e-4), name
 
 
-def test_report_table_and_readme_block(tmp_path):
+def test_report_table_and_docs_block(tmp_path):
     report = {
         "device": "cpu-test",
         "date": "2026-01-01",
@@ -98,13 +98,13 @@ def test_report_table_and_readme_block(tmp_path):
     assert "| case_a | ref | reference | reference | 2.000 s (2.00 img/s) | 100 MiB |" in table
     assert "| case_a | ours | 0.50x | 0.50x | 1.000 s (4.00 img/s) | 50 MiB |" in table
     assert "| case_a | broken | n/a | n/a | failed | n/a |" in table
-    readme = tmp_path / "README.md"
-    readme.write_text("before\n<!-- bench:cpu-test -->\nold\n<!-- /bench:cpu-test -->\nafter\n")
-    assert update_readme("cpu-test", table, str(readme))
-    text = readme.read_text()
+    doc = tmp_path / "performance.md"
+    doc.write_text("before\n<!-- bench:cpu-test -->\nold\n<!-- /bench:cpu-test -->\nafter\n")
+    assert update_docs_table("cpu-test", table, str(doc))
+    text = doc.read_text()
     assert text.startswith("before\n<!-- bench:cpu-test -->\n" + table)
     assert text.endswith("<!-- /bench:cpu-test -->\nafter\n") and "old" not in text
-    assert not update_readme("other-machine", table, str(readme))
+    assert not update_docs_table("other-machine", table, str(doc))
 
 
 def test_make_bench_runs_end_to_end(tmp_path):
@@ -139,8 +139,11 @@ def test_make_bench_runs_end_to_end(tmp_path):
 
 def _gpu_check(*args):
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=REPO, capture_output=True,
-        text=True, timeout=300,
+        [sys.executable, "-m", "benchmarks.gpu_check", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -170,8 +173,23 @@ def test_gpu_check_runs_the_cuda_tests_and_adds_its_record_to_the_report(tmp_pat
     assert written["cases"] == {"focal_loss": {}}  # the benchmark results are kept
     counts = written["gpu_check"]["steps"]["tests"]["counts"]
     collected = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "--collect-only", "-q",
-         "-p", "no:cacheprovider", "-p", "no:xdist"], cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests",
+            "-m",
+            "cuda",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     num_cuda_tests = int(re.search(r"(\d+)/\d+ tests collected", collected.stdout).group(1))

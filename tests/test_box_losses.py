@@ -1,9 +1,11 @@
 """MODEL.RETINANET.BBOX_REG_LOSS_TYPE (and SMOOTH_L1_LOSS_BETA): every value trains and gives the
 losses of detectron2's own RetinaNet with the same weights and inputs, step after step."""
+
 import copy
 
 import pytest
 import torch
+from test_equality_with_detectron2 import build_pair
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
@@ -11,19 +13,21 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import get_config_file
-from retinanet_plugin.config_io import ConfigError, load_config
 from retinanet_plugin.compat.private_api import dense_box_regression_loss
+from retinanet_plugin.config_io import ConfigError, load_config
 from retinanet_plugin.meta_arch import BOX_REG_LOSS_TYPES
-from test_equality_with_detectron2 import build_pair
 
 # (BBOX_REG_LOSS_TYPE, SMOOTH_L1_LOSS_BETA): smooth-L1 with beta 0 is the L1 loss (the paper's and
 # the plugin configs' setting); beta only matters for smooth_l1.
 LOSSES = [("smooth_l1", 0.0), ("smooth_l1", 0.1), ("giou", 0.0), ("diou", 0.0), ("ciou", 0.0)]
 # Small model, ResNet frozen: the loss, not the network, is under test.
 TINY = (
-    "MODEL.FPN.OUT_CHANNELS", "32",
-    "MODEL.RETINANET.NUM_CONVS", "1",
-    "MODEL.BACKBONE.FREEZE_AT", "5",
+    "MODEL.FPN.OUT_CHANNELS",
+    "32",
+    "MODEL.RETINANET.NUM_CONVS",
+    "1",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "5",
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -65,9 +69,12 @@ def box_losses_while_training(model, reference, steps=2):
 @pytest.mark.parametrize("loss_type, beta", LOSSES)
 def test_box_loss_equals_detectron2_while_training(loss_type, beta):
     model, reference = build_pair(
-        "R18_GN_tiny", *TINY,
-        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", loss_type,
-        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", str(beta),
+        "R18_GN_tiny",
+        *TINY,
+        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+        loss_type,
+        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA",
+        str(beta),
     )
     assert (model.box_reg_loss_type, model.smooth_l1_beta) == (loss_type, beta)
     for step, (ours, theirs) in enumerate(box_losses_while_training(model, reference)):
@@ -81,11 +88,16 @@ def test_each_setting_gives_a_different_box_loss():
     values = []
     for loss_type, beta in LOSSES:
         torch.manual_seed(0)
-        model = build_model(plugin_cfg(
-            "retinanet_R18_GN_tiny.yaml", *TINY,
-            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", loss_type,
-            "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", str(beta),
-        ))
+        model = build_model(
+            plugin_cfg(
+                "retinanet_R18_GN_tiny.yaml",
+                *TINY,
+                "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+                loss_type,
+                "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA",
+                str(beta),
+            )
+        )
         with EventStorage(), torch.no_grad():
             values.append(model(make_batch(model.num_classes))["loss_box_reg"].item())
     assert len(set(values)) == len(LOSSES), values
@@ -110,7 +122,8 @@ def test_loss_types_are_exactly_those_detectron2_computes():
         )
     cfg = plugin_cfg("retinanet_R50_FPN_1x.yaml")
     assert (cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE, cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA) == (
-        "smooth_l1", 0.0  # the paper's L1 loss
+        "smooth_l1",
+        0.0,  # the paper's L1 loss
     )
 
 

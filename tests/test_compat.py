@@ -1,6 +1,7 @@
 """Tests for retinanet_plugin.compat: each test asserts what the installed detectron2 needs
 (0.6 or upstream main, with or without native ops), against a reference independent of the
 patch: a fresh interpreter without the plugin, Pillow's version, hand-computed values."""
+
 import functools
 import json
 import subprocess
@@ -15,13 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
 import detectron2
+import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 from retinanet_plugin import compat
 from retinanet_plugin.compat.native_ops import _MissingNativeOps, _TorchWithNativeOpsStandIn
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -202,9 +202,9 @@ def test_torchvision_ops_used_by_retinanet_still_work():
 # Pillow
 # ---------------------------------------------------------------------------------------------
 
-USES_PIL_LINEAR = "Image.LINEAR" in (
-    DETECTRON2_DIR / "data" / "transforms" / "transform.py"
-).read_text()
+USES_PIL_LINEAR = (
+    "Image.LINEAR" in (DETECTRON2_DIR / "data" / "transforms" / "transform.py").read_text()
+)
 PILLOW_HAS_LINEAR = int(PIL.__version__.split(".")[0]) < 10  # removed in Pillow 10
 
 
@@ -282,8 +282,9 @@ def test_coco_evaluator_uses_pycocotools_without_native_ops(
 ):
     """COCOEvaluator's fast path needs native ops: without them it evaluates with pycocotools'
     COCOeval even when asked for the fast one (0.6 through the patch, main by itself)."""
-    from detectron2.evaluation import COCOEvaluator, coco_evaluation
     from pycocotools.cocoeval import COCOeval
+
+    from detectron2.evaluation import COCOEvaluator, coco_evaluation
 
     evaluator = COCOEvaluator(
         tiny_coco_dataset,
@@ -404,7 +405,5 @@ def test_map_dataset_retries_an_element_its_mapper_rejects():
     replacement = dataset[3]
     assert replacement in {x * 10 for x in range(10) if x != 3}
     assert any(p.startswith("MapDataset") for p in compat.APPLIED) == (
-        "sample(self._fallback_candidates" in open(
-            DETECTRON2_DIR / "data" / "common.py"
-        ).read()
+        "sample(self._fallback_candidates" in open(DETECTRON2_DIR / "data" / "common.py").read()
     )

@@ -1,5 +1,6 @@
 """retinanet_plugin.config_io and config_validation: safe YAML, clear errors for bad files, keys
 and values."""
+
 import glob
 import os
 

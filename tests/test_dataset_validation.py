@@ -1,4 +1,5 @@
 """Bad dataset input: one clear DatasetError naming the file and record, or a counted warning."""
+
 import contextlib
 import json
 import logging
@@ -117,9 +118,7 @@ def test_bad_boxes_are_dropped_and_boxes_outside_clipped_with_counts(coco, reque
     assert (clipped["image_id"], (0.0, 0.0, x + w, y + h)) in boxes
 
 
-def test_annotated_image_size_that_differs_from_the_file_is_corrected_with_a_count(
-    coco, request
-):
+def test_annotated_image_size_that_differs_from_the_file_is_corrected_with_a_count(coco, request):
     """detectron2 would stop at the first such image (SizeMismatchError); the file's size is
     used, with one counted warning."""
     data, root, write = coco
@@ -130,9 +129,7 @@ def test_annotated_image_size_that_differs_from_the_file_is_corrected_with_a_cou
         dicts = load_coco(request, write(data), root)
     sizes = {d["image_id"]: (d["width"], d["height"]) for d in dicts}
     assert sizes[data["images"][2]["id"]][0] == true_width
-    assert all(
-        (d["width"], d["height"]) == Image.open(d["file_name"]).size for d in dicts
-    )
+    assert all((d["width"], d["height"]) == Image.open(d["file_name"]).size for d in dicts)
     assert any("2 of 16 images have another width/height" in m for m in messages), messages
 
 
@@ -217,8 +214,11 @@ def test_truncated_image_is_skipped_with_a_warning_naming_it(coco, request):
     dicts = load_coco(request, write(data), root)
     cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml")
     loader = ResumableTrainLoader(
-        dicts, DatasetMapper(cfg, is_train=True), TrainingSampler(len(dicts), seed=0),
-        batch_size=2, num_workers=0,
+        dicts,
+        DatasetMapper(cfg, is_train=True),
+        TrainingSampler(len(dicts), seed=0),
+        batch_size=2,
+        num_workers=0,
     )
     with warnings_of("retinanet_plugin.data.resumable") as messages:
         # 16 images in batches of 2: 10 batches pass every image at least once.

@@ -1,4 +1,5 @@
 """Dataset registration: COCO and VOC through detectron2's loaders, class counts, errors."""
+
 import argparse
 import json
 import os
@@ -11,8 +12,8 @@ from detectron2.structures import BoxMode
 from retinanet_plugin import get_config_file
 from retinanet_plugin.config_io import config_sets_key
 from retinanet_plugin.data import (
-    DatasetError,
     SHAPE_CLASSES,
+    DatasetError,
     add_dataset_arguments,
     register_coco_dataset,
     register_datasets_from_args,
@@ -20,7 +21,6 @@ from retinanet_plugin.data import (
     resolve_num_classes,
     voc_class_names,
 )
-
 
 XYXY = BoxMode.XYXY_ABS
 

@@ -1,4 +1,5 @@
 """The demo pipeline, shortened (tiny dataset, 3 iterations), and the metrics plot."""
+
 import json
 import os
 import subprocess
@@ -8,8 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import pycocotools_ap, run_main
-
+from conftest import TINY_RUN, pycocotools_ap, run_main
 from retinanet_plugin.plot_metrics import plot_metrics, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,12 +20,8 @@ def test_shortened_demo_writes_every_output(tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import demo
 
-    argv = [
-        "--output", str(tmp_path), "--num-train", "8", "--num-val", "4", "--num-pictures", "2",
-        "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128",
-        "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-    ]
+    sizes = "--num-train 8 --num-val 4 --num-pictures 2 DATALOADER.NUM_WORKERS 0".split()
+    argv = ["--output", str(tmp_path), *sizes, *TINY_RUN]
     start = time.perf_counter()
     status, output = run_main(demo.main, argv)
     elapsed = time.perf_counter() - start
@@ -49,8 +45,13 @@ def test_shortened_demo_writes_every_output(tmp_path):
 def test_plot_metrics_draws_losses_lr_and_ap(tmp_path):
     metrics = tmp_path / "metrics.json"
     records = [
-        {"iteration": i, "total_loss": 2.0 / (i + 1), "loss_cls": 1.0 / (i + 1),
-         "loss_box_reg": 1.0 / (i + 1), "lr": 0.01 * min(1.0, (i + 1) / 10)}
+        {
+            "iteration": i,
+            "total_loss": 2.0 / (i + 1),
+            "loss_cls": 1.0 / (i + 1),
+            "loss_box_reg": 1.0 / (i + 1),
+            "lr": 0.01 * min(1.0, (i + 1) / 10),
+        }
         for i in range(19, -1, -1)  # written out of order on purpose
     ]
     records.append({"iteration": 19, "bbox/AP": 12.5, "bbox/AP50": 30.0, "bbox/AP75": 10.0})
@@ -74,7 +75,9 @@ def test_plot_metrics_skips_a_cut_off_last_line_and_notes_too_few_rows(tmp_path,
     assert Image.open(output).size == (1000, 400)  # two panels, each with its note
     result = subprocess.run(
         [sys.executable, "-m", "retinanet_plugin.plot_metrics", str(metrics)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0 and "training_curves.png" in result.stdout
     assert "cut short" in result.stderr

@@ -1,4 +1,5 @@
 """Data-parallel training in 2 CPU processes (gloo): ranks stay in sync, losses are finite."""
+
 import json
 import os
 import sys
@@ -35,14 +36,36 @@ def _train_and_dump(argv, dump_dir):
 def test_two_cpu_processes_stay_in_sync(shapes_dataset, tmp_path):
     (train_json, train_root), (val_json, val_root) = shapes_dataset["train"], shapes_dataset["val"]
     argv = [
-        "--config-file", os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"),
-        "--num-gpus", "2",
-        "--register-coco", "shapes_train", train_json, train_root,
-        "--register-coco", "shapes_val", val_json, val_root,
-        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()",
-        "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4",
-        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160",
-        "DATALOADER.NUM_WORKERS", "0", "SEED", "3", "OUTPUT_DIR", str(tmp_path / "out"),
+        "--config-file",
+        os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"),
+        "--num-gpus",
+        "2",
+        "--register-coco",
+        "shapes_train",
+        train_json,
+        train_root,
+        "--register-coco",
+        "shapes_val",
+        val_json,
+        val_root,
+        "DATASETS.TRAIN",
+        "('shapes_train',)",
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(128,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "160",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "SEED",
+        "3",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
     ]
     launch(_train_and_dump, 2, dist_url="auto", args=(argv, str(tmp_path)), device="cpu")
 
@@ -75,12 +98,34 @@ def test_bad_dataset_found_in_two_processes_is_one_error_line(shapes_dataset, tm
     bad_json = tmp_path / "bad.json"
     bad_json.write_text(json.dumps(coco))
     result = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file",
-         os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"), "--num-gpus", "2",
-         "--register-coco", "bad_train", str(bad_json), train_root,
-         "DATASETS.TRAIN", "('bad_train',)", "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2",
-         "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            "train_net.py",
+            "--config-file",
+            os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml"),
+            "--num-gpus",
+            "2",
+            "--register-coco",
+            "bad_train",
+            str(bad_json),
+            train_root,
+            "DATASETS.TRAIN",
+            "('bad_train',)",
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "1",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "OUTPUT_DIR",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

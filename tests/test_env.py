@@ -1,4 +1,5 @@
 """`python -m retinanet_plugin.env` reports detectron2's version and its native-op status."""
+
 import detectron2
 from retinanet_plugin import compat, env
 

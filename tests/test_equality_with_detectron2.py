@@ -1,4 +1,5 @@
 """The plugin's RetinaNet equals detectron2's built-in RetinaNet: weights, losses, detections."""
+
 import copy
 
 import pytest
@@ -26,10 +27,14 @@ PAIRS = {
         lambda *o: plugin_cfg("retinanet_R18_GN_tiny.yaml", "MODEL.RETINANET.NORM", "", *o),
         lambda *o: plugin_cfg(
             "retinanet_R18_GN_tiny.yaml",
-            "MODEL.RETINANET.NORM", "",
-            "MODEL.META_ARCHITECTURE", "RetinaNet",
-            "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator",
-            "MODEL.ANCHOR_GENERATOR.SIZES", _ANCHOR_SIZES,
+            "MODEL.RETINANET.NORM",
+            "",
+            "MODEL.META_ARCHITECTURE",
+            "RetinaNet",
+            "MODEL.ANCHOR_GENERATOR.NAME",
+            "DefaultAnchorGenerator",
+            "MODEL.ANCHOR_GENERATOR.SIZES",
+            _ANCHOR_SIZES,
             *o,
         ),
     ),
@@ -91,7 +96,7 @@ def test_checkpoint_loads_both_ways():
 @pytest.mark.parametrize("name", sorted(PAIRS))
 @pytest.mark.parametrize("box_loss", ["smooth_l1", "giou"])
 def test_training_losses_and_gradients_equal(name, box_loss):
-    """Losses over two iterations (EMA normaliser included) agree to 1e-5, gradients too."""
+    """Losses over two iterations (EMA normalizer included) agree to 1e-5, gradients too."""
     plugin, reference = build_pair(name, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", box_loss)
     num_classes = plugin.num_classes
     plugin.train()

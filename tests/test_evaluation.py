@@ -4,6 +4,7 @@ Tolerance: COCOeval numbers (``stats``, ``eval["precision"]``/``["recall"]``) ar
 their 0-1 scale with an absolute tolerance of 1e-4; detectron2's results dicts are on a 0-100
 scale and are divided by 100 first, so the same 1e-4 applies.
 """
+
 import json
 import logging
 import sys
@@ -11,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from pycocotools.cocoeval import COCOeval
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from detectron2.structures import Boxes, Instances
-from pycocotools.cocoeval import COCOeval
 from retinanet_plugin import add_retinanet_config, evaluation
 from retinanet_plugin.evaluation import (
     BACKENDS,

@@ -43,7 +43,7 @@ def tiny_cfg(*opts):
 
 
 def build_tiny_model(cfg):
-    """A randomly initialised model whose scores and boxes spread out, so that there are many
+    """A randomly initialized model whose scores and boxes spread out, so that there are many
     detections and few near-ties (the prior-probability init gives every anchor ~0.01)."""
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -103,9 +103,7 @@ def test_export_gives_the_models_detections(fp32_model, inputs, tmp_path, export
     assert_same_detections(detections(exported, inputs), detections(model, inputs))
 
 
-def test_exported_file_names_no_weight_file_of_the_exporting_machine(
-    fp32_model, inputs, tmp_path
-):
+def test_exported_file_names_no_weight_file_of_the_exporting_machine(fp32_model, inputs, tmp_path):
     """A config naming local weight files (here a timm backbone's MODEL.TIMM.WEIGHTS) exports
     without them, so the file loads on a machine that lacks those paths."""
     cfg, model = fp32_model

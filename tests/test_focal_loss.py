@@ -1,6 +1,7 @@
 """Tests for retinanet_plugin.sigmoid_focal_loss and sigmoid_focal_loss_star against the paper's
 formulas, hand-computed values and fvcore; and of the float64 reference the other focal-loss
 tests use (tests/focal_reference.py)."""
+
 import math
 import re
 
@@ -259,8 +260,9 @@ def test_focal_loss_extreme_logits_hand_values(gamma):
 def _check_gradient_by_finite_differences(fn, logits, eps=1e-6):
     """The loss's gradient (one backward call, as in training) against central differences of
     the loss itself, in float64, for a random weighting of its outputs."""
-    weights = torch.randn(fn(logits).shape, generator=torch.Generator().manual_seed(3),
-                          dtype=torch.float64)
+    weights = torch.randn(
+        fn(logits).shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     x = logits.detach().clone().requires_grad_(True)
     (fn(x) * weights).sum().backward()
     numeric = torch.zeros_like(logits)

@@ -175,8 +175,13 @@ def test_fused_on_cuda_equals_float64_reference(dtype):
         reference_focal_loss, rounded, targets, 0.25, 2.0, "sum", 1.0
     )
     loss, grad = _loss_and_grad(
-        sigmoid_focal_loss, logits.to("cuda", dtype), targets.to("cuda", dtype), 0.25, 2.0,
-        "sum", 1.0,
+        sigmoid_focal_loss,
+        logits.to("cuda", dtype),
+        targets.to("cuda", dtype),
+        0.25,
+        2.0,
+        "sum",
+        1.0,
     )
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-4, atol=1e-4)
@@ -192,5 +197,6 @@ def test_any_shape_is_computed_over_the_last_dimension():
         logits, targets = _inputs(seed=4, shape=shape)
         out = sigmoid_focal_loss(logits.float(), targets.float())
         assert out.shape == shape
-        torch.testing.assert_close(out.double(), reference_focal_loss(logits, targets), rtol=2e-5,
-                                   atol=1e-7)
+        torch.testing.assert_close(
+            out.double(), reference_focal_loss(logits, targets), rtol=2e-5, atol=1e-7
+        )

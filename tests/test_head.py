@@ -1,4 +1,5 @@
 """Tests for retinanet_plugin.FocalLossHead (the classification and box subnets)."""
+
 import math
 
 import pytest
@@ -43,7 +44,6 @@ def _features(batch=2, channels=C, base=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     sizes = [(base, base + 3), (base // 2, base // 2 + 2), (4, 3), (2, 2), (1, 1)]
     return [torch.randn(batch, channels, h, w, generator=g) for h, w in sizes]
-
 
 
 def _convs(module):
@@ -151,11 +151,11 @@ def test_forward_matches_manual_convolutions():
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation
+# Initialization
 # ---------------------------------------------------------------------------------------------
 
 
-def test_initialisation_weights_gaussian_std_001_and_zero_biases():
+def test_initialization_weights_gaussian_std_001_and_zero_biases():
     """Every conv weight is N(0, 0.01) (sample std within 5%: >= 30k weights per conv, so the
     standard error is < 0.5%; mean near 0); biases are 0 except the classification predictor's."""
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_reset_classification_layer():
 
 
 # ---------------------------------------------------------------------------------------------
-# Normalisation
+# Normalization
 # ---------------------------------------------------------------------------------------------
 
 

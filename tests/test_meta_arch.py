@@ -1,4 +1,5 @@
-"""FocalLossRetinaNet's own behaviour: anchor labelling, loss normalisers, options, errors."""
+"""FocalLossRetinaNet's own behavior: anchor labeling, loss normalizers, options, errors."""
+
 import math
 
 import pytest
@@ -59,8 +60,13 @@ def test_image_without_annotations_is_all_background():
 def synthetic_loss_inputs(num_classes):
     """Two levels of anchors/predictions for 2 images, with fixed labels."""
     generator = torch.Generator().manual_seed(0)
-    anchors = [Boxes(torch.rand(6, 2, generator=generator).repeat(1, 2) * 50 + torch.tensor(
-        [0.0, 0.0, 20.0, 20.0])) for _ in range(2)]
+    anchors = [
+        Boxes(
+            torch.rand(6, 2, generator=generator).repeat(1, 2) * 50
+            + torch.tensor([0.0, 0.0, 20.0, 20.0])
+        )
+        for _ in range(2)
+    ]
     logits = [torch.randn(2, 6, num_classes, generator=generator) for _ in range(2)]
     deltas = [torch.randn(2, 6, 4, generator=generator) * 0.1 for _ in range(2)]
     labels = torch.tensor([[0, 1, num_classes, -1, num_classes, 2] * 2, [num_classes] * 12])
@@ -86,11 +92,16 @@ def test_loss_normalizers(normalizer):
 def test_focal_loss_star_option():
     """CLS_LOSS_TYPE focal_star sums FL* with the configured gamma* and beta."""
     model = tiny_model(
-        "MODEL.RETINANET.CLS_LOSS_TYPE", "focal_star",
-        "MODEL.RETINANET.FOCAL_LOSS_STAR_GAMMA", "3.0",
-        "MODEL.RETINANET.FOCAL_LOSS_STAR_BETA", "1.0",
-        "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0",
-        "MODEL.RETINANET.LOSS_NORMALIZER", "batch",
+        "MODEL.RETINANET.CLS_LOSS_TYPE",
+        "focal_star",
+        "MODEL.RETINANET.FOCAL_LOSS_STAR_GAMMA",
+        "3.0",
+        "MODEL.RETINANET.FOCAL_LOSS_STAR_BETA",
+        "1.0",
+        "MODEL.RETINANET.FOCAL_LOSS_ALPHA",
+        "-1.0",
+        "MODEL.RETINANET.LOSS_NORMALIZER",
+        "batch",
     )
     anchors, logits, labels, deltas, gt_boxes = synthetic_loss_inputs(model.num_classes)
     with EventStorage():
@@ -104,8 +115,8 @@ def test_focal_loss_star_option():
     torch.testing.assert_close(losses["loss_cls"], direct / 6)
 
 
-def test_prior_probability_initialisation_of_the_model():
-    """At initialisation every anchor scores about pi = 0.01 (the paper's stability trick)."""
+def test_prior_probability_initialization_of_the_model():
+    """At initialization every anchor scores about pi = 0.01 (the paper's stability trick)."""
     model = tiny_model()
     model.eval()
     with torch.no_grad():

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+from test_equality_with_detectron2 import make_batch
 
 from conftest import plugin_cfg
 from detectron2.engine import AMPTrainer
 from detectron2.modeling import build_model
 from detectron2.structures import pairwise_iou
 from detectron2.utils.events import EventStorage
-from test_equality_with_detectron2 import make_batch
 
 TINY = "retinanet_R18_GN_tiny.yaml"
 

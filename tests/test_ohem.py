@@ -81,8 +81,8 @@ def test_selection_hand_computed(batch_size, positive_fraction, nms_thresh, expe
 def clustered_examples(num, seed):
     """Boxes in a few clusters (so NMS removes many) with distinct losses, ~10% positives."""
     generator = torch.Generator().manual_seed(seed)
-    centres = torch.rand(6, 2, generator=generator) * 200
-    xy = centres[torch.randint(0, 6, (num,), generator=generator)]
+    centers = torch.rand(6, 2, generator=generator) * 200
+    xy = centers[torch.randint(0, 6, (num,), generator=generator)]
     xy = xy + torch.randn(num, 2, generator=generator) * 3
     size = 15 + torch.rand(num, 2, generator=generator) * 10
     boxes = torch.cat([xy, xy + size], dim=1)

@@ -1,5 +1,6 @@
 """retinanet_plugin.compat.private_api: each private detectron2 API the plugin uses behaves as
-detectron2's own public behaviour says, and its absence is one clear error naming it."""
+detectron2's own public behavior says, and its absence is one clear error naming it."""
+
 import itertools
 import pickle
 
@@ -139,9 +140,10 @@ def test_restart_data_iterator_starts_the_loader_again():
 def test_coco_eval_class_swap_is_restored_even_after_an_error(request, tmp_path):
     """Inside, detectron2 picks the given class (COCOeval_opt with _use_fast_impl) or pycocotools
     (None); afterwards both are back, also when evaluation raised."""
+    from pycocotools.cocoeval import COCOeval
+
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.evaluation import coco_evaluation
-    from pycocotools.cocoeval import COCOeval
 
     name = f"compat_api_{request.node.name}"
     evaluator = _evaluator(name, tmp_path)

@@ -1,6 +1,7 @@
 """--resume after a kill: the run continues from the last complete checkpoint exactly where it was
 (optimizer, learning-rate schedule, data stream), so its final weights equal an uninterrupted
 run's."""
+
 import os
 import signal
 import subprocess
@@ -9,8 +10,7 @@ import time
 
 import pytest
 import torch
-
-from test_train_net import FAST, REPO, TINY, coco_args, train_net
+from test_train_net import REPO, coco_args, train_net, train_net_argv
 
 
 def _checkpoint(path):
@@ -23,7 +23,9 @@ def test_schedule_and_optimizer_state_are_restored(shapes_dataset, tmp_path):
     schedule is resumed in test_schedules.py)."""
     schedule = "WarmupCosineLR"
     opts = [
-        "SOLVER.LR_SCHEDULER_NAME", schedule, "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "2",
+        "SOLVER.LR_SCHEDULER_NAME",
+        schedule,
+        *"SOLVER.STEPS (3,) SOLVER.WARMUP_ITERS 2".split(),
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_net(straight, coco_args(shapes_dataset), *opts, "SOLVER.MAX_ITER", "6")
@@ -48,19 +50,17 @@ def test_schedule_and_optimizer_state_are_restored(shapes_dataset, tmp_path):
 
 
 # Random augmentations on, so that their draws have to be restored too.
-AUGMENTED = [
-    "INPUT.AUG.ROTATION.ENABLED", "True", "INPUT.AUG.MIXUP.ENABLED", "True",
-    "INPUT.AUG.COLOR_JITTER.ENABLED", "True",
-]
+AUGMENTED = (
+    "INPUT.AUG.ROTATION.ENABLED True INPUT.AUG.MIXUP.ENABLED True "
+    "INPUT.AUG.COLOR_JITTER.ENABLED True"
+).split()
 
 
 def _train_command(shapes_dataset, output_dir, max_iter, *opts, resume=False):
-    return [
-        sys.executable, "train_net.py", "--config-file", TINY, *coco_args(shapes_dataset),
-        *(["--resume"] if resume else []),
-        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()", *FAST, *AUGMENTED,
-        "SOLVER.MAX_ITER", str(max_iter), *opts, "OUTPUT_DIR", str(output_dir),
-    ]
+    flags = ["--resume"] if resume else []
+    options = [*flags, *AUGMENTED, "SOLVER.MAX_ITER", str(max_iter), *opts]
+    argv = train_net_argv(output_dir, coco_args(shapes_dataset), *options, test_sets="()")
+    return [sys.executable, "train_net.py", *argv]
 
 
 def _start(command):
@@ -81,15 +81,16 @@ def _assert_equal_weights(a, b):
 def uninterrupted(shapes_dataset, tmp_path_factory):
     """Final weights of a 10-iteration run that nothing interrupted."""
     output = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(_train_command(shapes_dataset, output, 10), cwd=REPO, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _train_command(shapes_dataset, output, 10), cwd=REPO, check=True, capture_output=True
+    )
     return _final_weights(output)
 
 
 def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(
     shapes_dataset, uninterrupted, tmp_path
 ):
-    """Bit-exact on CPU: same data order, augmentations, optimizer, schedule, loss normaliser."""
+    """Bit-exact on CPU: same data order, augmentations, optimizer, schedule, loss normalizer."""
     proc = _start(_train_command(shapes_dataset, tmp_path, 10))
     deadline = time.time() + 300
     while not (tmp_path / "model_0000003.pth").exists() and proc.poll() is None:
@@ -103,7 +104,9 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(
     assert start < 10
 
     resumed = subprocess.run(
-        _train_command(shapes_dataset, tmp_path, 10, resume=True), cwd=REPO, capture_output=True,
+        _train_command(shapes_dataset, tmp_path, 10, resume=True),
+        cwd=REPO,
+        capture_output=True,
         text=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -115,11 +118,11 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(
 def test_killed_before_model_final_was_written_resume_writes_it(shapes_dataset, tmp_path):
     """All iterations done and checkpointed, model_final.pth not yet written: --resume has no
     step left to run, and still leaves model_final.pth (detectron2 would never write it)."""
-    train_net(tmp_path, coco_args(shapes_dataset), "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()")
+    no_evaluation = "SOLVER.MAX_ITER 4 DATASETS.TEST ()".split()
+    train_net(tmp_path, coco_args(shapes_dataset), *no_evaluation)
     (tmp_path / "model_final.pth").unlink()
     (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
-    _, log = train_net(tmp_path, coco_args(shapes_dataset), "--resume", "SOLVER.MAX_ITER", "4",
-                       "DATASETS.TEST", "()")
+    _, log = train_net(tmp_path, coco_args(shapes_dataset), "--resume", *no_evaluation)
     assert "writing the missing" in log
     _assert_equal_weights(
         _final_weights(tmp_path), _checkpoint(tmp_path / "model_0000003.pth")["model"]
@@ -179,7 +182,7 @@ class _RecordingMapper:
             "file_name": record["file_name"],
             "width": record["width"],
             "height": record["height"],
-            "draws": (random.random(), float(np.random.rand()), float(torch.rand(())))
+            "draws": (random.random(), float(np.random.rand()), float(torch.rand(()))),
         }
 
 
@@ -197,7 +200,11 @@ def _loader(records, grouping, workers, seed=7):
 
     sampler = TrainingSampler(len(records), seed=seed)
     return ResumableTrainLoader(
-        records, _RecordingMapper(), sampler, batch_size=3, aspect_ratio_grouping=grouping,
+        records,
+        _RecordingMapper(),
+        sampler,
+        batch_size=3,
+        aspect_ratio_grouping=grouping,
         num_workers=workers,
     )
 
@@ -282,6 +289,7 @@ def test_unset_sampler_seed_draws_a_shared_seed_that_resume_restores(sampler_see
     the seed as detectron2 0.6's TrainingSampler does (comm.shared_random_seed, from numpy's
     global RNG in one process), and its stream is detectron2's for that seed."""
     import numpy as np
+
     from detectron2.data.samplers import TrainingSampler
     from retinanet_plugin.data.resumable import ResumableTrainLoader
 

@@ -1,6 +1,7 @@
 """Weight files cannot run code unless trusted: RetinaNetCheckpointer's restricted unpickling of
 .pkl files, weights-only loading of .pth files, --trust-weights, and the errors for missing or
 malformed files."""
+
 import json
 import os
 import pickle
@@ -11,11 +12,10 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-
-from conftest import run_main
 import torch
 from torch import nn
 
+from conftest import run_main
 from retinanet_plugin.checkpoint import RetinaNetCheckpointer
 from retinanet_plugin.safe_loading import NotACheckpointError, UnsafeCheckpointError
 
@@ -103,9 +103,11 @@ def test_own_training_checkpoint_loads_weights_only(tmp_path):
     def checkpointer(net):
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)
-        return RetinaNetCheckpointer(
-            net, str(tmp_path), optimizer=optimizer, scheduler=scheduler
-        ), optimizer, scheduler
+        return (
+            RetinaNetCheckpointer(net, str(tmp_path), optimizer=optimizer, scheduler=scheduler),
+            optimizer,
+            scheduler,
+        )
 
     net = model()
     saver, optimizer, scheduler = checkpointer(net)
@@ -177,11 +179,23 @@ def test_train_net_refuses_malicious_weights(tmp_path, shapes_dataset):
     sys.path.insert(0, REPO)
     import train_net
 
-    status, output = run_main(train_net.main, [
-        "--config-file", TINY, "--eval-only", "--register-coco", "evil_val",
-        *shapes_dataset["val"], "MODEL.WEIGHTS", path, "DATASETS.TEST", "('evil_val',)",
-        "OUTPUT_DIR", str(tmp_path / "out"),
-    ])
+    status, output = run_main(
+        train_net.main,
+        [
+            "--config-file",
+            TINY,
+            "--eval-only",
+            "--register-coco",
+            "evil_val",
+            *shapes_dataset["val"],
+            "MODEL.WEIGHTS",
+            path,
+            "DATASETS.TEST",
+            "('evil_val',)",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+    )
     assert status == 2
     assert f"error: Refusing to load {path}: it refers to builtins.exec" in output
     assert not marker.exists()

@@ -1,5 +1,6 @@
 """SOLVER.LR_SCHEDULER_NAME: each schedule's LR per iteration equals its closed form, and the real
 Trainer saves and restores it on resume."""
+
 import math
 import shutil
 import sys
@@ -21,18 +22,31 @@ from train_net import Trainer  # noqa: E402
 MAX_ITER, WARMUP_ITERS, WARMUP_FACTOR, STEPS, GAMMA = 20, 5, 0.1, (8, 14), 0.1
 POWER, FINAL_FACTOR = 0.9, 0.05
 SCHEDULE_OPTS = [
-    "SOLVER.MAX_ITER", str(MAX_ITER),
-    "SOLVER.WARMUP_ITERS", str(WARMUP_ITERS),
-    "SOLVER.WARMUP_FACTOR", str(WARMUP_FACTOR),
-    "SOLVER.STEPS", str(STEPS),
-    "SOLVER.GAMMA", str(GAMMA),
-    "SOLVER.POLY_LR_POWER", str(POWER),
-    "SOLVER.EXPONENTIAL_LR_FINAL_FACTOR", str(FINAL_FACTOR),
+    "SOLVER.MAX_ITER",
+    str(MAX_ITER),
+    "SOLVER.WARMUP_ITERS",
+    str(WARMUP_ITERS),
+    "SOLVER.WARMUP_FACTOR",
+    str(WARMUP_FACTOR),
+    "SOLVER.STEPS",
+    str(STEPS),
+    "SOLVER.GAMMA",
+    str(GAMMA),
+    "SOLVER.POLY_LR_POWER",
+    str(POWER),
+    "SOLVER.EXPONENTIAL_LR_FINAL_FACTOR",
+    str(FINAL_FACTOR),
 ]
 
 
-def expected_multiplier(name, iteration, warmup_method="linear", max_iter=MAX_ITER,
-                        warmup_iters=WARMUP_ITERS, steps=STEPS):
+def expected_multiplier(
+    name,
+    iteration,
+    warmup_method="linear",
+    max_iter=MAX_ITER,
+    warmup_iters=WARMUP_ITERS,
+    steps=STEPS,
+):
     """The LR multiplier at ``iteration``, in float64 from the schedules' definitions."""
 
     def schedule(i):
@@ -44,7 +58,7 @@ def expected_multiplier(name, iteration, warmup_method="linear", max_iter=MAX_IT
         if name == "WarmupPolyLR":
             return (1.0 - t) ** POWER
         assert name == "WarmupExponentialLR"
-        return FINAL_FACTOR ** t
+        return FINAL_FACTOR**t
 
     if iteration >= warmup_iters:
         return schedule(iteration)
@@ -58,9 +72,10 @@ def expected_multiplier(name, iteration, warmup_method="linear", max_iter=MAX_IT
 @pytest.mark.parametrize("warmup_method", ["linear", "constant"])
 @pytest.mark.parametrize("name", LR_SCHEDULERS)
 def test_lr_per_iteration_equals_closed_form(name, warmup_method):
-    cfg = load_config(TINY, [
-        "SOLVER.LR_SCHEDULER_NAME", name, "SOLVER.WARMUP_METHOD", warmup_method, *SCHEDULE_OPTS
-    ])
+    cfg = load_config(
+        TINY,
+        ["SOLVER.LR_SCHEDULER_NAME", name, "SOLVER.WARMUP_METHOD", warmup_method, *SCHEDULE_OPTS],
+    )
     # Two groups with different LRs (as with bias/norm LR factors): both follow the multiplier.
     base_lrs = [0.1, 0.02]
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in base_lrs]
@@ -116,29 +131,52 @@ def train_dataset(shapes_dataset):
 
 
 def trainer_cfg(output_dir, dataset, schedule):
-    cfg = load_config(TINY, [
-        "SOLVER.LR_SCHEDULER_NAME", schedule,
-        "SOLVER.MAX_ITER", str(RESUME_MAX_ITER),
-        "SOLVER.WARMUP_ITERS", str(RESUME_WARMUP_ITERS),
-        "SOLVER.WARMUP_FACTOR", str(WARMUP_FACTOR),
-        "SOLVER.STEPS", str(RESUME_STEPS),
-        "SOLVER.POLY_LR_POWER", str(POWER),
-        "SOLVER.EXPONENTIAL_LR_FINAL_FACTOR", str(FINAL_FACTOR),
-        "SOLVER.CHECKPOINT_PERIOD", "4",  # a checkpoint after iteration 3, and the final one
-        "SOLVER.IMS_PER_BATCH", "2",
-        "DATASETS.TRAIN", f"('{dataset}',)",
-        "DATASETS.TEST", "()",
-        "MODEL.RETINANET.NUM_CLASSES", "4",
-        # Tiny model and images, SGD, the ResNet frozen: the schedule is under test.
-        "SOLVER.OPTIMIZER", "SGD",
-        "MODEL.BACKBONE.FREEZE_AT", "5",
-        "MODEL.FPN.OUT_CHANNELS", "32",
-        "MODEL.RETINANET.NUM_CONVS", "1",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "96",
-        "SEED", "1",
-        "OUTPUT_DIR", str(output_dir),
-    ])
+    cfg = load_config(
+        TINY,
+        [
+            "SOLVER.LR_SCHEDULER_NAME",
+            schedule,
+            "SOLVER.MAX_ITER",
+            str(RESUME_MAX_ITER),
+            "SOLVER.WARMUP_ITERS",
+            str(RESUME_WARMUP_ITERS),
+            "SOLVER.WARMUP_FACTOR",
+            str(WARMUP_FACTOR),
+            "SOLVER.STEPS",
+            str(RESUME_STEPS),
+            "SOLVER.POLY_LR_POWER",
+            str(POWER),
+            "SOLVER.EXPONENTIAL_LR_FINAL_FACTOR",
+            str(FINAL_FACTOR),
+            "SOLVER.CHECKPOINT_PERIOD",
+            "4",  # a checkpoint after iteration 3, and the final one
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "DATASETS.TRAIN",
+            f"('{dataset}',)",
+            "DATASETS.TEST",
+            "()",
+            "MODEL.RETINANET.NUM_CLASSES",
+            "4",
+            # Tiny model and images, SGD, the ResNet frozen: the schedule is under test.
+            "SOLVER.OPTIMIZER",
+            "SGD",
+            "MODEL.BACKBONE.FREEZE_AT",
+            "5",
+            "MODEL.FPN.OUT_CHANNELS",
+            "32",
+            "MODEL.RETINANET.NUM_CONVS",
+            "1",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "96",
+            "SEED",
+            "1",
+            "OUTPUT_DIR",
+            str(output_dir),
+        ],
+    )
     cfg.freeze()
     return cfg
 
@@ -162,7 +200,10 @@ def test_resume_continues_the_schedule(schedule, train_dataset, tmp_path, single
     assert sorted(straight) == list(range(RESUME_MAX_ITER))
     for iteration, lr in straight.items():
         multiplier = expected_multiplier(
-            schedule, iteration, max_iter=RESUME_MAX_ITER, warmup_iters=RESUME_WARMUP_ITERS,
+            schedule,
+            iteration,
+            max_iter=RESUME_MAX_ITER,
+            warmup_iters=RESUME_WARMUP_ITERS,
             steps=RESUME_STEPS,
         )
         assert lr == pytest.approx(base_lr * multiplier, rel=1e-12, abs=0), iteration

@@ -1,4 +1,5 @@
 """SOLVER.OPTIMIZER: detectron2's SGD by default, AdamW without decay on norm and bias."""
+
 import pytest
 import torch
 
@@ -23,8 +24,16 @@ def test_default_is_detectron2_sgd():
 
 
 def test_adamw_decays_only_weights_of_convs():
-    cfg, model = tiny("SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.001",
-                      "SOLVER.WEIGHT_DECAY", "0.05", "SOLVER.ADAMW_BETAS", "(0.8, 0.99)")
+    cfg, model = tiny(
+        "SOLVER.OPTIMIZER",
+        "AdamW",
+        "SOLVER.BASE_LR",
+        "0.001",
+        "SOLVER.WEIGHT_DECAY",
+        "0.05",
+        "SOLVER.ADAMW_BETAS",
+        "(0.8, 0.99)",
+    )
     optimizer = build_optimizer(cfg, model)
     assert isinstance(optimizer, torch.optim.AdamW)
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

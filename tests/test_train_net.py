@@ -1,5 +1,6 @@
 """End to end through the command line: train_net.py (COCO and VOC datasets, checkpoint, resume,
 COCOEvaluator, fine-tuning to other classes) and retinanet_plugin.predict."""
+
 import json
 import os
 import re
@@ -16,19 +17,13 @@ from conftest import keep_classes, pycocotools_ap, run_main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
 # Small inputs and batches: a few iterations run in seconds.
-FAST = [
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.CHECKPOINT_PERIOD", "2",
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MAX_SIZE_TRAIN", "160",
-    "INPUT.MIN_SIZE_TEST", "128",
-    "INPUT.MAX_SIZE_TEST", "160",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SEED", "1",
-    # A model trained for a few iterations scores below the default 0.05: keep every candidate,
-    # so that evaluation computes a real AP.
-    "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-]
+# A model trained for a few iterations scores below the default 0.05: SCORE_THRESH_TEST 0 keeps
+# every candidate, so that evaluation computes a real AP.
+FAST = (
+    "SOLVER.IMS_PER_BATCH 2 SOLVER.CHECKPOINT_PERIOD 2 INPUT.MIN_SIZE_TRAIN (128,) "
+    "INPUT.MAX_SIZE_TRAIN 160 INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 160 "
+    "DATALOADER.NUM_WORKERS 0 SEED 1 MODEL.RETINANET.SCORE_THRESH_TEST 0.0"
+).split()
 
 
 def run(*args, expect_ok=True):
@@ -53,17 +48,37 @@ def run(*args, expect_ok=True):
 def coco_args(shapes_dataset, train_json=None):
     (json_train, root_train), (json_val, root_val) = shapes_dataset["train"], shapes_dataset["val"]
     return [
-        "--register-coco", "shapes_train", train_json or json_train, root_train,
-        "--register-coco", "shapes_val", json_val, root_val,
+        "--register-coco",
+        "shapes_train",
+        train_json or json_train,
+        root_train,
+        "--register-coco",
+        "shapes_val",
+        json_val,
+        root_val,
+    ]
+
+
+def train_net_argv(output_dir, dataset_args, *args, test_sets="('shapes_val',)"):
+    """train_net.py's arguments for the tiny model on the shapes datasets, then ``args``."""
+    datasets = ["DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", test_sets]
+    return [
+        *["--config-file", TINY, *dataset_args, *datasets, *FAST],
+        *args,
+        *["OUTPUT_DIR", str(output_dir)],
     ]
 
 
 def train_net(output_dir, dataset_args, *args, expect_ok=True):
-    return run(
-        "train_net.py", "--config-file", TINY, *dataset_args, *args,
-        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "('shapes_val',)",
-        *FAST, "OUTPUT_DIR", str(output_dir), expect_ok=expect_ok,
-    )
+    argv = train_net_argv(output_dir, dataset_args, *args)
+    return run("train_net.py", *argv, expect_ok=expect_ok)
+
+
+def predict(input, output, trained, *args, expect_ok=True):
+    """``predict --input INPUT --output OUTPUT ARGS`` with the trained tiny model's weights."""
+    weights = ["MODEL.WEIGHTS", str(trained[0] / "model_final.pth")]
+    argv = ["--config-file", TINY, "--input", input, "--output", str(output), *args, *weights]
+    return run("-m", "retinanet_plugin.predict", *argv, expect_ok=expect_ok)
 
 
 def copypaste_ap(log):
@@ -119,8 +134,16 @@ def test_eval_only_reports_coco_metrics_per_category(trained, shapes_dataset, tm
 
 
 def test_voc_dataset_trains_and_evaluates(voc_dataset, tmp_path):
-    voc = ["--register-voc", "shapes_train", voc_dataset, "train",
-           "--register-voc", "shapes_val", voc_dataset, "val"]
+    voc = [
+        "--register-voc",
+        "shapes_train",
+        voc_dataset,
+        "train",
+        "--register-voc",
+        "shapes_val",
+        voc_dataset,
+        "val",
+    ]
     _, log = train_net(tmp_path, voc, "SOLVER.MAX_ITER", "2")
     ap = copypaste_ap(log)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
@@ -131,8 +154,13 @@ def test_voc_dataset_trains_and_evaluates(voc_dataset, tmp_path):
 
 def test_num_classes_mismatch_is_an_error_before_training(shapes_dataset, tmp_path):
     code, log = train_net(
-        tmp_path, coco_args(shapes_dataset), "MODEL.RETINANET.NUM_CLASSES", "3",
-        "SOLVER.MAX_ITER", "2", expect_ok=False,
+        tmp_path,
+        coco_args(shapes_dataset),
+        "MODEL.RETINANET.NUM_CLASSES",
+        "3",
+        "SOLVER.MAX_ITER",
+        "2",
+        expect_ok=False,
     )
     assert code != 0
     assert "NUM_CLASSES is 3, but dataset 'shapes_train' has 4 classes" in log
@@ -141,7 +169,7 @@ def test_num_classes_mismatch_is_an_error_before_training(shapes_dataset, tmp_pa
 
 def test_finetune_to_fewer_classes(trained, shapes_dataset, tmp_path):
     """A 4-class checkpoint fine-tunes on a 2-class dataset: compatible weights load, the
-    classification layer is re-initialised, and the log names the skipped tensors."""
+    classification layer is re-initialized, and the log names the skipped tensors."""
     two_classes = keep_classes(shapes_dataset["train"][0], str(tmp_path / "two.json"), {1, 2})
     dataset_args = coco_args(shapes_dataset, train_json=two_classes)
     dataset_args[-3:] = ["shapes_val", two_classes, shapes_dataset["train"][1]]
@@ -150,7 +178,7 @@ def test_finetune_to_fewer_classes(trained, shapes_dataset, tmp_path):
     assert "NUM_CLASSES set to 2" in log
     assert "Skip loading parameter 'head.cls_score.weight'" in log
     assert "Skip loading parameter 'head.cls_score.bias'" in log
-    assert "re-initialised the classification layer with prior probability 0.01" in log
+    assert "re-initialized the classification layer with prior probability 0.01" in log
     model = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     base = torch.load(weights, map_location="cpu", weights_only=True)
     assert model["model"]["head.cls_score.weight"].shape[0] == 9 * 2
@@ -167,10 +195,15 @@ def test_predict_skips_a_corrupt_file_and_writes_the_rest(trained, shapes_datase
         shutil.copy(os.path.join(val_root, name), images / name)
     (images / "corrupt.jpg").write_bytes(b"not an image at all")
     output = tmp_path / "predictions"
-    code, log = run(
-        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input", str(images),
-        "--output", str(output), "--score-threshold", "0.0", "--batch-size", "2",
-        *coco_args(shapes_dataset), "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
+    code, log = predict(
+        str(images),
+        str(output),
+        trained,
+        "--score-threshold",
+        "0.0",
+        "--batch-size",
+        "2",
+        *coco_args(shapes_dataset),
         expect_ok=False,
     )
     assert code == 1
@@ -185,12 +218,8 @@ def test_predict_skips_a_corrupt_file_and_writes_the_rest(trained, shapes_datase
 
 def test_predict_refuses_a_checkpoint_with_other_classes(trained, shapes_dataset, tmp_path):
     """Without a dataset the model has detectron2's default 80 classes, the checkpoint 4: a clear
-    error instead of predictions from a randomly initialised classifier."""
-    code, log = run(
-        "-m", "retinanet_plugin.predict", "--config-file", TINY,
-        "--input", shapes_dataset["val"][1], "--output", str(tmp_path),
-        "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"), expect_ok=False,
-    )
+    error instead of predictions from a randomly initialized classifier."""
+    code, log = predict(shapes_dataset["val"][1], str(tmp_path), trained, expect_ok=False)
     assert code != 0
     assert "made for different numbers of classes" in log
 
@@ -217,14 +246,31 @@ def test_overwrite_replaces_an_earlier_run_and_its_metrics(trained, shapes_datas
 def test_predict_summary_and_warning_when_nothing_passes_the_threshold(
     trained, shapes_dataset, tmp_path
 ):
-    code, log = run(
-        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input",
-        shapes_dataset["val"][1], "--output", str(tmp_path), "--score-threshold", "1.0",
-        *coco_args(shapes_dataset), "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
+    code, log = predict(
+        shapes_dataset["val"][1],
+        str(tmp_path),
+        trained,
+        "--score-threshold",
+        "1.0",
+        *coco_args(shapes_dataset),
     )
     assert re.search(r"Predicted 6 images: 0 detections with score >= 1, 0 images skipped", log)
     assert "No detection reached --score-threshold 1 (the highest score was 0." in log
     assert json.loads((tmp_path / "coco_results.json").read_text()) == []
+
+
+def test_predict_in_tiles(trained, shapes_dataset, tmp_path):
+    """--tile: 96 px tiles overlapping by half; detections in image coordinates, inside it."""
+    args = ["--tile", "96", "--tile-overlap", "0.5", "--score-threshold", "0.0"]
+    code, log = predict(
+        shapes_dataset["val"][1], tmp_path, trained, *args, *coco_args(shapes_dataset)
+    )
+    assert "Predicting in 96 px tiles overlapping by 0.5" in log
+    results = json.loads((tmp_path / "coco_results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 2, 3, 4}
+    for r in results:
+        x, y, w, h = r["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 192 + 1e-3 and y + h <= 192 + 1e-3
 
 
 def test_predict_on_an_image_only_coco_test_set(trained, shapes_dataset, tmp_path):
@@ -235,11 +281,16 @@ def test_predict_on_an_image_only_coco_test_set(trained, shapes_dataset, tmp_pat
     del coco["annotations"]
     image_only = tmp_path / "test_images.json"
     image_only.write_text(json.dumps(coco))
-    code, log = run(
-        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input", val_root,
-        "--output", str(tmp_path / "out"), "--score-threshold", "0.0",
-        "--register-coco", "image_only_test", str(image_only), val_root,
-        "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
+    code, log = predict(
+        val_root,
+        str(tmp_path / "out"),
+        trained,
+        "--score-threshold",
+        "0.0",
+        "--register-coco",
+        "image_only_test",
+        str(image_only),
+        val_root,
     )
     results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
     assert results
@@ -261,11 +312,7 @@ def test_predict_scales_16_bit_images(trained, shapes_dataset, tmp_path):
     assert image.shape == (48, 64, 3) and image.dtype == np.uint8
     expected = np.round(values / 257.0)
     assert np.array_equal(image[..., 0], expected) and np.array_equal(image[..., 2], expected)
-    code, log = run(
-        "-m", "retinanet_plugin.predict", "--config-file", TINY, "--input", str(path),
-        "--output", str(tmp_path / "out"), *coco_args(shapes_dataset),
-        "MODEL.WEIGHTS", str(trained[0] / "model_final.pth"),
-    )
+    code, log = predict(str(path), str(tmp_path / "out"), trained, *coco_args(shapes_dataset))
     assert "Predicted 1 images" in log and (tmp_path / "out" / "deep.png").exists()
 
 
@@ -281,9 +328,19 @@ def test_predict_main_runs_twice_in_one_process_with_other_classes(shapes_datase
         weights = tmp_path / f"weights{num_classes}.pth"
         cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml", "MODEL.RETINANET.NUM_CLASSES", num_classes)
         torch.save({"model": build_model(cfg).state_dict()}, weights)
-        status = predict.main([
-            "--config-file", TINY, "--input", image, "--output", str(tmp_path / f"o{num_classes}"),
-            "MODEL.RETINANET.NUM_CLASSES", str(num_classes), "MODEL.WEIGHTS", str(weights),
-        ])
+        status = predict.main(
+            [
+                "--config-file",
+                TINY,
+                "--input",
+                image,
+                "--output",
+                str(tmp_path / f"o{num_classes}"),
+                "MODEL.RETINANET.NUM_CLASSES",
+                str(num_classes),
+                "MODEL.WEIGHTS",
+                str(weights),
+            ]
+        )
         assert status == 0
         assert (tmp_path / f"o{num_classes}" / "coco_results.json").exists()

@@ -1,13 +1,14 @@
 """Training faults: a NaN loss, an unwritable output directory, a full disk at checkpoint time."""
+
 import errno
 import os
 import re
 
 import pytest
 import torch
+from test_train_net import coco_args, train_net
 
 from retinanet_plugin.checkpoint import CheckpointWriteError, RetinaNetCheckpointer
-from test_train_net import coco_args, train_net
 
 # A valid but absurd pixel std: inputs of ~1e32 overflow the first convolution, so the loss is
 # infinite or NaN at once (also on --resume, which restores the optimizer's learning rate).
@@ -19,7 +20,12 @@ def test_nan_loss_stops_with_iteration_loss_terms_and_resumable_checkpoint(
 ):
     train_net(tmp_path, coco_args(shapes_dataset), "SOLVER.MAX_ITER", "4")
     code, log = train_net(
-        tmp_path, coco_args(shapes_dataset), "--resume", "SOLVER.MAX_ITER", "8", *DIVERGING,
+        tmp_path,
+        coco_args(shapes_dataset),
+        "--resume",
+        "SOLVER.MAX_ITER",
+        "8",
+        *DIVERGING,
         expect_ok=False,
     )
     assert code == 2

@@ -150,6 +150,7 @@ def write_run_config(run: Dict[str, Any], model_config: str, path: str) -> str:
 def read_run_metrics(metrics_file: str) -> Dict[str, Any]:
     """Final COCO metrics (NaN as None) and the number of iterations of a run's metrics.json."""
     from demo import final_metrics  # tools/demo.py, next to this file
+
     from retinanet_plugin.plot_metrics import read_metrics
 
     records = read_metrics(metrics_file)
@@ -228,7 +229,7 @@ def run_error(log_file: str) -> str:
         lines = [line.strip() for line in f if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
     if errors:
-        return errors[-1][len("error: "):]
+        return errors[-1][len("error: ") :]
     return lines[-1] if lines else "(no output)"
 
 

@@ -37,7 +37,7 @@ def final_metrics(metrics_file: str) -> dict:
         raise RuntimeError(f"{metrics_file} has no evaluation results")
     # NaN (e.g. APl without large objects) becomes null, so the file is strict JSON.
     return {
-        k[len("bbox/"):]: None if isinstance(v, float) and math.isnan(v) else v
+        k[len("bbox/") :]: None if isinstance(v, float) and math.isnan(v) else v
         for k, v in evaluations[-1].items()
         if k.startswith("bbox/")
     }
@@ -72,8 +72,15 @@ def main(argv=None) -> int:
         os.path.join(args.output, "data"), args.num_train, args.num_val, args.image_size
     )
     command = [
-        sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *datasets,
-        *(["--overwrite"] if args.overwrite else []), "OUTPUT_DIR", args.output, *args.opts,
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        CONFIG,
+        *datasets,
+        *(["--overwrite"] if args.overwrite else []),
+        "OUTPUT_DIR",
+        args.output,
+        *args.opts,
     ]
     print("+", " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
@@ -100,10 +107,14 @@ def main(argv=None) -> int:
         json.dump(results, f, indent=2)
     # None: detectron2 gives NaN when the model detects nothing at all.
     ap = {k: "n/a" if v is None else f"{v:.1f}" for k, v in results["bbox"].items()}
-    print(f"\nDemo finished in {results['wall_time_s']:.0f} s. Validation box AP: {ap['AP']} "
-          f"(AP50 {ap['AP50']}, AP75 {ap['AP75']})")
-    print(f"Metrics: {os.path.join(args.output, 'demo_results.json')}\nCurves: {curves}\n"
-          f"Pictures: {pictures}/")
+    print(
+        f"\nDemo finished in {results['wall_time_s']:.0f} s. Validation box AP: {ap['AP']} "
+        f"(AP50 {ap['AP50']}, AP75 {ap['AP75']})"
+    )
+    print(
+        f"Metrics: {os.path.join(args.output, 'demo_results.json')}\nCurves: {curves}\n"
+        f"Pictures: {pictures}/"
+    )
     return 0
 
 

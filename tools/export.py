@@ -27,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 from retinanet_plugin import cli
 from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
 from retinanet_plugin.config_io import load_config
+from retinanet_plugin.data.images import expand_inputs
 from retinanet_plugin.export import (
     FORMATS,
     QUANTIZATIONS,
@@ -36,7 +37,6 @@ from retinanet_plugin.export import (
     synthetic_test_image,
 )
 from retinanet_plugin.meta_arch import INFERENCE_DTYPES
-from retinanet_plugin.data.images import expand_inputs
 
 logger = logging.getLogger("retinanet_plugin.export")
 
@@ -126,9 +126,9 @@ def main(argv=None) -> int:
                 f"{args.calibration_images or '(not given)'} matched no file"
             )
     model = build_model(cfg).eval()
-    RetinaNetCheckpointer(
-        model, allow_new_classes=False, trust_weights=args.trust_weights
-    ).load(cfg.MODEL.WEIGHTS)
+    RetinaNetCheckpointer(model, allow_new_classes=False, trust_weights=args.trust_weights).load(
+        cfg.MODEL.WEIGHTS
+    )
     sample = _read_input(args.sample_image, cfg) if args.sample_image else synthetic_test_image(cfg)
     try:
         export_model(

@@ -78,8 +78,21 @@ def sha256_of(path: Path) -> str:
 
 
 def download_sdist(workdir: Path) -> Path:
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         "--no-build-isolation", "-d", workdir, SDIST_REQUIREMENT])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-build-isolation",
+            "-d",
+            workdir,
+            SDIST_REQUIREMENT,
+        ]
+    )
     sdists = sorted(workdir.glob("pb1[-_]detectron2-*.tar.gz"))
     if len(sdists) != 1:
         sys.exit(f"expected one pb1-detectron2 source archive in {workdir}, found {sdists}")
@@ -134,18 +147,33 @@ def main():
     if importlib.util.find_spec("detectron2") is not None and not (args.force or args.wheel_dir):
         import detectron2
 
-        print(f"detectron2 {detectron2.__version__} already installed at "
-              f"{Path(detectron2.__file__).parent}; keeping it")
+        print(
+            f"detectron2 {detectron2.__version__} already installed at "
+            f"{Path(detectron2.__file__).parent}; keeping it"
+        )
         return
     if importlib.util.find_spec("torch") is None:
-        sys.exit("install torch first: pip reads pb1-detectron2's metadata by running its "
-                 "setup.py, which imports torch")
+        sys.exit(
+            "install torch first: pip reads pb1-detectron2's metadata by running its "
+            "setup.py, which imports torch"
+        )
     with tempfile.TemporaryDirectory(prefix="detectron2-build-") as tmp:
         tmp = Path(tmp)
         sdist = download_sdist(tmp / "download")
         source_root = write_wheel_project(sdist, tmp / "src")
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-             "-w", tmp / "dist", source_root])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-w",
+                tmp / "dist",
+                source_root,
+            ]
+        )
         (wheel,) = (tmp / "dist").glob("detectron2-*.whl")
         if args.wheel_dir:
             target = Path(args.wheel_dir) / wheel.name

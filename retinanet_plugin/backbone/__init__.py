@@ -6,6 +6,7 @@
 
 detectron2's own ``build_retinanet_resnet_fpn_backbone`` covers ResNet-18 to -152.
 """
+
 from .fpn import retinanet_fpn_arguments
 from .panet import PANet, build_retinanet_resnet_panet_backbone, build_retinanet_timm_panet_backbone
 from .timm_fpn import TimmBackbone, build_retinanet_timm_fpn_backbone, build_timm_backbone

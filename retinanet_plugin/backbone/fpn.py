@@ -1,4 +1,5 @@
 """RetinaNet's FPN (P3-P7) on any bottom-up network."""
+
 from typing import Any, Dict
 
 from detectron2.modeling import Backbone

@@ -1,7 +1,9 @@
 """PANet's bottom-up path augmentation (Liu et al. 2018, "Path Aggregation Network for Instance
 Segmentation") on RetinaNet's FPN, for ResNet and timm bottom-ups."""
+
 from typing import Dict
 
+from fvcore.nn import weight_init
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -9,7 +11,6 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import build_resnet_backbone
 from detectron2.modeling.backbone.fpn import FPN
-from fvcore.nn import weight_init
 
 from .fpn import retinanet_fpn_arguments
 from .timm_fpn import build_timm_backbone
@@ -31,7 +32,7 @@ class PANet(FPN):
     loads into everything but the new path (``pan_*``).
 
     Args:
-        panet_norm: normalisation of the new convs, a ``detectron2.layers.get_norm`` name
+        panet_norm: normalization of the new convs, a ``detectron2.layers.get_norm`` name
             ("" = none, convs with bias).
         **fpn_arguments: those of detectron2's ``FPN``.
     """

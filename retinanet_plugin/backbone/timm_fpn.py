@@ -4,6 +4,7 @@ with RetinaNet's FPN on top.
 timm is optional: ``pip install retinanet_plugin[timm]``. It is imported only when a timm
 backbone is built.
 """
+
 import math
 import os
 from typing import Dict, Sequence
@@ -44,7 +45,7 @@ class TimmBackbone(Backbone):
         model_name: a timm model name, e.g. "efficientnet_b0".
         out_indices: timm feature levels to output (indices into the model's ``feature_info``).
         weights: a local checkpoint of the whole timm model to load (timm's loader: safetensors,
-            or ``torch.load`` with ``weights_only=True``); "" = random initialisation.
+            or ``torch.load`` with ``weights_only=True``); "" = random initialization.
         norm: "FrozenBN", "BN" or "SyncBN" (see ``MODEL.TIMM.NORM``).
         in_channels: channels of the input images.
     """

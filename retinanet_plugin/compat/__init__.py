@@ -1,6 +1,6 @@
 """The plugin's compatibility layer with detectron2 0.6 and upstream main, on current libraries.
 
-This is the only part of the plugin that changes detectron2's behaviour or reaches into its
+This is the only part of the plugin that changes detectron2's behavior or reaches into its
 private names:
 
 * :mod:`.native_ops`: clear :class:`MissingNativeOpError` for detectron2's native ops when the
@@ -13,6 +13,7 @@ Every change is detected from the installed detectron2's code, never its version
 on an upstream detectron2 built with its native ops only what it still needs is patched.
 ``import retinanet_plugin`` calls :func:`apply` before any detectron2 submodule is imported.
 """
+
 import logging
 from typing import Dict, List, Optional
 

@@ -14,6 +14,7 @@ fake result. detectron2 reaches its ops in two ways, and each is covered only wh
   doing this get a ``torch`` whose ``ops.detectron2`` raises :class:`MissingNativeOpError` for
   each unregistered op (registered ones are torch's own).
 """
+
 import importlib
 import importlib.machinery
 import importlib.util

@@ -1,9 +1,10 @@
 """Fixes for detectron2 bugs that current libraries expose; each applied only where detected.
 
-Each ``patch_*`` function looks at the installed detectron2 (its source or behaviour), changes
+Each ``patch_*`` function looks at the installed detectron2 (its source or behavior), changes
 it only if it has the bug, and returns a one-line description of what it changed, or None.
 Each docstring names the upstream fix, if there is one.
 """
+
 import functools
 import importlib
 import inspect

@@ -7,6 +7,7 @@ installed detectron2 still has it and otherwise raises :class:`Detectron2APIErro
 is missing, what needs it and the versions tested (:data:`TESTED_VERSIONS`). All of them exist,
 with the same meaning, in detectron2 0.6 and in upstream main at :data:`TESTED_VERSIONS`.
 """
+
 import contextlib
 import importlib
 import os

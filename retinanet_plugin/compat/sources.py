@@ -4,6 +4,7 @@ The compat patches decide what to change by reading detectron2's code rather tha
 number (upstream main still calls itself 0.6), and must read it before importing, since
 importing is what fails before some patches.
 """
+
 import functools
 import os
 from typing import Tuple

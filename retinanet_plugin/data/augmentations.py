@@ -1,5 +1,5 @@
 """Per-image training augmentations selected by ``INPUT.AUG.*``: rotation, scale-and-crop and
-colour jitter, all detectron2's own, added to detectron2's default list.
+color jitter, all detectron2's own, added to detectron2's default list.
 
 Boxes follow the image through detectron2's ``DatasetMapper``: each transform's ``apply_box``
 maps the four corners of a box and takes their bounding box (for a rotation, the box around the
@@ -32,7 +32,7 @@ def add_train_augmentations(
     """detectron2's training augmentations with the ones enabled in ``INPUT.AUG`` added.
 
     Order: [INPUT.CROP], rotation, resize (detectron2's ``ResizeShortestEdge``, or with
-    probability SCALE_CROP.PROB the scale-and-crop instead), flip, colour jitter. Rotating before
+    probability SCALE_CROP.PROB the scale-and-crop instead), flip, color jitter. Rotating before
     resizing keeps the output within INPUT.MAX_SIZE_TRAIN even when the rotation expands the
     image.
 
@@ -77,12 +77,12 @@ def add_train_augmentations(
             augmentations.insert(resize, T.RandomApply(rotate, rotation.PROB))
     if jitter is not None:
         # Note: RandomSaturation's grey uses RGB weights whatever INPUT.FORMAT is.
-        colour = T.AugmentationList(
+        color = T.AugmentationList(
             [
                 T.RandomBrightness(*jitter.BRIGHTNESS),
                 T.RandomContrast(*jitter.CONTRAST),
                 T.RandomSaturation(*jitter.SATURATION),
             ]
         )
-        augmentations.append(T.RandomApply(colour, jitter.PROB))
+        augmentations.append(T.RandomApply(color, jitter.PROB))
     return augmentations

@@ -4,6 +4,7 @@ Loading is detectron2's own (``load_coco_json``, ``load_voc_instances``), wrappe
 of :mod:`.validation`; this module checks the paths up front, reads VOC class names from the XML
 files when none are given, and works out the number of classes a training set has.
 """
+
 import logging
 import os
 from typing import Dict, List, Optional, Sequence
@@ -90,9 +91,7 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
     _REGISTRATIONS[name] = registration
     DatasetCatalog.register(name, lambda: _load_coco(name, json_file, image_root))
     # The metadata detectron2's register_coco_instances sets, which COCOEvaluator reads.
-    MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type="coco"
-    )
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
     logger.info("Registered COCO dataset %r: %s, images in %s", name, json_file, image_root)
 
 
@@ -209,7 +208,9 @@ def resolve_num_classes(cfg, dataset_name: str, set_by_user: bool) -> None:
         )
     logger.info(
         "MODEL.RETINANET.NUM_CLASSES set to %d, the number of classes of dataset %r (was %d)",
-        len(classes), dataset_name, configured,
+        len(classes),
+        dataset_name,
+        configured,
     )
     cfg.MODEL.RETINANET.NUM_CLASSES = len(classes)
 

@@ -6,17 +6,19 @@ to 8 bits by clipping every value above 255, which turns most of the image white
 image is scaled to 0-255 instead (value / 257, the exact map of 0-65535 onto 0-255); every other
 image is read by detectron2's ``read_image`` unchanged.
 """
+
 import glob
 import os
 from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
+
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_PIL_to_numpy
 from detectron2.data.detection_utils import read_image as detectron2_read_image
 from detectron2.utils.file_io import PathManager
-from PIL import Image, ImageOps
 
 __all__ = ["IMAGE_EXTENSIONS", "SIXTEEN_BIT_MODES", "expand_inputs", "read_image", "test_input"]
 

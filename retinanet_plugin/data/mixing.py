@@ -5,7 +5,7 @@ the training set. Every image (its own record's and the drawn ones) first goes t
 per-image augmentations, then, each with its own probability and in this order:
 
 - Mosaic (YOLOv4): the image and 3 random others tile a canvas of the image's size as a 2x2 grid
-  around a random centre, each with one corner at the centre; boxes are shifted and clipped to
+  around a random center, each with one corner at the center; boxes are shifted and clipped to
   the visible part, and those then at most MIN_SIZE pixels wide or high are dropped.
 - MixUp (Zhang et al. 2019, "Bag of Freebies for Training Object Detection Neural Networks"):
   ``lambda * A + (1 - lambda) * B`` with ``lambda ~ Beta(ALPHA, ALPHA)`` and a random image B,
@@ -17,7 +17,7 @@ per-image augmentations, then, each with its own probability and in this order:
   the same place. A box of A becomes the tight box of its part outside the rectangle, a box of B
   its part inside; a box is dropped when less than MIN_VISIBLE of its area is left.
 
-Where no image is, the canvas holds MODEL.PIXEL_MEAN, which the model's normalisation turns into
+Where no image is, the canvas holds MODEL.PIXEL_MEAN, which the model's normalization turns into
 the zeros it pads batches with. Random numbers come from numpy's global generator, as in
 detectron2's own augmentations: detectron2 seeds it in every data-loader worker (and
 ``default_setup`` in the main process), so mixing is reproducible for a given SEED.
@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.structures import Boxes, Instances
@@ -79,18 +80,18 @@ def _on_canvas(
 def mosaic(
     images: Sequence[torch.Tensor],
     instances: Sequence[Instances],
-    centre: Tuple[int, int],
+    center: Tuple[int, int],
     fill: Sequence[float],
     min_size: float,
 ) -> Tuple[torch.Tensor, Instances]:
-    """Four images as a 2x2 grid around ``centre`` on a canvas the size of the first.
+    """Four images as a 2x2 grid around ``center`` on a canvas the size of the first.
 
     Args:
         images: 4 (C, H_i, W_i) uint8 images for the top-left, top-right, bottom-left and
             bottom-right tiles; each is placed with its bottom-right, bottom-left, top-right or
-            top-left corner at ``centre`` and cut off at the canvas border.
+            top-left corner at ``center`` and cut off at the canvas border.
         instances: their instances (``gt_boxes`` in each image's pixels).
-        centre: (x, y) in pixels of the canvas.
+        center: (x, y) in pixels of the canvas.
         fill: canvas value per channel where no image is.
         min_size: boxes at most this wide or high after clipping to the canvas are dropped.
 
@@ -99,12 +100,12 @@ def mosaic(
     """
     channels, height, width = images[0].shape
     canvas = _canvas(channels, height, width, fill)
-    centre_x, centre_y = centre
+    center_x, center_y = center
     tiles = []
     for index, (image, tile_instances) in enumerate(zip(images, instances)):
         tile_height, tile_width = image.shape[-2:]
-        left = centre_x - tile_width if index in (0, 2) else centre_x
-        top = centre_y - tile_height if index in (0, 1) else centre_y
+        left = center_x - tile_width if index in (0, 2) else center_x
+        top = center_y - tile_height if index in (0, 1) else center_y
         x0, y0 = max(left, 0), max(top, 0)
         x1, y1 = min(left + tile_width, width), min(top + tile_height, height)
         if x1 > x0 and y1 > y0:
@@ -223,7 +224,7 @@ class MixingDatasetMapper(DatasetMapper):
         fill: canvas value per channel where no image is, in INPUT.FORMAT's channel order.
         mosaic_prob, mixup_prob, cutmix_prob: probability of each per image; 0 turns it off and
             draws no random number, so that the rest follows the same random sequence.
-        mosaic_center_range: (low, high): the centre is drawn uniformly in [low, high] times the
+        mosaic_center_range: (low, high): the center is drawn uniformly in [low, high] times the
             canvas width and height.
         mosaic_min_size: boxes at most this many pixels wide or high after clipping are dropped.
         mixup_alpha, cutmix_alpha: lambda ~ Beta(alpha, alpha).
@@ -268,7 +269,7 @@ class MixingDatasetMapper(DatasetMapper):
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.cutmix_min_visible = cutmix_min_visible
         logging.getLogger(__name__).info(
-            f"[MixingDatasetMapper] mosaic p={mosaic_prob} centre in {self.mosaic_center_range} "
+            f"[MixingDatasetMapper] mosaic p={mosaic_prob} center in {self.mosaic_center_range} "
             f"min size {mosaic_min_size}; mixup p={mixup_prob} alpha={mixup_alpha}; "
             f"cutmix p={cutmix_prob} alpha={cutmix_alpha} min visible {cutmix_min_visible}"
         )
@@ -316,14 +317,14 @@ class MixingDatasetMapper(DatasetMapper):
             sample = tiles[0]
             height, width = sample["image"].shape[-2:]
             low, high = self.mosaic_center_range
-            centre = (
+            center = (
                 int(np.random.uniform(low, high) * width),
                 int(np.random.uniform(low, high) * height),
             )
             image, instances = mosaic(
                 [t["image"] for t in tiles],
                 [_instances(t) for t in tiles],
-                centre,
+                center,
                 self.fill,
                 self.mosaic_min_size,
             )
@@ -352,16 +353,16 @@ class MixingDatasetMapper(DatasetMapper):
 
     def _cutmix_rectangle(self, image_a: torch.Tensor, image_b: torch.Tensor) -> Rectangle:
         """A random rectangle of about ``1 - lambda`` of the area both images cover (top-left
-        aligned): a uniform centre and sides ``sqrt(1 - lambda)`` times the area's, cut at its
+        aligned): a uniform center and sides ``sqrt(1 - lambda)`` times the area's, cut at its
         border (CutMix's sampling)."""
         height = min(image_a.shape[1], image_b.shape[1])
         width = min(image_a.shape[2], image_b.shape[2])
         side = np.sqrt(1.0 - np.random.beta(self.cutmix_alpha, self.cutmix_alpha))
         half_w, half_h = int(width * side) // 2, int(height * side) // 2
-        centre_x, centre_y = np.random.randint(width), np.random.randint(height)
+        center_x, center_y = np.random.randint(width), np.random.randint(height)
         return (
-            int(np.clip(centre_x - half_w, 0, width)),
-            int(np.clip(centre_y - half_h, 0, height)),
-            int(np.clip(centre_x + half_w, 0, width)),
-            int(np.clip(centre_y + half_h, 0, height)),
+            int(np.clip(center_x - half_w, 0, width)),
+            int(np.clip(center_y - half_h, 0, height)),
+            int(np.clip(center_x + half_w, 0, width)),
+            int(np.clip(center_y + half_h, 0, height)),
         )

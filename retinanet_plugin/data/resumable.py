@@ -19,6 +19,7 @@ read is skipped with a warning and a count (:class:`SkipUnreadableImages`), and 
 ``MapDataset`` maps a random other one instead, which is not replayed: batches after such a skip
 may differ from an uninterrupted run's.
 """
+
 import contextlib
 import itertools
 import logging
@@ -126,7 +127,10 @@ class SkipUnreadableImages:
             logger.warning(
                 "Skipped %s: cannot read it (%s: %s); %d images skipped so far by this data "
                 "loader process",
-                record.get("file_name"), type(e).__name__, e, self.num_skipped,
+                record.get("file_name"),
+                type(e).__name__,
+                e,
+                self.num_skipped,
             )
             return None
 
@@ -176,7 +180,8 @@ class ResumableTrainLoader:
             set_sampler_seed(sampler, comm.shared_random_seed())
             logger.info(
                 "Training data shuffle seed %d (drawn: the sampler's seed was %s)",
-                sampler_seed(sampler), seed,
+                sampler_seed(sampler),
+                seed,
             )
         self.batch_size = batch_size
         self.aspect_ratio_grouping = aspect_ratio_grouping
@@ -231,7 +236,10 @@ class ResumableTrainLoader:
             logger.info(
                 "Training data resumes at iteration %d: image %d of this rank's stream "
                 "(seed %d), %d images waiting in aspect-ratio buckets",
-                self.start_iter, next_position, sampler_seed(self.sampler), len(leftovers),
+                self.start_iter,
+                next_position,
+                sampler_seed(self.sampler),
+                len(leftovers),
             )
         stream = _PositionedStream(self.mapped, self.sampler, leftovers, next_position)
         loader = torchdata.DataLoader(

@@ -3,9 +3,10 @@
 Used by the demo and the tests: no download, deterministic for a given seed, and hard enough
 to be a real detection task: four shape classes with very different frequencies (the imbalance
 focal loss is about), sizes from 12 px to half the image, aspect ratios 1:2..2:1, overlapping
-objects, random colours (so the class is the shape, not the colour) and textured, noisy
+objects, random colors (so the class is the shape, not the color) and textured, noisy
 backgrounds with shape-like clutter.
 """
+
 import json
 import os
 from typing import Dict, List, Tuple
@@ -31,7 +32,7 @@ CLASS_FREQUENCIES = (0.55, 0.27, 0.13, 0.05)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-frequency colour texture plus pixel noise and a few line segments, (size, size, 3)."""
+    """Low-frequency color texture plus pixel noise and a few line segments, (size, size, 3)."""
     coarse = rng.uniform(30, 225, size=(rng.integers(3, 9),) * 2 + (3,)).astype(np.float32)
     image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
     image += rng.normal(0, 12, size=image.shape).astype(np.float32)
@@ -43,7 +44,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _shape_mask(cls: int, cx: float, cy: float, w: float, h: float, size: int) -> np.ndarray:
-    """uint8 mask of one shape of class ``cls`` centred at (cx, cy) with extent (w, h)."""
+    """uint8 mask of one shape of class ``cls`` centered at (cx, cy) with extent (w, h)."""
     mask = np.zeros((size, size), np.uint8)
     x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
     if SHAPE_CLASSES[cls] == "ellipse":
@@ -83,7 +84,7 @@ def _make_image(
         if len(xs) < 20:
             continue
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-        # Overlap is allowed, but an object must stay recognisable.
+        # Overlap is allowed, but an object must stay recognizable.
         if any(_iou(box, o["box"]) > 0.4 for o in objects):
             continue
         color = rng.uniform(0, 255, 3)

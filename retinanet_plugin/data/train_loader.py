@@ -36,7 +36,7 @@ def build_train_loader(cfg) -> ResumableTrainLoader:
     """detectron2's ``build_detection_train_loader`` with :func:`build_train_mapper`'s mapper, as
     a :class:`ResumableTrainLoader` (a resumed run continues with the same batches).
 
-    The mixing mapper and the loader share one serialised copy of the records of
+    The mixing mapper and the loader share one serialized copy of the records of
     DATASETS.TRAIN, loaded as detectron2's loader does (keypoints and proposals aside, which
     mixing refuses).
     """

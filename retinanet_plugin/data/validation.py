@@ -6,6 +6,7 @@ Problems that only cost a few boxes (degenerate or out-of-image boxes) are fixed
 image sizes that differ from the files are corrected, with one warning per kind giving the count
 and an example.
 """
+
 import json
 import logging
 import math
@@ -13,8 +14,9 @@ import os
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Sequence, Tuple
 
-from detectron2.structures import BoxMode
 from PIL import Image
+
+from detectron2.structures import BoxMode
 
 from ..errors import UserError
 
@@ -180,7 +182,8 @@ def check_coco_json(json_file: str, image_root: str) -> None:
         _check_keys(json_file, "annotation", annotation, ("image_id", "category_id", "bbox"))
         bbox = annotation["bbox"]
         if not (
-            isinstance(bbox, list) and len(bbox) == 4
+            isinstance(bbox, list)
+            and len(bbox) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
         ):
             raise DatasetError(
@@ -315,8 +318,12 @@ def clean_boxes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
             if not all(math.isfinite(v) for v in box) or x1 <= x0 or y1 <= y0:
                 note("invalid", record, annotation["bbox"])
                 continue
-            clipped = [min(max(x0, 0), width), min(max(y0, 0), height),
-                       min(max(x1, 0), width), min(max(y1, 0), height)]
+            clipped = [
+                min(max(x0, 0), width),
+                min(max(y0, 0), height),
+                min(max(x1, 0), width),
+                min(max(y1, 0), height),
+            ]
             if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
                 note("outside", record, annotation["bbox"])
                 continue
@@ -387,6 +394,9 @@ def correct_image_sizes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
         logger.warning(
             "Dataset %r: %d of %d images have another width/height in the annotations than in "
             "the image file; using the file's (e.g. %s)",
-            dataset_name, corrected, len(dicts), example,
+            dataset_name,
+            corrected,
+            len(dicts),
+            example,
         )
     return dicts
