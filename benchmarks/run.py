@@ -243,7 +243,10 @@ def main(argv=None) -> None:
         print(f"wrote {path}.json and {path}.md")
         if args.update_docs:
             updated = update_docs_table(label, table)
-            print(("updated " if updated else f"no <!-- bench:{label} --> block in ") + PERFORMANCE_DOC)
+            print(
+                ("updated " if updated else f"no <!-- bench:{label} --> block in ")
+                + PERFORMANCE_DOC
+            )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def read_metrics(metrics_file: str) -> List[Dict]:
         raise MetricsFileError(f"{metrics_file} is a folder; name its metrics.json")
     if not os.path.isfile(metrics_file):
         raise MetricsFileError(
-            f"{metrics_file} does not exist (train_net.py writes metrics.json " "into OUTPUT_DIR)"
+            f"{metrics_file} does not exist (train_net.py writes metrics.json into OUTPUT_DIR)"
         )
     with open(metrics_file, encoding="utf-8", errors="replace") as f:
         lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]

@@ -16,6 +16,8 @@ from retinanet_plugin.data import make_shapes_dataset
 
 # Overrides for a tiny end-to-end run of the tiny config: 3 iterations of 2 small images, and a
 # score threshold of 0 so that the evaluation of the barely trained model computes a real AP.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
 TINY_RUN = (
     "SOLVER.MAX_ITER 3 SOLVER.IMS_PER_BATCH 2 INPUT.MIN_SIZE_TRAIN (128,) INPUT.MIN_SIZE_TEST 128 "
     "MODEL.RETINANET.SCORE_THRESH_TEST 0.0"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
-from conftest import plugin_cfg, run_main
+from conftest import REPO, TINY, plugin_cfg, run_main
 from detectron2.structures import BoxMode
 from retinanet_plugin.config_io import load_config
 from retinanet_plugin.data.analysis import (
@@ -20,8 +20,6 @@ from retinanet_plugin.data.analysis import (
     fit_anchor_sizes,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import analyze_dataset as analyze_tool  # noqa: E402  (tools/analyze_dataset.py)

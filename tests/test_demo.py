@@ -35,6 +35,15 @@ def test_shortened_demo_writes_every_output(tmp_path):
     assert f"Validation box AP: {summary['bbox']['AP']:.1f}" in output
     assert {"AP-ellipse", "AP-cross"} <= set(summary["bbox"])  # per-category AP
     assert 0 < summary["wall_time_s"] <= elapsed
+    phases = ("data_generation_s", "training_and_evaluation_s", "drawing_s")
+    assert sum(summary[p] for p in phases) == pytest.approx(summary["wall_time_s"], abs=0.2)
+    # The median of detectron2's logged iteration times, the first (start-up) window left out.
+    rows = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    times = [r["time"] for r in rows if "time" in r]
+    times = sorted(times[1:] or times)
+    assert summary["seconds_per_iteration"] == round(times[len(times) // 2], 3)
+    assert 0 <= summary["data_seconds_per_iteration"] <= summary["seconds_per_iteration"]
+    assert "s per iteration, of which" in output
     assert Image.open(tmp_path / "training_curves.png").size == (1500, 400)  # with the AP panel
     assert len(list((tmp_path / "predictions").glob("*.png"))) == 2
     assert list(tmp_path.glob("events.out.tfevents.*"))
