@@ -3,7 +3,7 @@
 
 1. generates the shapes dataset (seeded) and registers it through the COCO path a user's own
    dataset takes (``train_net.py --register-coco``);
-2. trains ``configs/retinanet_R18_GN_demo.yaml`` (the tiny config with its recipe for about
+2. trains ``configs/retinanet_resnet10t_demo.yaml`` (a small RetinaNet with its recipe for about
    10 minutes on 2 cores) and evaluates it on the validation split with
    detectron2's COCOEvaluator;
 3. plots losses / learning rate / AP, and draws the predictions on validation images.
@@ -26,7 +26,7 @@ from retinanet_plugin.errors import UserError
 from retinanet_plugin.run_checks import earlier_run_outputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "retinanet_R18_GN_demo.yaml")
+CONFIG = os.path.join(REPO, "configs", "retinanet_resnet10t_demo.yaml")
 
 
 def final_metrics(metrics_file: str) -> dict:
