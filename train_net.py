@@ -36,6 +36,7 @@ from retinanet_plugin.compat.private_api import (
     set_writer_period,
 )
 from retinanet_plugin.config_io import config_sets_key, load_config
+from retinanet_plugin.cpu_memory import keep_freed_memory
 from retinanet_plugin.data import (
     add_dataset_arguments,
     build_train_loader,
@@ -222,6 +223,8 @@ def run(args):
 def _run(args):
     register_datasets_from_args(args)  # spawned processes start without the registrations
     cfg = setup(args)
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("CPU: %s", keep_freed_memory())
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = RetinaNetCheckpointer(

@@ -98,6 +98,13 @@ def add_retinanet_config(cfg: CN) -> None:
     # back to pycocotools, with a warning, when faster-coco-eval is not installed.
     _C.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
 
+    # With DATALOADER.SAMPLER_TRAIN "RepeatFactorTrainingSampler": an image is repeated
+    # max(1, sqrt(t / f)) times per epoch if True (LVIS), max(1, t / f) if False, where t is
+    # DATALOADER.REPEAT_THRESHOLD and f the fraction of training images holding the image's
+    # rarest class. detectron2 main's key, added here for detectron2 0.6, which lacks it.
+    if "REPEAT_SQRT" not in _C.DATALOADER:
+        _C.DATALOADER.REPEAT_SQRT = True
+
     # Training augmentations beyond detectron2's resize and flip (retinanet_plugin.data
     # .augmentations and .mixing), all off by default (the paper's setting). Each section has
     # ENABLED and PROB: the probability of applying it to an image.

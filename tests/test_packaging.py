@@ -46,6 +46,9 @@ def test_components_are_registered():
     assert META_ARCH_REGISTRY.get("RetinaNet").__module__.startswith("detectron2")
 
 
+BACKPORTED_KEYS = ("DATALOADER.REPEAT_SQRT",)
+
+
 def test_docs_list_every_config_key_the_plugin_adds_with_its_default():
     """docs/configs.md's table has a row per added key, default included."""
     import re
@@ -63,8 +66,12 @@ def test_docs_list_every_config_key_the_plugin_adds_with_its_default():
     plugin = get_cfg()
     add_retinanet_config(plugin)
     added = dict(flat(plugin))
-    for key in dict(flat(get_cfg())):
+    detectron2_keys = dict(flat(get_cfg()))
+    for key in detectron2_keys:
         added.pop(key)
+    # Keys of upstream main the plugin adds only where the installed detectron2 lacks them.
+    for key in BACKPORTED_KEYS:
+        added.setdefault(key, detectron2_keys.get(key))
     configs_doc = (REPO / "docs" / "configs.md").read_text()
     section = configs_doc.split("## Every config key", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `([A-Z0-9_.]+)` \| `([^`]*)` \|", section, re.M))

@@ -125,6 +125,45 @@ def test_train_loader_arguments_are_those_of_detectron2s_loader():
     assert isinstance(arguments["sampler"], TrainingSampler)
 
 
+@pytest.mark.parametrize("sqrt", [True, False])
+def test_repeat_factors_follow_repeat_sqrt(sqrt):
+    """DATALOADER.REPEAT_SQRT (upstream main's key): each image repeated max(1, t / f) times, or
+    the square root of that, f the fraction of images holding its rarest class; hand-computed
+    for 10 images: class 0 in 9 (f 0.9), class 1 in 2 (f 0.2), class 2 in 5 (f 0.5), t = 1."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+    classes_per_image = [{0, 1}, {1}] + [{0, 2}] * 5 + [{0}] * 3
+    records = [
+        {
+            "file_name": f"{i}.jpg",
+            "image_id": i,
+            "height": 8,
+            "width": 8,
+            "annotations": [
+                {"bbox": [1, 1, 4, 4], "bbox_mode": 0, "category_id": c} for c in sorted(classes)
+            ],
+        }
+        for i, classes in enumerate(classes_per_image)
+    ]
+    cfg = plugin_cfg(
+        "retinanet_R18_GN_tiny.yaml",
+        *("DATASETS.TRAIN", "('compat_repeat_train',)"),
+        *("DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"),
+        *("DATALOADER.REPEAT_THRESHOLD", "1.0", "DATALOADER.REPEAT_SQRT", str(sqrt)),
+    )
+    DatasetCatalog.register("compat_repeat_train", lambda: records)
+    try:
+        sampler = private_api.train_loader_arguments(cfg)["sampler"]
+    finally:
+        DatasetCatalog.remove("compat_repeat_train")
+    linear = torch.tensor([5.0, 5.0] + [2.0] * 5 + [1 / 0.9] * 3, dtype=torch.float64)
+    expected = linear.sqrt() if sqrt else linear
+    assert isinstance(sampler, RepeatFactorTrainingSampler)
+    factors = (sampler._int_part + sampler._frac_part).double()
+    torch.testing.assert_close(factors, expected, rtol=1e-6, atol=0)
+
+
 def test_restart_data_iterator_starts_the_loader_again():
     """After a restart the trainer's next batch is the loader's first again."""
     from detectron2.engine import SimpleTrainer

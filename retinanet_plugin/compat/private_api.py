@@ -75,7 +75,38 @@ def train_loader_arguments(cfg, mapper=None, *, dataset=None) -> Dict[str, Any]:
     from_config = _private(
         "detectron2.data.build", "_train_loader_from_config", "the training data loader"
     )
-    return from_config(cfg, mapper, dataset=dataset)
+    arguments = from_config(cfg, mapper, dataset=dataset)
+    if _repeat_sqrt_ignored(cfg):
+        arguments["sampler"] = _linear_repeat_factor_sampler(arguments)
+    return arguments
+
+
+def _repeat_sqrt_ignored(cfg) -> bool:
+    """Whether the config asks for linear repeat factors (``DATALOADER.REPEAT_SQRT False``,
+    upstream main's key since 2023) from a detectron2 that takes the square root regardless
+    (0.6 has neither the key nor the ``sqrt`` argument)."""
+    from .sources import detectron2_source
+
+    return (
+        cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+        and not cfg.DATALOADER.get("REPEAT_SQRT", True)
+        and "REPEAT_SQRT" not in detectron2_source("data/build.py")
+    )
+
+
+def _linear_repeat_factor_sampler(arguments: Dict[str, Any]):
+    """The ``RepeatFactorTrainingSampler`` detectron2 built, with each image's repeat factor
+    ``max(1, sqrt(t / f))`` squared: ``max(1, t / f)``, what upstream main computes with
+    ``sqrt=False`` (squaring is monotone, so the image's rarest class still decides). Same
+    shuffle seed."""
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+    built = arguments["sampler"]
+    factors = _attribute(built, "_int_part", _REPEAT_NEEDS) + built._frac_part
+    return RepeatFactorTrainingSampler(factors**2, seed=sampler_seed(built))
+
+
+_REPEAT_NEEDS = "linear repeat factors (DATALOADER.REPEAT_SQRT False)"
 
 
 _SAMPLER_NEEDS = "exact --resume of the training data stream"
