@@ -13,24 +13,22 @@ unaffected (its tensors live in the CUDA caching allocator already).
 import ctypes
 import ctypes.util
 import os
-from typing import Optional
 
 __all__ = ["MALLOC_SETTINGS", "keep_freed_memory"]
 
-# mallopt parameters (glibc's malloc.h) and the values set: the largest mmap threshold glibc
-# accepts on 64-bit systems (32 MiB; larger blocks are always mmapped), up to 1 GiB of free heap
-# kept, and the heap grown 64 MiB at a time.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+# name: (mallopt parameter number in glibc's malloc.h, value set): the largest mmap threshold
+# glibc accepts on 64-bit systems (32 MiB; larger blocks are always mmapped), up to 1 GiB of free
+# heap kept, and the heap grown 64 MiB at a time.
 MALLOC_SETTINGS = {
-    "M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 32 << 20),
-    "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 1 << 30),
-    "M_TOP_PAD": (M_TOP_PAD, 64 << 20),
+    "M_MMAP_THRESHOLD": (-3, 32 << 20),
+    "M_TRIM_THRESHOLD": (-1, 1 << 30),
+    "M_TOP_PAD": (-2, 64 << 20),
 }
 # Environment variables by which a user already tuned glibc's malloc: left as they are.
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
-def keep_freed_memory() -> Optional[str]:
+def keep_freed_memory() -> str:
     """Sets :data:`MALLOC_SETTINGS` with glibc's ``mallopt`` for this process.
 
     Returns:

@@ -81,6 +81,9 @@ def train_loader_arguments(cfg, mapper=None, *, dataset=None) -> Dict[str, Any]:
     return arguments
 
 
+_REPEAT_NEEDS = "linear repeat factors (DATALOADER.REPEAT_SQRT False)"
+
+
 def _repeat_sqrt_ignored(cfg) -> bool:
     """Whether the config asks for linear repeat factors (``DATALOADER.REPEAT_SQRT False``,
     upstream main's key since 2023) from a detectron2 that takes the square root regardless
@@ -104,9 +107,6 @@ def _linear_repeat_factor_sampler(arguments: Dict[str, Any]):
     built = arguments["sampler"]
     factors = _attribute(built, "_int_part", _REPEAT_NEEDS) + built._frac_part
     return RepeatFactorTrainingSampler(factors**2, seed=sampler_seed(built))
-
-
-_REPEAT_NEEDS = "linear repeat factors (DATALOADER.REPEAT_SQRT False)"
 
 
 _SAMPLER_NEEDS = "exact --resume of the training data stream"
