@@ -5,7 +5,7 @@ import torch
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
-from retinanet_plugin.solver import build_optimizer
+from retinanet_plugin.solver import build_optimizer, has_fused_adamw
 
 
 def tiny(*opts):
@@ -61,6 +61,35 @@ def test_adamw_step_matches_torch_adamw():
         expected = before - lr * decay[id(after)] * before - lr * 1.0 / (1.0 + 1e-8)
         torch.testing.assert_close(after.detach(), expected, rtol=1e-5, atol=1e-7)
     assert wd > 0
+
+
+def test_adamw_uses_the_fused_kernel_with_the_per_tensor_update():
+    """Where torch has a fused CPU AdamW, the optimizer uses it, and three steps with changing
+    gradients (and gradient clipping) match AdamW's update computed in float64."""
+    cfg, model = tiny("SOLVER.OPTIMIZER", "AdamW", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5")
+    optimizer = build_optimizer(cfg, model)
+    assert optimizer.defaults["fused"] == has_fused_adamw("cpu")
+    params = list(model.parameters())
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    lr, (beta1, beta2), eps = cfg.SOLVER.BASE_LR, cfg.SOLVER.ADAMW_BETAS, 1e-8
+    expected = [p.detach().double().clone() for p in params]
+    first = [torch.zeros_like(e) for e in expected]
+    second = [torch.zeros_like(e) for e in expected]
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.grad = grad.float()
+            # detectron2's "norm" clipping: each parameter's gradient on its own.
+            grad = grad.float().double() * min(1.0, 0.5 / (grad.float().double().norm() + 1e-6))
+            expected[i] *= 1 - lr * decay[id(p)]
+            first[i] = beta1 * first[i] + (1 - beta1) * grad
+            second[i] = beta2 * second[i] + (1 - beta2) * grad**2
+            denominator = (second[i] / (1 - beta2**step)).sqrt() + eps
+            expected[i] -= lr * first[i] / (1 - beta1**step) / denominator
+        optimizer.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_optimizer_is_named():

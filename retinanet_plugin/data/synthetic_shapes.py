@@ -71,7 +71,7 @@ def _iou(a: Tuple[float, ...], b: Tuple[float, ...]) -> float:
 def _make_image(
     rng: np.random.Generator, size: int, max_objects: int
 ) -> Tuple[np.ndarray, List[Dict]]:
-    image = _background(rng, size)
+    image = _background(rng, size).astype(np.float64)  # blended in float64
     objects = []
     for _ in range(rng.integers(1, max_objects + 1)):
         cls = int(rng.choice(len(SHAPE_CLASSES), p=CLASS_FREQUENCIES))
@@ -80,16 +80,18 @@ def _make_image(
         w, h = side / np.sqrt(ratio), side * np.sqrt(ratio)
         cx, cy = rng.uniform(w / 2, size - w / 2), rng.uniform(h / 2, size - h / 2)
         mask = _shape_mask(cls, cx, cy, w, h, size)
-        ys, xs = np.nonzero(mask)
-        if len(xs) < 20:
+        if cv2.countNonZero(mask) < 20:
             continue
-        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        x, y, mask_w, mask_h = cv2.boundingRect(mask)
+        box = (float(x), float(y), float(x + mask_w), float(y + mask_h))
         # Overlap is allowed, but an object must stay recognizable.
         if any(_iou(box, o["box"]) > 0.4 for o in objects):
             continue
         color = rng.uniform(0, 255, 3)
-        alpha = (mask[..., None] / 255.0) * rng.uniform(0.75, 1.0)
-        image = image * (1 - alpha) + color * alpha
+        # Blended inside the box only: outside it alpha is 0 and the pixels would stay as they are.
+        inside = (slice(y, y + mask_h), slice(x, x + mask_w))
+        alpha = (mask[inside][..., None] / 255.0) * rng.uniform(0.75, 1.0)
+        image[inside] = image[inside] * (1 - alpha) + color * alpha
         objects.append({"box": box, "category": cls})
     image = np.clip(image + rng.normal(0, 6, size=image.shape), 0, 255).astype(np.uint8)
     return image, objects
