@@ -86,6 +86,10 @@ def add_retinanet_config(cfg: CN) -> None:
     # pretrained weights with few images per GPU, as detectron2's ResNets), "BN" (trained as is)
     # or "SyncBN" (synchronised across GPUs).
     _C.MODEL.TIMM.NORM = "FrozenBN"
+    # Keyword arguments of the timm model's constructor, as timm.create_model(NAME, **MODEL_ARGS),
+    # set in a config file: e.g. `MODEL_ARGS: {channels: [64, 128, 256, 256]}` gives a timm ResNet
+    # a narrower last stage, `{drop_path_rate: 0.1}` stochastic depth. Empty: timm's model as is.
+    _C.MODEL.TIMM.MODEL_ARGS = CN(new_allowed=True)
 
     # PANet bottom-up path augmentation on the FPN outputs (MODEL.BACKBONE.NAME
     # "build_retinanet_resnet_panet_backbone" / "build_retinanet_timm_panet_backbone"): norm of

@@ -277,7 +277,8 @@ def _check_mapping(
     for key, value in loaded.items():
         full_key = prefix + key
         if key not in node:
-            if root.key_is_deprecated(full_key):
+            # An open section (MODEL.TIMM.MODEL_ARGS) takes any key; what reads it checks it.
+            if root.key_is_deprecated(full_key) or node.is_new_allowed():
                 continue
             raise _unknown_key_error(root, full_key, source)
         default = node[key]
@@ -324,19 +325,27 @@ def _merge_opts(cfg: CfgNode, opts: Sequence[str], source: str) -> None:
         raise ConfigError(
             f"{source}: overrides must be KEY VALUE pairs, but {opts[-1]!r} has no value"
         )
+    known = []
     for full_key, raw in zip(opts[0::2], opts[1::2]):
-        node: Any = cfg
-        for part in full_key.split("."):
-            if not isinstance(node, CfgNode) or part not in node:
+        *section_keys, key = full_key.split(".")
+        section: Any = cfg
+        for part in section_keys:
+            if not isinstance(section, CfgNode) or not isinstance(section.get(part), CfgNode):
                 raise _unknown_key_error(cfg, full_key, source)
-            node = node[part]
-        if isinstance(node, CfgNode):
-            raise ConfigError(f"{source}: {full_key} is a section of keys, not a single value")
+            section = section[part]
         value = CfgNode._decode_cfg_value(raw)
-        if not _same_kind(value, node):
-            raise _type_error(full_key, value, node, source)
+        if key not in section:
+            if not section.is_new_allowed():
+                raise _unknown_key_error(cfg, full_key, source)
+            section[key] = value  # a new key of an open section (yacs' merge refuses those)
+            continue
+        if isinstance(section[key], CfgNode):
+            raise ConfigError(f"{source}: {full_key} is a section of keys, not a single value")
+        if not _same_kind(value, section[key]):
+            raise _type_error(full_key, value, section[key], source)
+        known += [full_key, raw]
     try:
-        cfg.merge_from_list(opts)
+        cfg.merge_from_list(known)
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"{source}: {e}") from e
 

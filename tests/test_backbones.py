@@ -258,6 +258,50 @@ def test_unknown_timm_model_is_a_clear_error():
         timm_backbone("MODEL.TIMM.NAME", "efficientnet_b99")
 
 
+@requires_timm
+def test_timm_model_args_reach_the_model_and_survive_a_config_dump(tmp_path):
+    """MODEL.TIMM.MODEL_ARGS from a config file: the backbone is timm's model built with them
+    (its levels' channels as timm reports them), and a dumped config loads them back."""
+    import timm
+
+    config = tmp_path / "narrow.yaml"
+    config.write_text(
+        f"_BASE_: {get_config_file('retinanet_resnet10t_demo.yaml')}\n"
+        "MODEL:\n  TIMM:\n    MODEL_ARGS:\n      channels: [64, 96, 160, 256]\n"
+    )
+    cfg = load_config(str(config))
+    reference = timm.create_model(
+        "resnet10t", features_only=True, out_indices=(2, 3, 4), channels=[64, 96, 160, 256]
+    )
+    backbone = build_timm_backbone(cfg, ShapeSpec(channels=3))
+    assert [s.channels for s in backbone.output_shape().values()] == [96, 160, 256]
+    assert reference.feature_info.channels() == [96, 160, 256]
+    assert sum(p.numel() for p in backbone.parameters()) == sum(
+        p.numel() for p in reference.parameters()
+    )
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(cfg.dump())
+    assert load_config(str(dumped)).MODEL.TIMM.MODEL_ARGS == {"channels": [64, 96, 160, 256]}
+    # On the command line too: a new key of the open section, and one the file set.
+    opts = ["MODEL.TIMM.MODEL_ARGS.drop_path_rate", "0.1"]
+    opts += ["MODEL.TIMM.MODEL_ARGS.channels", "[64, 128, 256, 512]"]
+    args = load_config(str(config), opts).MODEL.TIMM.MODEL_ARGS
+    assert args == {"channels": [64, 128, 256, 512], "drop_path_rate": 0.1}
+    with pytest.raises(ConfigError, match="unknown config key MODEL.TIMM.MODEL_ARG.channels"):
+        load_config(str(config), ["MODEL.TIMM.MODEL_ARG.channels", "[64]"])
+
+
+@requires_timm
+def test_unknown_timm_model_arg_is_a_clear_error(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text(
+        f"_BASE_: {get_config_file(TIMM_B0)}\nMODEL:\n  TIMM:\n    MODEL_ARGS:\n"
+        "      drop_pth_rate: 0.1\n"
+    )
+    with pytest.raises(ValueError, match=r"MODEL.TIMM.MODEL_ARGS = \{'drop_pth_rate': 0.1\}"):
+        build_timm_backbone(load_config(str(config)), ShapeSpec(channels=3))
+
+
 @pytest.mark.parametrize(
     "key, value, rule",
     [

@@ -58,10 +58,10 @@ def test_docs_list_every_config_key_the_plugin_adds_with_its_default():
 
     def flat(node, prefix=""):
         for key, value in node.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:
                 yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
+            else:  # a value, or an open section empty by default (MODEL.TIMM.MODEL_ARGS)
+                yield f"{prefix}{key}", dict(value) if isinstance(value, dict) else value
 
     plugin = get_cfg()
     add_retinanet_config(plugin)

@@ -7,7 +7,7 @@ backbone is built.
 
 import math
 import os
-from typing import Dict, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor
 
@@ -48,6 +48,7 @@ class TimmBackbone(Backbone):
             or ``torch.load`` with ``weights_only=True``); "" = random initialization.
         norm: "FrozenBN", "BN" or "SyncBN" (see ``MODEL.TIMM.NORM``).
         in_channels: channels of the input images.
+        model_args: keyword arguments of the timm model's constructor (``MODEL.TIMM.MODEL_ARGS``).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class TimmBackbone(Backbone):
         weights: str = "",
         norm: str = "FrozenBN",
         in_channels: int = 3,
+        model_args: Optional[Mapping[str, Any]] = None,
     ):
         super().__init__()
         timm = _import_timm()
@@ -69,13 +71,21 @@ class TimmBackbone(Backbone):
                 raise FileNotFoundError(f"MODEL.TIMM.WEIGHTS = {weights!r} is not a file")
             # A file source wins over every download location in timm's pretrained config.
             pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
-        self.model = timm.create_model(
-            model_name,
-            features_only=True,
-            out_indices=tuple(out_indices),
-            in_chans=in_channels,
-            **pretrained,
-        )
+        model_args = dict(model_args or {})
+        try:
+            self.model = timm.create_model(
+                model_name,
+                features_only=True,
+                out_indices=tuple(out_indices),
+                in_chans=in_channels,
+                **pretrained,
+                **model_args,
+            )
+        except TypeError as e:  # an argument the model's constructor does not take
+            raise ValueError(
+                f"MODEL.TIMM.MODEL_ARGS = {model_args} are not all arguments of timm's "
+                f"{model_name} ({e}); see that model's constructor for the ones it takes"
+            ) from e
         if norm == "FrozenBN":
             # timm's conversion also freezes its BatchNormAct2d (norm + activation) layers.
             self.model = timm.layers.freeze_batch_norm_2d(self.model)
@@ -122,6 +132,7 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
         weights=timm_cfg.WEIGHTS,
         norm=timm_cfg.NORM,
         in_channels=input_shape.channels,
+        model_args=timm_cfg.MODEL_ARGS,
     )
 
 
