@@ -24,6 +24,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from .compat.private_api import dense_box_regression_loss
+from .errors import UserError
 from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .head import build_retinanet_head
 from .ohem import NO_RATIO, ohem_cross_entropy
@@ -198,6 +199,9 @@ class FocalLossRetinaNet(RetinaNet):
             return super().forward(batched_inputs)
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
+        channels = self.pixel_mean.shape[0]
+        for i, item in enumerate(batched_inputs):
+            _check_image_layout(i, item["image"], channels)
         images = super().preprocess_image(batched_inputs)
         if not self.training and self.inference_dtype != torch.float32:
             # oneDNN's bfloat16 convolutions are fastest on channels-last tensors (1.4x on the
@@ -357,3 +361,24 @@ class FocalLossRetinaNet(RetinaNet):
                 nms_thresh=self.test_nms_thresh,
                 max_detections_per_image=self.max_detections_per_image,
             )
+
+
+class ImageLayoutError(UserError, ValueError):
+    """An input image that is not a (C, H, W) tensor with the model's channel count."""
+
+
+def _check_image_layout(index: int, image: Tensor, channels: int) -> None:
+    """Input ``index``'s "image" is a (C, H, W) tensor with C = ``channels`` (detectron2's
+    layout); an (H, W, C) array would otherwise fail deep in the backbone, or, with a matching
+    size, be normalized per row instead of per channel."""
+    shape = tuple(getattr(image, "shape", ()))
+    if not isinstance(image, Tensor) or len(shape) != 3 or shape[0] != channels:
+        hint = ""
+        if len(shape) == 3 and shape[-1] == channels:
+            hint = " It looks like (H, W, C): pass image.permute(2, 0, 1)."
+        raise ImageLayoutError(
+            f'Input {index}: "image" must be a {channels}-channel (C, H, W) tensor as the model\'s '
+            f"MODEL.PIXEL_MEAN has {channels} values, got a {type(image).__name__} of shape "
+            f"{shape}.{hint}"
+        )
+

@@ -71,14 +71,12 @@ def batched_detections(
     keep = grouped_nms(boxes, scores, image_ids * num_classes + classes, nms_thresh)
     keep = keep[_first_k_per_image(image_ids[keep], num_images, max_detections_per_image)]
     counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
+    # Indexing with each image's slice of ``keep``, not splitting the kept tensors: split's views
+    # of one tensor may not be modified in place when autograd records (detectron2's
+    # detector_postprocess scales the boxes in place, also outside torch.no_grad()).
     return [
-        Instances(image_size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
-        for image_size, b, s, c in zip(
-            image_sizes,
-            boxes[keep].split(counts),
-            scores[keep].split(counts),
-            classes[keep].split(counts),
-        )
+        Instances(image_size, pred_boxes=Boxes(boxes[k]), scores=scores[k], pred_classes=classes[k])
+        for image_size, k in zip(image_sizes, keep.split(counts))
     ]
 
 

@@ -123,8 +123,11 @@ def test_training_losses_and_gradients_equal(name, box_loss):
 
 
 @pytest.mark.parametrize("name", sorted(PAIRS))
-def test_inference_equal(name):
-    """Same boxes, scores and classes after thresholding, top-k, NMS and rescaling."""
+@pytest.mark.parametrize("grad_enabled", [False, True], ids=["no_grad", "grad"])
+def test_inference_equal(name, grad_enabled):
+    """Same boxes, scores and classes after thresholding, top-k, NMS and rescaling, also for an
+    eval-mode model called without ``torch.no_grad()`` (as detectron2's ``test_empty_data``
+    does: detectron2 rescales the boxes in place)."""
     plugin, reference = build_pair(name)
     with torch.no_grad():
         # Zero classification bias: with the prior bias, random weights score below 0.05.
@@ -135,7 +138,7 @@ def test_inference_equal(name):
     batch = make_batch(plugin.num_classes)
     for item, (h, w) in zip(batch, [(300, 400), (448, 320)]):
         item["height"], item["width"] = h, w  # exercise the output rescaling
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad_enabled):
         ours = plugin(batch)
         theirs = reference(batch)
     for a, b in zip(ours, theirs):

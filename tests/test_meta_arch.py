@@ -169,3 +169,22 @@ def test_inference_caps_detections_and_thresholds():
 def test_bad_config_values_are_named(key, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(key, value)
+
+
+@pytest.mark.parametrize(
+    "image, hint",
+    [
+        (torch.rand(96, 128, 3), "permute(2, 0, 1)"),  # an (H, W, C) image, as numpy gives it
+        (torch.rand(1, 96, 128), "shape (1, 96, 128)"),  # one channel
+        (torch.rand(96, 128), "shape (96, 128)"),  # no channel dimension
+    ],
+    ids=["hwc", "one-channel", "2d"],
+)
+def test_image_of_the_wrong_layout_is_named(image, hint):
+    """The message names the input and its shape instead of a convolution's shape error."""
+    model = build_model(plugin_cfg("retinanet_R18_GN_tiny.yaml")).eval()
+    good = {"image": torch.rand(3, 96, 128)}
+    with pytest.raises(ValueError) as info, torch.no_grad():
+        model([good, {"image": image}])
+    message = str(info.value)
+    assert message.startswith("Input 1:") and "(C, H, W)" in message and hint in message
