@@ -15,7 +15,12 @@ plus dataset registration (repeatable), after which the names go in DATASETS.TRA
 MODEL.RETINANET.NUM_CLASSES follows the training dataset unless set. With MODEL.DEVICE cpu,
 --num-gpus N starts N CPU processes (gloo). Weight files (MODEL.WEIGHTS, checkpoints to resume
 from) may only hold arrays, numbers, strings and containers unless --trust-weights is given.
+With --num-machines N the machines wait for each other at --dist-url for up to
+$RETINANET_PLUGIN_RENDEZVOUS_TIMEOUT seconds (default 600). One run at a time writes into an
+OUTPUT_DIR (a second is refused while the first runs); --eval-only records its config and log
+in OUTPUT_DIR/inference, beside its results.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -29,7 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from retinanet_plugin import cli
 from retinanet_plugin.atomic_io import check_output_dir
-from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
+from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer, check_resume
 from retinanet_plugin.compat.private_api import (
     inner_trainer,
     restart_data_iterator,
@@ -39,6 +44,7 @@ from retinanet_plugin.config_io import config_sets_key, load_config
 from retinanet_plugin.cpu_memory import keep_freed_memory
 from retinanet_plugin.data import (
     add_dataset_arguments,
+    build_test_loader,
     build_train_loader,
     register_datasets_from_args,
     resolve_num_classes,
@@ -56,6 +62,9 @@ from retinanet_plugin.run_checks import (
     check_datasets,
     check_device_and_processes,
     check_weights,
+    checkpoint_bytes,
+    evaluation_dir,
+    lock_output_dir,
     prepare_output_dir,
 )
 from retinanet_plugin.solver import build_lr_scheduler, build_optimizer
@@ -82,10 +91,10 @@ class Trainer(DefaultTrainer):
         self._gather_training_state = GatherTrainingState(cfg.SOLVER.CHECKPOINT_PERIOD)
         super().__init__(cfg)
         if comm.is_main_process():
-            # Room for a checkpoint (weights plus optimizer state, ~2x the weights), checked
-            # now rather than at the first checkpoint hours into the run.
-            weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
-            check_output_dir(cfg.OUTPUT_DIR, min_free_bytes=2 * weights)
+            # Room for a checkpoint (weights plus optimizer state: ~2x the weights with SGD,
+            # ~3x with AdamW), checked now rather than at the first checkpoint of the run.
+            needed = checkpoint_bytes(self.model, self.optimizer)
+            check_output_dir(cfg.OUTPUT_DIR, min_free_bytes=needed)
 
     def state_dict(self):
         state = super().state_dict()
@@ -160,6 +169,11 @@ class Trainer(DefaultTrainer):
         return build_train_loader(cfg)
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader, reading images as training and predict read them."""
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         """detectron2's schedules plus "WarmupPolyLR" and "WarmupExponentialLR"."""
         return build_lr_scheduler(cfg, optimizer)
@@ -171,6 +185,7 @@ class Trainer(DefaultTrainer):
             c.model,
             c.save_dir,
             save_to_disk=c.save_to_disk,  # only the main process writes
+            allow_new_classes=True,  # fine-tuning from MODEL.WEIGHTS; never when resuming
             trust_weights=self.trust_weights,
             **c.checkpointables,
         )
@@ -188,21 +203,44 @@ class Trainer(DefaultTrainer):
 
 
 def build_config(args):
-    """The config from the file and trailing KEY VALUE overrides (not frozen, no side effects)."""
-    return load_config(args.config_file, args.opts)
+    """The config from the file and trailing KEY VALUE overrides (not frozen, no side effects),
+    with the checks that only training needs unless ``--eval-only``."""
+    return load_config(args.config_file, args.opts, training=not args.eval_only)
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Drops the traceback that detectron2's training loop logs ("Exception during training:")
+    for bad input (a :class:`UserError`, e.g. a full disk at a checkpoint), which the command
+    line reports in one line (``--debug`` shows the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 def setup(args):
+    """The frozen config, with the loggers set up and the config recorded by detectron2's
+    ``default_setup``: in OUTPUT_DIR for training, in OUTPUT_DIR/inference for ``--eval-only``
+    (beside its results, not over the config.yaml of a training run in OUTPUT_DIR; the recorded
+    copy's OUTPUT_DIR is that folder)."""
     cfg = build_config(args)
     if comm.is_main_process():
         check_output_dir(cfg.OUTPUT_DIR)  # fail now, not at the first checkpoint
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
+    record_dir = evaluation_dir(cfg.OUTPUT_DIR) if args.eval_only else cfg.OUTPUT_DIR
+    setup_logger(record_dir, distributed_rank=comm.get_rank(), name="retinanet_plugin")
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
     if datasets:
         key = "MODEL.RETINANET.NUM_CLASSES"
         resolve_num_classes(cfg, datasets[0], config_sets_key(args.config_file, args.opts, key))
     cfg.freeze()
-    default_setup(cfg, args)
+    record = cfg
+    if args.eval_only:
+        record = cfg.clone()
+        record.defrost()
+        record.OUTPUT_DIR = record_dir
+    default_setup(record, args)
+    train_loop = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, _UserErrorsInOneLine) for f in train_loop.filters):
+        train_loop.addFilter(_UserErrorsInOneLine())
     return cfg
 
 
@@ -235,7 +273,9 @@ def _run(args):
         verify_results(cfg, results)
         return results
     trainer = Trainer(cfg, trust_weights=args.trust_weights)
-    trainer.resume_or_load(resume=args.resume)
+    # --resume-from: continued as --resume continues OUTPUT_DIR's last checkpoint.
+    trainer.checkpointer.resume_from = args.resume_from
+    trainer.resume_or_load(resume=args.resume or bool(args.resume_from))
     return trainer.train()
 
 
@@ -249,6 +289,14 @@ def argument_parser():
         help="start a new run in an OUTPUT_DIR that holds an earlier one, deleting its "
         "checkpoints, metrics and events (default: refuse; --resume continues it instead)",
     )
+    parser.add_argument(
+        "--resume-from",
+        metavar="PATH",
+        default="",
+        help="continue training from the checkpoint PATH exactly (its iteration, optimizer, LR "
+        "schedule, data stream, RNGs), writing into a new OUTPUT_DIR (--resume continues "
+        "OUTPUT_DIR's own last checkpoint)",
+    )
     parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     return parser
 
@@ -259,26 +307,33 @@ def main(argv=None) -> int:
     args = cli.parse(argument_parser(), argv)
     register_datasets_from_args(args)
     cfg = build_config(args)
-    check_device_and_processes(cfg, args.num_gpus, args.num_machines)
+    check_device_and_processes(cfg, args.num_gpus, args.num_machines, args.machine_rank)
     check_datasets(cfg, args.eval_only)
     check_weights(cfg, args.resume, args.eval_only)
-    if not args.eval_only and args.machine_rank == 0:
-        prepare_output_dir(cfg.OUTPUT_DIR, args.resume, args.overwrite)
-    print("Command Line Args:", args)
-    try:
-        launch(
-            run,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-            device=cfg.MODEL.DEVICE,
-        )
-    except ProcessExitedException as e:
-        if e.exit_code == 2:  # a process reported bad input (see run)
-            return 2
-        raise
+    # Every machine refuses an earlier run's folder; machine rank 0 (the one writing the
+    # checkpoints and metrics) holds the folder for the whole run and clears it on --overwrite.
+    first = args.machine_rank == 0
+    with lock_output_dir(cfg.OUTPUT_DIR) if first else contextlib.nullcontext():
+        check_resume(cfg, args)  # before prepare_output_dir may delete files
+        if not args.eval_only:
+            prepare_output_dir(
+                cfg.OUTPUT_DIR, args.resume, args.overwrite, cfg.MODEL.WEIGHTS, remove=first
+            )
+        print("Command Line Args:", args)
+        try:
+            launch(
+                run,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+                device=cfg.MODEL.DEVICE,
+            )
+        except ProcessExitedException as e:
+            if e.exit_code == 2:  # a process reported bad input (see run)
+                return 2
+            raise
     return 0
 
 

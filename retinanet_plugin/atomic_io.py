@@ -14,13 +14,19 @@ import os
 import re
 import shutil
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Iterator, List
 
 from detectron2.utils.file_io import PathManager
 
 from .errors import UserError
 
-__all__ = ["OutputDirError", "atomic_write", "check_output_dir", "is_local_path"]
+__all__ = [
+    "OutputDirError",
+    "atomic_write",
+    "check_output_dir",
+    "is_local_path",
+    "remove_leftover_temp_files",
+]
 
 # "scheme://" of a path that PathManager opens with another handler than the local disk's.
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -32,6 +38,9 @@ def is_local_path(path: str) -> bool:
 
 
 TEMP_SUFFIX = ".tmp"
+# The name of atomic_write's temporary file: "." + the target's name + "." + mkstemp's 8 random
+# characters + TEMP_SUFFIX.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
 class OutputDirError(UserError, OSError):
@@ -77,6 +86,27 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     _fsync_directory(directory)
 
 
+def remove_leftover_temp_files(directory: str) -> List[str]:
+    """Removes the temporary files that processes killed inside :func:`atomic_write` left in
+    ``directory`` (not in its sub-folders); no other file is touched.
+
+    Only call this while no other process writes into ``directory`` (e.g. holding its run lock):
+    a running write's temporary file looks the same.
+
+    Returns:
+        The paths removed.
+    """
+    if not is_local_path(directory) or not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if _TEMP_NAME.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
 def _current_umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
@@ -110,7 +140,8 @@ def check_output_dir(directory: str, min_free_bytes: int = 0) -> None:
         os.makedirs(directory, exist_ok=True)
         with atomic_write(os.path.join(directory, ".write_test"), "wb") as f:
             f.write(b"ok")
-        os.remove(os.path.join(directory, ".write_test"))
+        with contextlib.suppress(FileNotFoundError):  # another run starting there removed it
+            os.remove(os.path.join(directory, ".write_test"))
     except OSError as e:
         raise OutputDirError(
             f"Output directory {directory} is not writable ({e.strerror or e}); set OUTPUT_DIR to "

@@ -13,13 +13,20 @@ such a file is refused. The one Python tag allowed is ``!!python/object/apply:ev
 arithmetic expression (numbers, lists, ``+ - * / // % **`` and list comprehensions), which
 detectron2's model-zoo ``Base-RetinaNet.yaml`` uses for its anchor sizes; it is computed by a
 small interpreter of those constructs, never by Python's ``eval``.
+
+What YAML itself would read wrongly is refused too: a mapping with the same key twice (PyYAML
+silently keeps the second, so a section written twice loses the first), a dotted key written as
+one key (``SOLVER.BASE_LR: 0.1`` at the top level is a key named so, not ``BASE_LR`` in
+``SOLVER``), a file that is not UTF-8 text (an image or a checkpoint given as the config), and
+``None`` for a key whose default is a value.
 """
 
 import ast
 import difflib
+import json
 import operator
 import os
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import yaml
 from fvcore.common.config import BASE_KEY
@@ -29,9 +36,10 @@ from detectron2.config.compat import downgrade_config, guess_version, upgrade_co
 from detectron2.utils.file_io import PathManager
 
 from .config import add_retinanet_config
-from .config_validation import ConfigError, validate_config
+from .config_validation import ConfigError, validate_config, validate_training
 
 __all__ = [
+    "ConfigArgumentError",
     "ConfigError",
     "config_sets_key",
     "evaluate_arithmetic",
@@ -40,6 +48,7 @@ __all__ = [
 ]
 
 _EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +129,31 @@ def evaluate_arithmetic(expression: str) -> Any:
     return _evaluate(tree, {})
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping that holds the same key twice (``key``; ``lines``: where, counted from 1)."""
+
+    def __init__(self, key: Any, lines: Tuple[int, int]):
+        super().__init__(f"{key} on lines {lines[0]} and {lines[1]}")
+        self.key, self.lines = key, lines
+
+
 class _SafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also computes model-zoo ``!!python/object/apply:eval`` values."""
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last
+    silently, so a section written twice loses the first) and computes model-zoo
+    ``!!python/object/apply:eval`` values."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        first_line: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # "<<" merges another mapping: its keys may be overridden, as YAML intends.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKeyError(key, (first_line[key], line))
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _construct_eval(loader: _SafeLoader, node: yaml.Node) -> Any:
@@ -176,9 +208,10 @@ def load_yaml_safely(
             an ablation config changes relative to its base.
 
     Raises:
-        ConfigError: the file (or a base) does not exist, is a folder, is empty, is not valid
-            YAML (the message gives the line), is not a mapping, needs unsafe YAML loading (a
-            Python tag), or its ``_BASE_`` chain comes back to a file already in it.
+        ConfigError: the file (or a base) does not exist, is a folder, is empty, is not text, is
+            not valid YAML (the message gives the line), sets a key twice in one mapping (both
+            lines given), is not a mapping, needs unsafe YAML loading (a Python tag), or its
+            ``_BASE_`` chain comes back to a file already in it.
     """
     where = f" (the _BASE_ of {referenced_by})" if referenced_by else ""
     if PathManager.isdir(filename):
@@ -189,17 +222,36 @@ def load_yaml_safely(
     if real in _chain:
         cycle = " -> ".join([*_chain[_chain.index(real) :], real])
         raise ConfigError(f"{filename}: its _BASE_ chain is a cycle ({cycle}); remove one link")
-    with PathManager.open(filename, "r") as f:
-        try:
-            loaded = yaml.load(f, Loader=_SafeLoader)
-        except yaml.constructor.ConstructorError as e:
-            raise ConfigError(
-                f"{filename}{_line(e)}: refusing to load a config that needs unsafe YAML "
-                f"(Python object tags can run arbitrary code): {e.problem}"
-            ) from e
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{filename}{_line(e)}: invalid YAML: {problem}") from e
+    with PathManager.open(filename, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {filename}{where} is not a text file (byte {e.start} is not UTF-8 text: "
+            "an image, a checkpoint?); name a YAML config file"
+        ) from e
+    try:
+        loaded = yaml.load(text, Loader=_SafeLoader)
+    except _DuplicateKeyError as e:
+        raise ConfigError(
+            f"{filename}{where}: {e.key} is set twice, on lines {e.lines[0]} and "
+            f"{e.lines[1]} (YAML would keep only the second); merge them into one"
+        ) from e
+    except yaml.reader.ReaderError as e:
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise ConfigError(
+            f"config file {filename}{where} is not a text file (control character U+{code:04X} "
+            f"at position {e.position}); name a YAML config file"
+        ) from e
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(
+            f"{filename}{_line(e)}: refusing to load a config that needs unsafe YAML "
+            f"(Python object tags can run arbitrary code): {e.problem}"
+        ) from e
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{filename}{_line(e)}: invalid YAML: {problem}") from e
     if loaded is None:
         raise ConfigError(
             f"config file {filename}{where} is empty; a config sets keys, or names the config it "
@@ -251,10 +303,33 @@ def _unknown_key_error(cfg: CfgNode, full_key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key {full_key}{hint}")
 
 
+def _dotted_key_error(
+    root: CfgNode, full_key: str, key: str, value: Any, source: str
+) -> ConfigError:
+    """For ``SOLVER.BASE_LR: 0.1`` written as one key, which YAML reads as a key named so: the
+    message shows it nested (from the top, under the closest known name if it is none)."""
+    known = list(_dotted_keys(root))
+    close = difflib.get_close_matches(full_key, known, n=1)
+    if full_key in known or not close:
+        what, target = f"not {full_key}", full_key
+    else:
+        what, target = f"and no {full_key} exists either (did you mean {close[0]}?)", close[0]
+    *sections, leaf = target.split(".")
+    nested = f"{leaf}: {json.dumps(value, default=str)}"
+    for section in reversed(sections):
+        nested = f"{section}: {{{nested}}}"
+    return ConfigError(
+        f"{source}: {key!r} is one key with a dot in its name, {what}; nest it: `{nested}`, or "
+        f"{leaf} indented under a {sections[-1]}: line"
+    )
+
+
 def _same_kind(value: Any, default: Any) -> bool:
     """Whether yacs accepts ``value`` for a key whose default is ``default``."""
-    if type(value) is type(default) or value is None or default is None:
+    if type(value) is type(default) or default is None:
         return True
+    if value is None:  # yacs would take it, and a rule or the model fail on it later
+        return False
     return isinstance(value, (list, tuple)) and isinstance(default, (list, tuple))
 
 
@@ -263,6 +338,8 @@ def _type_error(full_key: str, value: Any, default: Any, source: str) -> ConfigE
     # yacs does not turn an int into a float: `1` for a float key is a common slip.
     int_for_float = isinstance(default, float) and isinstance(value, int)
     hint = " (write it with a decimal point)" if int_for_float else ""
+    if value is None:
+        hint = f" (None is no {expected}: give one, as the {default!r} it would replace)"
     return ConfigError(
         f"{source}: {full_key} = {value!r} has type {type(value).__name__}, "
         f"expected {expected}{hint}"
@@ -280,6 +357,8 @@ def _check_mapping(
             # An open section (MODEL.TIMM.MODEL_ARGS) takes any key; what reads it checks it.
             if root.key_is_deprecated(full_key) or node.is_new_allowed():
                 continue
+            if "." in key:
+                raise _dotted_key_error(root, full_key, key, value, source)
             raise _unknown_key_error(root, full_key, source)
         default = node[key]
         # yacs turns string values into Python literals ("0.5" -> 0.5) before comparing types.
@@ -354,12 +433,40 @@ def _merge_opts(cfg: CfgNode, opts: Sequence[str], source: str) -> None:
 # Loading
 
 
-def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+class ConfigArgumentError(ConfigError, TypeError):
+    """An argument of :func:`load_config` of the wrong type (from Python, not from a file)."""
+
+
+def _check_arguments(config_file: Any, opts: Any) -> None:
+    """Refuses what Python would otherwise read wrongly: a string of overrides is iterated
+    character by character, a key that is no string fails deep inside yacs."""
+    if not isinstance(config_file, (str, os.PathLike)):
+        raise ConfigArgumentError(
+            f"load_config: config_file must be the path of a YAML file, not "
+            f"{type(config_file).__name__} {config_file!r}"
+        )
+    if isinstance(opts, (str, bytes)) or not isinstance(opts, (list, tuple)):
+        split = f" (e.g. {opts!r}.split())" if isinstance(opts, str) else ""
+        raise ConfigArgumentError(
+            f"load_config: opts must be a list of KEY VALUE strings such as "
+            f"['SOLVER.BASE_LR', '0.01'], not {type(opts).__name__} {opts!r}{split}"
+        )
+    for index, key in enumerate(opts[0::2]):
+        if not isinstance(key, str):
+            raise ConfigArgumentError(
+                f"load_config: opts[{2 * index}] = {key!r} must be a config key (a string such "
+                "as 'SOLVER.BASE_LR')"
+            )
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), *, training: bool = False) -> CfgNode:
     """The plugin's config from a file and ``KEY VALUE`` overrides, loaded safely and validated.
 
     Args:
         config_file: a YAML config (its ``_BASE_`` files are loaded too).
         opts: overrides such as ``["SOLVER.BASE_LR", "0.01"]``, applied after the file.
+        training: also check what matters only when training starts from the config
+            (:func:`~retinanet_plugin.config_validation.validate_training`).
 
     Returns:
         The config (not frozen), with the plugin's keys.
@@ -367,12 +474,20 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     Raises:
         ConfigError: a missing file, invalid or unsafe YAML, an unknown key (with the closest
             known key), a value of the wrong type or an invalid value; the message names the file.
+            :class:`ConfigArgumentError` (also a TypeError) for arguments of the wrong type.
     """
+    _check_arguments(config_file, opts)
+    config_file = os.fspath(config_file)
     cfg = get_cfg()
     add_retinanet_config(cfg)
     _merge_file(cfg, config_file)
     _merge_opts(cfg, opts, f"{config_file} (command-line overrides)")
-    validate_config(cfg, f"{config_file} (with command-line overrides)" if opts else config_file)
+    source = f"{config_file} (with command-line overrides)" if opts else config_file
+    validate_config(cfg, source)
+    if training:
+        overridden = set(opts[0::2])
+        shortened = "SOLVER.MAX_ITER" in overridden and "SOLVER.WARMUP_ITERS" not in overridden
+        validate_training(cfg, source, shortened_run=shortened)
     return cfg
 
 

@@ -1,25 +1,49 @@
-"""The rules a config's values must follow, one function per area of the config.
+"""The rules a config's values must follow: a table of rules per key, and checks across keys.
 
 :func:`validate_config` checks a merged config (``config_io.load_config`` calls it) and fails with
 one :class:`ConfigError` naming the source, every invalid key, its value and the rule it breaks.
 The rules on the options of the plugin's components come from the components' own
 ``OPTION_RULES`` tables (see :mod:`retinanet_plugin.rules`), which their constructors also check,
-so each rule is written once; the rules here are those on keys no single constructor owns.
+so each rule is written once; :data:`KEY_RULES` holds the rules on keys no single constructor owns
+(detectron2's solver, input, loader and model keys), and the functions below the rules that
+relate several keys. Registry names (``MODEL.BACKBONE.NAME``, ...) are checked against the
+registries' contents, which importing ``retinanet_plugin`` has filled. :func:`validate_training`
+adds the rules that only matter when training starts (warm-up length, mixed precision).
 """
 
+import functools
+import logging
 import os
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from detectron2.config import CfgNode
+from detectron2.layers import get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.solver.build import GradientClipType
 
 from . import anchor_generator, evaluation, head, meta_arch, solver
 from .backbone import timm_fpn
 from .errors import UserError
-from .rules import config_errors, config_value
+from .rules import (
+    Rule,
+    above,
+    at_least,
+    config_errors,
+    config_value,
+    in_interval,
+    key_errors,
+    one_of,
+    optional,
+    registered_in,
+)
 
-__all__ = ["ConfigError", "INPUT_FORMATS", "validate_config"]
+__all__ = ["ConfigError", "INPUT_FORMATS", "KEY_RULES", "validate_config", "validate_training"]
+
+logger = logging.getLogger(__name__)
 
 # The components whose OPTION_RULES the config's values are checked against.
 _COMPONENT_RULES = (
@@ -34,10 +58,105 @@ _COMPONENT_RULES = (
 # detector's PIXEL_MEAN can describe (3 channels, or 1 for grey "L").
 INPUT_FORMATS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "L": 1}
 AUGMENTATIONS = ("ROTATION", "SCALE_CROP", "COLOR_JITTER", "MOSAIC", "MIXUP", "CUTMIX")
+# The depths detectron2's build_resnet_backbone has a block layout for.
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+# Names detectron2's get_norm may know (0.6 and main); the rule lists those this one knows.
+_NORM_NAMES = (
+    "",
+    "BN",
+    "SyncBN",
+    "FrozenBN",
+    "GN",
+    "LN",
+    "nnSyncBN",
+    "naiveSyncBN",
+    "naiveSyncBN_N",
+)
+# The samplers detectron2's build_detection_train_loader builds, and the key each one needs.
+_TRAIN_SAMPLERS = {
+    "TrainingSampler": None,
+    "RepeatFactorTrainingSampler": "REPEAT_THRESHOLD",
+    "RandomSubsetTrainingSampler": "RANDOM_SUBSET_RATIO",
+}
 
 
 class ConfigError(UserError, ValueError):
     """A config file or override that cannot be loaded or holds an invalid value."""
+
+
+@functools.lru_cache(maxsize=None)
+def _known_norms() -> Tuple[str, ...]:
+    """The norm names this detectron2's ``get_norm`` builds a layer for (asked, not copied)."""
+    known = []
+    for name in _NORM_NAMES:
+        try:
+            get_norm(name, 32)
+        except KeyError:
+            continue
+        known.append(name)
+    return tuple(known)
+
+
+def _norm(value) -> Optional[str]:
+    broken = one_of(_known_norms())(value)
+    return broken and f"{broken} (detectron2's get_norm; 'GN' is GroupNorm with 32 groups)"
+
+
+_SOLVER, _INPUT, _MODEL = "SOLVER.", "INPUT.", "MODEL."
+# Config key -> rule, for the keys that no single component's OPTION_RULES owns.
+KEY_RULES: Dict[str, Rule] = {
+    _SOLVER + "BASE_LR": above(0),
+    _SOLVER + "MAX_ITER": at_least(1),
+    _SOLVER + "IMS_PER_BATCH": at_least(1),
+    _SOLVER + "MOMENTUM": in_interval(0, 1, high_open=True),
+    _SOLVER + "WEIGHT_DECAY": at_least(0),
+    _SOLVER + "WEIGHT_DECAY_NORM": at_least(0),
+    _SOLVER + "WEIGHT_DECAY_BIAS": optional(at_least(0), "as SOLVER.WEIGHT_DECAY"),
+    _SOLVER + "BIAS_LR_FACTOR": above(0),
+    # Multiplies the LR at each of SOLVER.STEPS: a decay.
+    _SOLVER + "GAMMA": in_interval(0, 1, low_open=True),
+    # The LR starts at this fraction of BASE_LR and rises to it during the warm-up.
+    _SOLVER + "WARMUP_FACTOR": in_interval(0, 1),
+    _SOLVER + "WARMUP_ITERS": at_least(0),
+    _SOLVER + "CHECKPOINT_PERIOD": at_least(1),
+    _SOLVER + "REFERENCE_WORLD_SIZE": at_least(0),
+    _SOLVER + "POLY_LR_POWER": above(0),
+    _SOLVER + "EXPONENTIAL_LR_FINAL_FACTOR": in_interval(0, 1, low_open=True),
+    _SOLVER + "CLIP_GRADIENTS.CLIP_TYPE": one_of(tuple(t.value for t in GradientClipType)),
+    _SOLVER + "CLIP_GRADIENTS.CLIP_VALUE": above(0),
+    _SOLVER + "CLIP_GRADIENTS.NORM_TYPE": above(0),
+    "TEST.EVAL_PERIOD": at_least(0),  # 0: evaluate only after training
+    "TEST.DETECTIONS_PER_IMAGE": at_least(1),
+    "DATALOADER.NUM_WORKERS": at_least(0),  # 0: load in the training process
+    "DATALOADER.REPEAT_THRESHOLD": at_least(0),
+    _INPUT + "FORMAT": one_of(tuple(INPUT_FORMATS)),
+    _INPUT + "MIN_SIZE_TRAIN_SAMPLING": one_of(("choice", "range")),
+    _INPUT + "MAX_SIZE_TRAIN": above(0),
+    _INPUT + "MIN_SIZE_TEST": at_least(0),  # 0: no resizing
+    _INPUT + "MAX_SIZE_TEST": above(0),
+    _INPUT + "RANDOM_FLIP": one_of(("none", "horizontal", "vertical")),
+    **{f"{_INPUT}AUG.{name}.PROB": in_interval(0, 1) for name in AUGMENTATIONS},
+    _INPUT + "AUG.MOSAIC.MIN_SIZE": at_least(0),
+    _INPUT + "AUG.MIXUP.ALPHA": above(0),
+    _INPUT + "AUG.CUTMIX.ALPHA": above(0),
+    _INPUT + "AUG.CUTMIX.MIN_VISIBLE": in_interval(0, 1, low_open=True),
+    _MODEL + "META_ARCHITECTURE": registered_in(META_ARCH_REGISTRY, "meta-architecture"),
+    _MODEL + "BACKBONE.NAME": registered_in(BACKBONE_REGISTRY, "backbone"),
+    _MODEL + "ANCHOR_GENERATOR.NAME": registered_in(ANCHOR_GENERATOR_REGISTRY, "anchor generator"),
+    _MODEL + "RETINANET.HEAD_NAME": registered_in(head.RETINANET_HEAD_REGISTRY, "RetinaNet head"),
+    _MODEL + "RETINANET.NUM_CLASSES": at_least(1),
+    _MODEL + "RESNETS.DEPTH": one_of(RESNET_DEPTHS),
+    _MODEL + "RESNETS.NORM": _norm,
+    _MODEL + "RESNETS.NUM_GROUPS": at_least(1),
+    _MODEL + "RESNETS.WIDTH_PER_GROUP": at_least(1),
+    _MODEL + "RESNETS.STEM_OUT_CHANNELS": at_least(1),
+    _MODEL + "RESNETS.RES2_OUT_CHANNELS": at_least(1),
+    _MODEL + "RESNETS.RES5_DILATION": one_of((1, 2)),
+    _MODEL + "FPN.OUT_CHANNELS": at_least(1),
+    _MODEL + "FPN.NORM": _norm,
+    _MODEL + "RETINANET.NORM": _norm,
+    _MODEL + "PANET.NORM": _norm,
+}
 
 
 Check = Callable[[str, bool, str], Iterator[str]]
@@ -70,28 +189,24 @@ def _increasing(values) -> bool:
 
 def _solver_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
     solver_cfg = cfg.SOLVER
-    yield from check("SOLVER.BASE_LR", solver_cfg.BASE_LR > 0, "must be > 0")
-    yield from check("SOLVER.MAX_ITER", solver_cfg.MAX_ITER >= 1, "must be >= 1")
-    yield from check("SOLVER.IMS_PER_BATCH", solver_cfg.IMS_PER_BATCH >= 1, "must be >= 1")
     # Steps beyond MAX_ITER are allowed: detectron2 ignores them (with a warning), and a short
     # run of a full config (`SOLVER.MAX_ITER 10`) relies on that.
     yield from check(
         "SOLVER.STEPS",
-        all(s > 0 for s in solver_cfg.STEPS) and _increasing(solver_cfg.STEPS),
+        all(isinstance(s, int) and s > 0 for s in solver_cfg.STEPS)
+        and _increasing(solver_cfg.STEPS),
         "must be positive and strictly increasing",
     )
-    yield from check("SOLVER.WARMUP_ITERS", solver_cfg.WARMUP_ITERS >= 0, "must be >= 0")
-    yield from check("SOLVER.POLY_LR_POWER", solver_cfg.POLY_LR_POWER > 0, "must be > 0")
+    betas = list(solver_cfg.ADAMW_BETAS)
     yield from check(
-        "SOLVER.EXPONENTIAL_LR_FINAL_FACTOR",
-        0 < solver_cfg.EXPONENTIAL_LR_FINAL_FACTOR <= 1,
-        "must be in (0, 1]",
+        "SOLVER.ADAMW_BETAS",
+        len(betas) == 2 and all(in_interval(0, 1, high_open=True)(b) is None for b in betas),
+        "must be (beta1, beta2), each in [0, 1)",
     )
 
 
 def _model_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
     retina, anchors = cfg.MODEL.RETINANET, cfg.MODEL.ANCHOR_GENERATOR
-    yield from check("MODEL.RETINANET.NUM_CLASSES", retina.NUM_CLASSES >= 1, "must be >= 1")
     thresholds = list(retina.IOU_THRESHOLDS)
     yield from check(
         "MODEL.RETINANET.IOU_THRESHOLDS",
@@ -126,6 +241,21 @@ def _model_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
     except (RuntimeError, TypeError):
         known_device = False
     yield from check("MODEL.DEVICE", known_device, "must be a torch device such as cpu or cuda")
+    resnets = cfg.MODEL.RESNETS
+    yield from check(
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        resnets.DEPTH not in (18, 34) or resnets.RES2_OUT_CHANNELS == 64,
+        f"must be 64 with MODEL.RESNETS.DEPTH {resnets.DEPTH} (detectron2's basic blocks)",
+    )
+    # GroupNorm has 32 groups: the FPN's, PANet's and head's layers have FPN.OUT_CHANNELS.
+    group_norms = [f"MODEL.{k}" for k in ("FPN.NORM", "RETINANET.NORM", "PANET.NORM")]
+    group_norms = [k for k in group_norms if config_value(cfg, k) == "GN"]
+    channels = cfg.MODEL.FPN.OUT_CHANNELS
+    yield from check(
+        "MODEL.FPN.OUT_CHANNELS",
+        not group_norms or not isinstance(channels, int) or channels % 32 == 0,
+        f"must be a multiple of 32 with {', '.join(group_norms)} 'GN' (GroupNorm, 32 groups)",
+    )
 
 
 def _timm_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
@@ -146,13 +276,8 @@ def _timm_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
 
 
 def _input_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
-    """The input format, normalization, sizes and loader workers."""
+    """The normalization, the sizes and the training sampler."""
     model, inputs = cfg.MODEL, cfg.INPUT
-    yield from check(
-        "INPUT.FORMAT",
-        inputs.FORMAT in INPUT_FORMATS,
-        "must be one of " + ", ".join(map(repr, INPUT_FORMATS)),
-    )
     channels = INPUT_FORMATS.get(inputs.FORMAT, 3)
     for key in ("PIXEL_MEAN", "PIXEL_STD"):
         values = list(model[key])
@@ -165,37 +290,42 @@ def _input_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
             + (", each > 0" if key == "PIXEL_STD" else ""),
         )
     sizes = list(inputs.MIN_SIZE_TRAIN)
+    sizes_valid = bool(sizes) and all(isinstance(s, int) and s > 0 for s in sizes)
     yield from check(
-        "INPUT.MIN_SIZE_TRAIN",
-        bool(sizes) and all(isinstance(s, int) and s > 0 for s in sizes),
-        "must be one or more positive pixel sizes",
-    )
-    yield from check(
-        "INPUT.MIN_SIZE_TRAIN_SAMPLING",
-        inputs.MIN_SIZE_TRAIN_SAMPLING in ("choice", "range"),
-        "must be one of 'choice', 'range'",
+        "INPUT.MIN_SIZE_TRAIN", sizes_valid, "must be one or more positive pixel sizes"
     )
     yield from check(
         "INPUT.MIN_SIZE_TRAIN",
         inputs.MIN_SIZE_TRAIN_SAMPLING != "range" or len(sizes) == 2,
         "must be (min, max) with INPUT.MIN_SIZE_TRAIN_SAMPLING 'range'",
     )
-    yield from check("INPUT.MAX_SIZE_TRAIN", inputs.MAX_SIZE_TRAIN > 0, "must be > 0")
+    # detectron2's ResizeShortestEdge caps the longer edge at MAX_SIZE: below the shorter edge's
+    # size, the shorter edge never reaches that size.
+    largest = {"TRAIN": max(sizes) if sizes_valid else 0, "TEST": inputs.MIN_SIZE_TEST}
+    for split, min_size in largest.items():
+        max_size = inputs[f"MAX_SIZE_{split}"]
+        yield from check(
+            f"INPUT.MAX_SIZE_{split}",
+            not all(isinstance(v, (int, float)) for v in (min_size, max_size))
+            or max_size >= min_size,
+            f"must be >= the largest INPUT.MIN_SIZE_{split} ({min_size}): it caps the longer "
+            "edge, so the shorter one would never reach that size",
+        )
+    samplers = [
+        name
+        for name, needs in _TRAIN_SAMPLERS.items()
+        if needs is None or needs in cfg.DATALOADER  # RANDOM_SUBSET_RATIO: detectron2 main
+    ]
+    sampler_rule = one_of(samplers)(cfg.DATALOADER.SAMPLER_TRAIN)
     yield from check(
-        "INPUT.MIN_SIZE_TEST", inputs.MIN_SIZE_TEST >= 0, "must be >= 0 (0: no resizing)"
-    )
-    yield from check("INPUT.MAX_SIZE_TEST", inputs.MAX_SIZE_TEST > 0, "must be > 0")
-    yield from check(
-        "DATALOADER.NUM_WORKERS",
-        cfg.DATALOADER.NUM_WORKERS >= 0,
-        "must be >= 0 (0: load in the training process)",
+        "DATALOADER.SAMPLER_TRAIN",
+        sampler_rule is None,
+        f"{sampler_rule} (the samplers of detectron2's build_detection_train_loader)",
     )
 
 
 def _augmentation_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
     aug = cfg.INPUT.AUG
-    for name in AUGMENTATIONS:
-        yield from check(f"INPUT.AUG.{name}.PROB", 0 <= aug[name].PROB <= 1, "must be in [0, 1]")
     yield from check(
         "INPUT.AUG.ROTATION.ANGLE", _is_range(aug.ROTATION.ANGLE), "must be (min, max) degrees"
     )
@@ -221,12 +351,6 @@ def _augmentation_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
         _is_range(aug.MOSAIC.CENTER_RANGE, low=0, high=1),
         "must be (min, max) with 0 <= min <= max <= 1",
     )
-    yield from check("INPUT.AUG.MOSAIC.MIN_SIZE", aug.MOSAIC.MIN_SIZE >= 0, "must be >= 0")
-    for name in ("MIXUP", "CUTMIX"):
-        yield from check(f"INPUT.AUG.{name}.ALPHA", aug[name].ALPHA > 0, "must be > 0")
-    yield from check(
-        "INPUT.AUG.CUTMIX.MIN_VISIBLE", 0 < aug.CUTMIX.MIN_VISIBLE <= 1, "must be in (0, 1]"
-    )
 
 
 def _test_errors(cfg: CfgNode, check: Check) -> Iterator[str]:
@@ -249,9 +373,44 @@ def config_value_errors(cfg: CfgNode) -> Iterator[str]:
     """One "KEY = value: rule" line for each invalid value of ``cfg``."""
     for rules in _COMPONENT_RULES:
         yield from config_errors(cfg, rules)
+    yield from key_errors(cfg, KEY_RULES)
     check = _checker(cfg)
     for area in _AREAS:
         yield from area(cfg, check)
+
+
+def _feature_errors(cfg: CfgNode) -> Iterator[str]:
+    """MODEL.RETINANET.IN_FEATURES against the features the config's backbone outputs (which
+    the anchors are made for), asked of the backbone itself built on the "meta" device, which
+    allocates and initializes nothing."""
+    if not issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), RetinaNet):
+        return
+    probe = cfg.clone()
+    probe.defrost()
+    probe.MODEL.TIMM.WEIGHTS = ""  # the feature names do not depend on the weights
+    try:
+        # torch's device context is scoped to this block and this thread.
+        with torch.device("meta"):
+            outputs = build_backbone(probe).output_shape()
+    except UserError:
+        raise
+    except Exception:
+        # Not a rule of this module: the model's own build raises it again, with its traceback.
+        return
+    in_features = list(cfg.MODEL.RETINANET.IN_FEATURES)
+    missing = [f for f in in_features if f not in outputs]
+    if missing:
+        yield (
+            f"MODEL.RETINANET.IN_FEATURES = {in_features!r}: names {missing}, which the backbone "
+            f"{cfg.MODEL.BACKBONE.NAME} does not output; name some of {sorted(outputs)}"
+        )
+
+
+def _raise(source: str, errors) -> None:
+    if len(errors) == 1:
+        raise ConfigError(f"{source}: invalid config value: {errors[0]}")
+    if errors:
+        raise ConfigError(f"{source}: invalid config values:\n  " + "\n  ".join(errors))
 
 
 def validate_config(cfg: CfgNode, source: str) -> None:
@@ -262,10 +421,47 @@ def validate_config(cfg: CfgNode, source: str) -> None:
         source: where the config came from (usually its file), named in the error.
 
     Raises:
-        ConfigError: naming ``source`` and every invalid key, its value and the rule it breaks.
+        ConfigError: naming ``source`` and every invalid key, its value and the rule it breaks;
+            when every value is valid, ``MODEL.RETINANET.IN_FEATURES`` naming a level the
+            backbone does not output.
     """
     errors = list(config_value_errors(cfg))
-    if len(errors) == 1:
-        raise ConfigError(f"{source}: invalid config value: {errors[0]}")
-    if errors:
-        raise ConfigError(f"{source}: invalid config values:\n  " + "\n  ".join(errors))
+    # The backbone is asked for its features only with names and values it can be built from.
+    _raise(source, errors or list(_feature_errors(cfg)))
+
+
+def validate_training(cfg: CfgNode, source: str, shortened_run: bool = False) -> None:
+    """Checks what matters only when training starts from ``cfg`` (a valid config): a saved
+    config of a short run can still be evaluated or exported.
+
+    Args:
+        cfg: the config.
+        source: where the config came from, named in the error.
+        shortened_run: whether ``SOLVER.MAX_ITER`` was lowered by a command-line override, not
+            ``SOLVER.WARMUP_ITERS`` (a short trial run of a config): a warm-up longer than the
+            run is then logged as a warning instead of refused.
+
+    Raises:
+        ConfigError: a warm-up longer than the run, or mixed precision on a device without CUDA.
+    """
+    errors = []
+    solver_cfg = cfg.SOLVER
+    if solver_cfg.WARMUP_ITERS > solver_cfg.MAX_ITER:
+        # detectron2 stretches the warm-up over the whole run: the LR reaches BASE_LR at its end.
+        what = (
+            f"SOLVER.WARMUP_ITERS = {solver_cfg.WARMUP_ITERS} is longer than the run "
+            f"(SOLVER.MAX_ITER = {solver_cfg.MAX_ITER}): the learning rate would rise during the "
+            "whole run and reach SOLVER.BASE_LR only at its end"
+        )
+        if not shortened_run:
+            errors.append(f"{what}; set SOLVER.WARMUP_ITERS <= {solver_cfg.MAX_ITER}")
+        else:
+            logger.warning("%s: %s", source, what)
+    # detectron2's AMPTrainer (0.6 and main) autocasts and scales gradients on CUDA only.
+    if solver_cfg.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+        errors.append(
+            f"SOLVER.AMP.ENABLED = True: detectron2's mixed-precision trainer needs CUDA, but "
+            f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r}; set SOLVER.AMP.ENABLED False (or MODEL.DEVICE "
+            "cuda)"
+        )
+    _raise(source, errors)

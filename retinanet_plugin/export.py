@@ -45,6 +45,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -54,11 +55,13 @@ from torch import Tensor, nn
 
 from detectron2.config import CfgNode
 
+from .atomic_io import atomic_write
 from .export_runtime import (
     METADATA_KEY,
     ExportedRetinaNet,
     ExportError,
     OnnxGraph,
+    is_exported_model,
     load_exported,
     load_test_input,
     onnx_modules,
@@ -67,12 +70,15 @@ from .export_runtime import (
 from .meta_arch import FocalLossRetinaNet
 
 __all__ = [
+    "EXTENSIONS",
     "FORMATS",
     "QUANTIZATIONS",
     "ExportError",
     "ExportableNetwork",
     "ExportedRetinaNet",
+    "check_export_options",
     "export_model",
+    "is_exported_model",
     "load_exported",
     "quantize_onnx_int8",
     "load_test_input",
@@ -82,6 +88,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx")
+# The file extensions of each format ("pt" as torch.jit.save's documentation names them).
+EXTENSIONS = {"torchscript": (".ts", ".pt"), "onnx": (".onnx",)}
 QUANTIZATIONS = ("int8",)
 ONNX_OPSET = 17
 # Exported outputs must equal the model's within these (float32 graphs differ by rounding only).
@@ -252,6 +260,49 @@ def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Seque
     _set_onnx_metadata(onnx, int8_path, info)
 
 
+def check_export_options(
+    export_format: str, dtype: str, quantize: Optional[str], output: Optional[str] = None
+) -> None:
+    """Refuses a combination of options that :func:`export_model` cannot export.
+
+    Args:
+        export_format: one of :data:`FORMATS`.
+        dtype: the compute dtype, "float32" or "bfloat16" (``MODEL.INFERENCE_DTYPE``).
+        quantize: None, or one of :data:`QUANTIZATIONS`.
+        output: the file to write, whose extension must be one of the format's
+            (:data:`EXTENSIONS`); None: not checked.
+
+    Raises:
+        ExportError: naming the option and what fits.
+    """
+    if export_format not in FORMATS:
+        raise ExportError(f"format {export_format!r} is not one of {FORMATS}")
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ExportError(f"quantize {quantize!r} is not one of {QUANTIZATIONS}")
+    if export_format == "onnx" and dtype != "float32":
+        raise ExportError(
+            f"ONNX export is float32 only, got dtype {dtype} (MODEL.INFERENCE_DTYPE): ONNX's Conv "
+            "has no bfloat16 type, so onnxruntime cannot load such a graph. Use --format "
+            "torchscript for bfloat16"
+        )
+    if quantize and (export_format != "onnx" or dtype != "float32"):
+        raise ExportError(
+            f"int8 quantization is for float32 ONNX exports only (onnxruntime's QLinearConv), "
+            f"not {export_format} {dtype}: use --format onnx; torch's dynamic quantization "
+            "covers Linear/LSTM layers, which RetinaNet has none of"
+        )
+    extension = os.path.splitext(output or "")[1]
+    if output is not None and extension.lower() not in EXTENSIONS[export_format]:
+        fits = " or ".join(EXTENSIONS[export_format])
+        others = [f for f in FORMATS if extension.lower() in EXTENSIONS[f]]
+        raise ExportError(
+            f"--output {output}: --format {export_format} writes {fits} files, not "
+            f"{extension or 'a name without extension'}"
+            + (f" (the extension of --format {others[0]})" if others else "")
+            + f"; name it e.g. {os.path.splitext(output)[0]}{EXTENSIONS[export_format][0]}"
+        )
+
+
 def export_model(
     cfg: CfgNode,
     model: FocalLossRetinaNet,
@@ -269,37 +320,24 @@ def export_model(
         model: a CPU :class:`FocalLossRetinaNet` with its weights; its ``inference_dtype``
             (``MODEL.INFERENCE_DTYPE``) is the dtype exported.
         export_format: one of :data:`FORMATS`.
-        output: the file to write.
+        output: the file to write (``.ts``/``.pt`` or ``.onnx``, :data:`EXTENSIONS`); replaced
+            only once the export is complete and checked.
         sample_image: (3, H, W) float32 image to trace with (:func:`load_test_input` or
             :func:`synthetic_test_image`).
         quantize: None, or one of :data:`QUANTIZATIONS` (ONNX only).
         calibration_images: images for int8 quantization.
 
     Raises:
-        ExportError: an unsupported combination of options, or an export whose outputs differ
-            from the model's at a second image size.
+        ExportError: an unsupported combination of options (:func:`check_export_options`), or
+            an export whose outputs differ from the model's at a second image size.
         ImportError: ONNX export without onnx/onnxruntime.
     """
     if not isinstance(model, FocalLossRetinaNet):
         raise ExportError(
             f"export needs MODEL.META_ARCHITECTURE FocalLossRetinaNet, got {type(model).__name__}"
         )
-    if export_format not in FORMATS:
-        raise ExportError(f"format {export_format!r} is not one of {FORMATS}")
-    if quantize not in (None, *QUANTIZATIONS):
-        raise ExportError(f"quantize {quantize!r} is not one of {QUANTIZATIONS}")
     dtype = str(model.inference_dtype).replace("torch.", "")
-    if export_format == "onnx" and dtype != "float32":
-        raise ExportError(
-            f"ONNX export is float32 only, got dtype {dtype} (MODEL.INFERENCE_DTYPE): ONNX's Conv "
-            "has no bfloat16 type, so onnxruntime cannot load such a graph. Use --format "
-            "torchscript for bfloat16"
-        )
-    if quantize and (export_format != "onnx" or dtype != "float32"):
-        raise ExportError(
-            "int8 quantization is for float32 ONNX exports only (onnxruntime's QLinearConv); "
-            "torch's dynamic quantization covers Linear/LSTM layers, which RetinaNet has none of"
-        )
+    check_export_options(export_format, dtype, quantize, output)
     if quantize and not calibration_images:
         raise ExportError("int8 quantization needs calibration images; none were given")
     info = json.dumps(
@@ -311,15 +349,20 @@ def export_model(
         }
     )
     network = ExportableNetwork(model).eval()
-    if export_format == "torchscript":
-        _export_torchscript(network, sample_image, output, info)
-    elif not quantize:
-        _export_onnx(network, sample_image, output, info)
-    else:
-        with tempfile.TemporaryDirectory(prefix="retinanet_export_") as tmp:
+    # Written aside and moved into place once checked: a failed export leaves no file, and an
+    # earlier file at ``output`` stays as it was.
+    with tempfile.TemporaryDirectory(prefix="retinanet_export_") as tmp:
+        written = os.path.join(tmp, "model" + os.path.splitext(output)[1])
+        if export_format == "torchscript":
+            _export_torchscript(network, sample_image, written, info)
+        elif not quantize:
+            _export_onnx(network, sample_image, written, info)
+        else:
             fp32_path = os.path.join(tmp, "float32.onnx")
             _export_onnx(network, sample_image, fp32_path, info)
-            quantize_onnx_int8(fp32_path, output, calibration_images)
+            quantize_onnx_int8(fp32_path, written, calibration_images)
+        with open(written, "rb") as source, atomic_write(output) as target:
+            shutil.copyfileobj(source, target)
     logger.info(
         "Exported %s (%s%s) to %s",
         export_format,

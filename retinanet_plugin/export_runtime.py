@@ -25,7 +25,13 @@ from .config_validation import validate_config
 from .data.images import read_image, test_input
 from .errors import UserError
 
-__all__ = ["ExportError", "ExportedRetinaNet", "load_exported", "load_test_input"]
+__all__ = [
+    "ExportError",
+    "ExportedRetinaNet",
+    "is_exported_model",
+    "load_exported",
+    "load_test_input",
+]
 
 # Name of the ONNX metadata entry / TorchScript extra file holding config and export options.
 METADATA_KEY = "retinanet_plugin"
@@ -56,6 +62,24 @@ def load_test_input(path: str, cfg: CfgNode) -> Dict:
     """
     augmentations = T.AugmentationList(build_augmentation(cfg, is_train=False))
     return test_input(read_image(path, cfg.INPUT.FORMAT), augmentations)
+
+
+def is_exported_model(path: str) -> bool:
+    """Whether ``path`` is a file written by :func:`retinanet_plugin.export.export_model` (a
+    TorchScript archive or ONNX model with the plugin's metadata), from its metadata alone."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(n.endswith(f"/extra/{METADATA_KEY}") for n in archive.namelist())
+        except zipfile.BadZipFile:
+            return False
+    try:
+        import onnx
+
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # onnx missing, or a file onnx cannot parse: not one to replace
+        return False
+    return any(p.key == METADATA_KEY for p in proto.metadata_props)
 
 
 class TorchScriptGraph:

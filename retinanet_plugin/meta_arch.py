@@ -29,7 +29,7 @@ from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .head import build_retinanet_head
 from .ohem import NO_RATIO, ohem_cross_entropy
 from .postprocessing import batched_detections
-from .rules import OptionRules, above, at_least, check_options, in_interval, one_of
+from .rules import OptionError, OptionRules, above, at_least, check_options, in_interval, one_of
 
 __all__ = ["FocalLossRetinaNet"]
 
@@ -151,7 +151,7 @@ class FocalLossRetinaNet(RetinaNet):
         backbone_shape = backbone.output_shape()
         missing = [f for f in retinanet.IN_FEATURES if f not in backbone_shape]
         if missing:
-            raise ValueError(
+            raise OptionError(
                 f"MODEL.RETINANET.IN_FEATURES names {missing}, which the backbone "
                 f"{cfg.MODEL.BACKBONE.NAME} does not output (it has {sorted(backbone_shape)})"
             )
@@ -381,4 +381,3 @@ def _check_image_layout(index: int, image: Tensor, channels: int) -> None:
             f"MODEL.PIXEL_MEAN has {channels} values, got a {type(image).__name__} of shape "
             f"{shape}.{hint}"
         )
-

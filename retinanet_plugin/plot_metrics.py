@@ -1,6 +1,8 @@
 """Plots a training run's ``metrics.json``: losses, learning rate and evaluation AP.
 
     python -m retinanet_plugin.plot_metrics output/metrics.json [--output losses.png]
+
+An existing ``--output`` is replaced only with ``--overwrite``.
 """
 
 import argparse
@@ -14,11 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from . import cli  # noqa: E402
 from .errors import UserError  # noqa: E402
 
-__all__ = ["MetricsFileError", "read_metrics", "plot_metrics"]
+__all__ = ["MetricsFileError", "check_output", "read_metrics", "plot_metrics"]
 
 logger = logging.getLogger("retinanet_plugin.plot_metrics")  # also when run as __main__
 
@@ -129,15 +132,54 @@ def plot_metrics(metrics_file: str, output_file: str) -> str:
     return output_file
 
 
+def check_output(output_file: str, metrics_file: str, overwrite: bool) -> None:
+    """Refuses an output file the plot cannot or should not be written to.
+
+    Raises:
+        MetricsFileError: ``output_file`` is a folder or the metrics file, has no or another
+            extension than matplotlib's formats, is in a folder that does not exist, or exists
+            and ``overwrite`` is False.
+    """
+    if os.path.isdir(output_file):
+        raise MetricsFileError(f"--output {output_file} is a folder; name the image file to write")
+    if os.path.exists(metrics_file) and os.path.exists(output_file):
+        if os.path.samefile(metrics_file, output_file):
+            raise MetricsFileError(
+                f"--output {output_file} is the metrics file itself; name an image file, e.g. "
+                f"{os.path.join(os.path.dirname(output_file), 'training_curves.png')}"
+            )
+    extension = os.path.splitext(output_file)[1].lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if extension[1:] not in formats:
+        what = f"{extension} is not" if extension else "a name without extension is not"
+        raise MetricsFileError(
+            f"--output {output_file}: {what} an image format matplotlib writes (the format "
+            f"follows the extension); use one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+    folder = os.path.dirname(os.path.abspath(output_file))
+    if not os.path.isdir(folder):
+        raise MetricsFileError(
+            f"--output {output_file}: folder {folder} does not exist; create it first"
+        )
+    if os.path.exists(output_file) and not overwrite:
+        raise MetricsFileError(
+            f"--output {output_file} exists; pass --overwrite to replace it, or name a new file"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("metrics_file", help="metrics.json written by detectron2's trainer")
-    parser.add_argument("--output", help="PNG file (default: training_curves.png beside it)")
+    parser.add_argument(
+        "--output",
+        help="image file; its extension gives the format (default: training_curves.png beside "
+        "the metrics file)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     args = cli.parse(parser, sys.argv[1:] if argv is None else argv)
     output = args.output or os.path.join(os.path.dirname(args.metrics_file), "training_curves.png")
-    if os.path.isdir(output):
-        raise MetricsFileError(f"--output {output} is a folder; name the PNG file to write")
+    check_output(output, args.metrics_file, args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     print(plot_metrics(args.metrics_file, output))
     return 0

@@ -11,6 +11,7 @@ arrays, numbers, strings, bytes and containers, and ``.pth`` checkpoints go thro
 import importlib
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from typing import Any, BinaryIO, Dict
 
@@ -152,7 +153,7 @@ def load_pickle(file: BinaryIO, *, filename: str, encoding: str = "latin1") -> d
     return data
 
 
-def load_torch(filename: str, *, trust: bool = False) -> dict:
+def load_torch(filename: str, *, trust: bool = False, mmap: bool = False) -> dict:
     """Loads a ``torch.save`` checkpoint on the CPU, with ``weights_only=True`` unless trusted.
 
     Passing ``weights_only`` explicitly also keeps the environment variable
@@ -161,6 +162,8 @@ def load_torch(filename: str, *, trust: bool = False) -> dict:
     Args:
         filename: the file.
         trust: unpickle arbitrary objects (runs code from the file).
+        mmap: map the tensors' data into memory instead of reading it (zip checkpoints, which
+            ``torch.save`` writes; others are read), for looking at names and shapes.
 
     Returns:
         the loaded dict.
@@ -170,7 +173,12 @@ def load_torch(filename: str, *, trust: bool = False) -> dict:
         NotACheckpointError: the file is not a ``torch.save`` file of a dict.
     """
     try:
-        data = torch.load(filename, map_location=torch.device("cpu"), weights_only=not trust)
+        data = torch.load(
+            filename,
+            map_location=torch.device("cpu"),
+            weights_only=not trust,
+            mmap=mmap and zipfile.is_zipfile(filename),
+        )
     except pickle.UnpicklingError as e:
         # torch raises UnpicklingError both for forbidden globals and for malformed files; only
         # the former have globals to name.

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import TINY_RUN
 from detectron2.modeling import build_model
+from retinanet_plugin import cli
 from retinanet_plugin.config_io import load_config, load_yaml_safely
 from retinanet_plugin.errors import UserError
 
@@ -236,3 +237,30 @@ def test_failed_run_reports_its_own_error(tmp_path, log, reason):
     of its log (a traceback's exception)."""
     (tmp_path / "stdout.txt").write_text(log)
     assert ablate.run_error(str(tmp_path / "stdout.txt")) == reason
+
+
+def test_every_runs_config_is_checked_before_the_first_run(tmp_path, capsys):
+    """A bad key in the second config stops ablate before the first config trains."""
+    bad = tmp_path / "gamma_typo.yaml"
+    bad.write_text("MODEL:\n  RETINANET:\n    FOCAL_LOSS_GAMMAA: 1.0\n")
+    good = os.path.join(ABLATIONS, "table1b_fl_gamma2.0_alpha0.25.yaml")
+    output = tmp_path / "out"
+    argv = ["--configs", good, str(bad), "--model-config", TINY, "--output", str(output)]
+    assert cli.run(ablate.main, argv) == 2
+    error = capsys.readouterr().err
+    assert f"{bad} on --model-config {TINY}" in error
+    assert "MODEL.RETINANET.FOCAL_LOSS_GAMMAA" in error
+    assert not output.exists()  # nothing ran
+
+
+def test_a_run_folder_of_an_earlier_ablate_is_its_own(tmp_path):
+    """A run folder with ablate's result.json (written before train_net starts, so also after a
+    kill) may be replaced; one with only a training run's files may not."""
+    runs = ablate.plan_runs([os.path.join(ABLATIONS, "table1d_fl.yaml")], TINY)
+    run_dir = tmp_path / "table1d_fl"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"iteration": 0}\n')
+    with pytest.raises(UserError, match="holds a training run that tools/ablate.py did not start"):
+        ablate.check_output_dirs(str(tmp_path), runs)
+    (run_dir / "result.json").write_text('{"status": "running"}')
+    ablate.check_output_dirs(str(tmp_path), runs)

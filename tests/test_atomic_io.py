@@ -9,7 +9,12 @@ import textwrap
 
 import pytest
 
-from retinanet_plugin.atomic_io import OutputDirError, atomic_write, check_output_dir
+from retinanet_plugin.atomic_io import (
+    OutputDirError,
+    atomic_write,
+    check_output_dir,
+    remove_leftover_temp_files,
+)
 
 
 def test_atomic_write_replaces_the_file(tmp_path):
@@ -64,6 +69,18 @@ def test_sigkill_mid_write_keeps_the_old_file(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script])
     assert proc.returncode == -signal.SIGKILL
     assert path.read_bytes() == b"old" * 1000
+    # It leaves its temporary file, which the next start removes (and nothing else).
+    leftover = [name for name in os.listdir(tmp_path) if name != "f.bin"]
+    assert len(leftover) == 1 and leftover[0].startswith(".f.bin.")
+    for name in (".f.bin.tmp", "f.bin.12345678.tmp", ".notes.txt"):
+        (tmp_path / name).write_text("a user's file")
+    assert remove_leftover_temp_files(str(tmp_path)) == [str(tmp_path / leftover[0])]
+    assert sorted(os.listdir(tmp_path)) == [
+        ".f.bin.tmp",
+        ".notes.txt",
+        "f.bin",
+        "f.bin.12345678.tmp",
+    ]
 
 
 def test_check_output_dir_creates_and_accepts_a_writable_dir(tmp_path):

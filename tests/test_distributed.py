@@ -131,3 +131,83 @@ def test_bad_dataset_found_in_two_processes_is_one_error_line(shapes_dataset, tm
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "2 images have id" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    from retinanet_plugin.compat.private_api import find_free_port
+
+    return find_free_port()
+
+
+def test_a_missing_machine_is_named_within_the_rendezvous_timeout(
+    shapes_dataset, tmp_path, monkeypatch
+):
+    """`--num-machines 2` with only this machine: the wait is logged, and after the timeout one
+    line names the address and the machine that did not come, instead of a silent hang."""
+    from bad_input_env import Env
+
+    from conftest import run_main
+    from retinanet_plugin.launch import RENDEZVOUS_TIMEOUT_ENV
+
+    sys.path.insert(0, REPO)
+    import train_net
+
+    monkeypatch.setenv(RENDEZVOUS_TIMEOUT_ENV, "1")
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    env = Env(tmp_path, shapes_dataset, "rendezvous")
+    code, log = run_main(train_net.main, env.train("--num-machines", "2", "--dist-url", url))
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    assert f"waiting for 1 more machine(s) at {url}; none joined within 1 s" in errors[0]
+    assert f"Machine rank 0: waiting for 1 more machine(s) to join at {url}" in log
+    assert not os.path.exists(os.path.join(env.out, "config.yaml"))  # nothing started
+
+
+def test_two_machines_meet_on_loopback(monkeypatch):
+    """The launching processes of machine ranks 0 and 1 (threads here) meet at --dist-url: each
+    returns once both have come, machine 1 arriving later than machine 0."""
+    import threading
+    import time
+
+    from retinanet_plugin import launch as launch_module
+
+    monkeypatch.setenv(launch_module.RENDEZVOUS_TIMEOUT_ENV, "30")
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    met = {}
+
+    def machine(rank):
+        store = launch_module._meet(url, 2, rank)
+        met[rank] = (time.monotonic(), store.add("retinanet_plugin/machines_joined", 0), store)
+
+    first = threading.Thread(target=machine, args=(0,))
+    first.start()
+    time.sleep(0.5)
+    arrival = time.monotonic()
+    machine(1)
+    first.join(timeout=30)
+    assert met[0][1] == met[1][1] == 2
+    assert met[0][0] >= arrival  # machine 0 waited for machine 1
+
+
+def test_machine_rank_1_without_machine_0_is_named_within_the_timeout(
+    shapes_dataset, tmp_path, monkeypatch
+):
+    from bad_input_env import Env
+
+    from conftest import run_main
+    from retinanet_plugin.launch import RENDEZVOUS_TIMEOUT_ENV
+
+    sys.path.insert(0, REPO)
+    import train_net
+
+    monkeypatch.setenv(RENDEZVOUS_TIMEOUT_ENV, "1")
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    env = Env(tmp_path, shapes_dataset, "rendezvous1")
+    argv = env.train("--num-machines", "2", "--machine-rank", "1", "--dist-url", url)
+    code, log = run_main(train_net.main, argv)
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    assert f"--dist-url {url}: machine rank 0 did not answer within 1 s" in errors[0]
+    assert f"Machine rank 1: joining machine rank 0 at {url}" in log

@@ -17,7 +17,9 @@ from retinanet_plugin.checkpoint import RetinaNetCheckpointer
 from retinanet_plugin.export import (
     ExportableNetwork,
     ExportError,
+    check_export_options,
     export_model,
+    is_exported_model,
     load_exported,
     synthetic_test_image,
 )
@@ -239,8 +241,48 @@ def test_trace_that_fixes_the_image_size_is_rejected(fp32_model, tmp_path):
 
     baked = build_tiny_model(cfg)
     baked.head = CroppingHead(baked.head)
-    with pytest.raises(ExportError, match="does not reproduce the model at other sizes"):
-        export_model(cfg, baked, "torchscript", str(tmp_path / "m.ts"), synthetic_test_image(cfg))
+    for export_format, name in (("torchscript", "m.ts"), ("onnx", "m.onnx")):
+        with pytest.raises(ExportError, match="does not reproduce the model at other sizes"):
+            export_model(cfg, baked, export_format, str(tmp_path / name), synthetic_test_image(cfg))
+    assert os.listdir(tmp_path) == []  # no file that does not reproduce the model
+
+
+def test_overwrite_replaces_an_earlier_export_only(fp32_model, tmp_path, capsys):
+    """An earlier export is replaced with --overwrite; the weights, a checkpoint (a zip file
+    too) and other files are recognized as no export."""
+    _, model = fp32_model
+    output = tmp_path / "model.ts"
+    assert run_cli(model, tmp_path, "--format", "torchscript", "--output", str(output)) == 0
+    assert is_exported_model(str(output))
+    assert not is_exported_model(str(tmp_path / "model.pth"))  # the checkpoint run_cli saved
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert not is_exported_model(str(tmp_path / "junk.onnx"))
+    first = output.read_bytes()
+    argv = ["--format", "torchscript", "--output", str(output)]
+    assert run_cli(model, tmp_path, *argv) == 2
+    assert "holds an earlier export; pass --overwrite" in capsys.readouterr().err
+    assert output.read_bytes() == first
+    extra = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.3"]  # stored in the file
+    assert run_cli(model, tmp_path, *argv, "--overwrite", *extra) == 0
+    assert load_exported(str(output)).cfg.MODEL.RETINANET.SCORE_THRESH_TEST == 0.3
+
+
+@pytest.mark.parametrize(
+    "export_format, dtype, quantize, output, message",
+    [
+        ("onnx", "float32", None, "m.ts", "--format onnx writes .onnx files, not .ts"),
+        ("torchscript", "float32", None, "m.ONNX", "writes .ts or .pt files, not .ONNX"),
+        ("onnx", "bfloat16", None, "m.onnx", "ONNX export is float32 only"),
+        ("torchscript", "float32", "int8", "m.ts", "int8 quantization is for float32 ONNX"),
+        ("onnx", "float32", "int4", "m.onnx", "quantize 'int4' is not one of"),
+    ],
+)
+def test_check_export_options(export_format, dtype, quantize, output, message):
+    with pytest.raises(ExportError, match=re.escape(message)):
+        check_export_options(export_format, dtype, quantize, output)
+    for fine in ("m.ts", "m.pt", "M.TS") if export_format == "torchscript" else ("m.onnx",):
+        if quantize is None and dtype == "float32":
+            check_export_options(export_format, dtype, quantize, fine)
 
 
 def test_missing_onnxruntime_is_explained(fp32_model, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_train_net import REPO, coco_args, train_net, train_net_argv
+from test_train_net import REPO, coco_args, run, train_net, train_net_argv
 
 
 def _checkpoint(path):
@@ -128,6 +128,30 @@ def test_killed_before_model_final_was_written_resume_writes_it(shapes_dataset, 
         _final_weights(tmp_path), _checkpoint(tmp_path / "model_0000003.pth")["model"]
     )
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_resume_from_a_checkpoint_into_another_folder_continues_it_exactly(
+    shapes_dataset, tmp_path
+):
+    """--resume-from PATH continues PATH's run (iteration, optimizer, schedule, data stream,
+    RNGs) in a new OUTPUT_DIR: the final weights equal those of the run that wrote PATH, which
+    is left unchanged."""
+    straight, branch = tmp_path / "straight", tmp_path / "branch"
+    opts = [*AUGMENTED, "SOLVER.MAX_ITER", "3"]
+    datasets = coco_args(shapes_dataset)
+    run("train_net.py", *train_net_argv(straight, datasets, *opts, test_sets="()"))
+    source = straight / "model_0000001.pth"  # SOLVER.CHECKPOINT_PERIOD 2: after iteration 1
+    written = source.read_bytes()
+    _, log = run(
+        "train_net.py",
+        "--resume-from",
+        str(source),
+        *train_net_argv(branch, datasets, *opts, test_sets="()"),
+    )
+    assert "Starting training from iteration 2" in log
+    assert _checkpoint(branch / "model_final.pth")["iteration"] == 2
+    _assert_equal_weights(_final_weights(branch), _final_weights(straight))
+    assert source.read_bytes() == written
 
 
 @pytest.mark.slow

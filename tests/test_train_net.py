@@ -176,8 +176,7 @@ def test_finetune_to_fewer_classes(trained, shapes_dataset, tmp_path):
     weights = str(trained[0] / "model_final.pth")
     _, log = train_net(tmp_path, dataset_args, "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", "2")
     assert "NUM_CLASSES set to 2" in log
-    assert "Skip loading parameter 'head.cls_score.weight'" in log
-    assert "Skip loading parameter 'head.cls_score.bias'" in log
+    assert "Fine-tuning: skipped head.cls_score.weight, head.cls_score.bias" in log
     assert "re-initialized the classification layer with prior probability 0.01" in log
     model = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     base = torch.load(weights, map_location="cpu", weights_only=True)

@@ -14,6 +14,8 @@ gamma/alpha grid of Table 1a/1b on the demo's generated dataset with the tiny CP
 config (e.g. the paper's R50 600 px COCO setting). Trailing ``KEY VALUE`` pairs (the budget:
 ``SOLVER.MAX_ITER`` etc.) apply to every run and may not set a key that an ablation varies.
 Configs that would train identically (e.g. Table 1a's alpha 0.75 and Table 1b's gamma 0) run once.
+Every run's config is loaded with the overrides before the first run starts, so that a bad key or
+value stops the command at once.
 
 Datasets: ``--demo-data`` generates and registers the demo's shapes dataset (as tools/demo.py);
 otherwise ``--register-coco`` / ``--register-voc`` (as train_net.py) plus ``DATASETS.TRAIN`` /
@@ -21,7 +23,9 @@ otherwise ``--register-coco`` / ``--register-voc`` (as train_net.py) plus ``DATA
 
 Writes ``OUTPUT/<config>/`` (each run: ablation_config.yaml, train_net's outputs, stdout.txt,
 result.json; the weights are deleted after evaluation unless ``--keep-weights``) and
-``OUTPUT/ablations.md``, ``ablations.json``, ``ablations_ap.png``.
+``OUTPUT/ablations.md``, ``ablations.json``, ``ablations_ap.png``. A run's result.json is written
+before it trains, marking the folder as this tool's: a run folder that holds a training run
+without one is refused rather than replaced.
 """
 
 import argparse
@@ -32,6 +36,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -138,6 +143,56 @@ def check_overrides(runs: Sequence[Dict[str, Any]], opts: Sequence[str]) -> None
             raise UserError(f"the override {key} would replace what {', '.join(varying)} varies")
 
 
+def check_run_configs(
+    runs: Sequence[Dict[str, Any]], model_config: Optional[str], opts: Sequence[str]
+) -> None:
+    """Loads every run's config with the overrides as train_net.py will, so that a bad key or
+    value is refused before the first run starts.
+
+    Raises:
+        UserError: the message of ``load_config`` for the first config that fails, naming the
+            ablation config (and the model config it applies to).
+    """
+    from retinanet_plugin.config_io import load_config
+
+    with tempfile.TemporaryDirectory(prefix="ablate_check_") as tmp:
+        for run in runs:
+            if not model_config:
+                load_config(run["config_file"], opts)
+                continue
+            # The file train_net.py gets, written aside; the message names the files it is from.
+            config_file = write_run_config(
+                run, model_config, os.path.join(tmp, run["name"] + ".yaml")
+            )
+            try:
+                load_config(config_file, opts)
+            except UserError as e:
+                source = f"{run['config_file']} on --model-config {model_config}"
+                raise UserError(cli.one_line(e).replace(config_file, source)) from e
+
+
+def check_output_dirs(output_dir: str, runs: Sequence[Dict[str, Any]]) -> None:
+    """Refuses an ``--output`` that is a file, or whose run folders hold a training run that
+    this tool did not start (it replaces each run folder's training outputs).
+
+    Raises:
+        UserError: naming the folder.
+    """
+    from retinanet_plugin.run_checks import earlier_run_outputs
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output {output_dir} is a file; name a folder for the ablations")
+    for run in runs:
+        run_dir = os.path.join(output_dir, run["name"])
+        found = earlier_run_outputs(run_dir)
+        if found and not os.path.isfile(os.path.join(run_dir, RESULT_FILE)):
+            raise UserError(
+                f"--output {output_dir}: {run_dir} holds a training run that tools/ablate.py did "
+                f"not start ({', '.join(found)}), which its run would replace; choose another "
+                "--output"
+            )
+
+
 def write_run_config(run: Dict[str, Any], model_config: str, path: str) -> str:
     """A config file: the model config as ``_BASE_`` plus the ablation's own keys."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -186,19 +241,23 @@ def run_one(
             print(f"[ablate] {run['name']}: reusing {result_file}", flush=True)
             return previous
     os.makedirs(run_dir, exist_ok=True)
-    print(f"[ablate] {run['name']}: training, log in {run_dir}/stdout.txt", flush=True)
-    start = time.perf_counter()
-    with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     record: Dict[str, Any] = {
         "config": run["name"],
         "same_as": run["configs"][1:],
         "config_file": run["config_file"],
         "varied": run["varied"],
         "paper_AP": run["paper_AP"],
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "status": "running",
         "command": command[1:],
     }
+    # Marks the folder as this tool's (check_output_dirs) before train_net writes into it.
+    with open(result_file, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"[ablate] {run['name']}: training, log in {run_dir}/stdout.txt", flush=True)
+    start = time.perf_counter()
+    with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    record["wall_time_s"] = round(time.perf_counter() - start, 1)
     try:
         if returncode != 0:
             reason = run_error(os.path.join(run_dir, "stdout.txt"))
@@ -333,6 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = plan_runs(expand_configs(args.configs), args.model_config)
     opts = list(args.opts)
     check_overrides(runs, opts)
+    check_output_dirs(args.output, runs)
     train_net_args: List[str] = []
     for option, datasets in (
         ("--register-coco", args.register_coco),
@@ -346,12 +406,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_net_args += ["--num-gpus", str(args.num_gpus)]
     title = args.title or "Ablations"
     if args.demo_data:
+        from demo import check_demo_data  # tools/demo.py, next to this file
+
         from retinanet_plugin.data import DEMO_TRAIN, DEMO_VAL, make_demo_dataset_args
 
+        check_demo_data(args.num_train, args.num_val, args.image_size)
+        opts += ["DATASETS.TRAIN", f"('{DEMO_TRAIN}',)", "DATASETS.TEST", f"('{DEMO_VAL}',)"]
+    check_run_configs(runs, args.model_config, opts)
+    if args.demo_data:
         train_net_args += make_demo_dataset_args(
             os.path.join(args.output, "data"), args.num_train, args.num_val, args.image_size
         )
-        opts += ["DATASETS.TRAIN", f"('{DEMO_TRAIN}',)", "DATASETS.TEST", f"('{DEMO_VAL}',)"]
         title = args.title or (
             f"Ablations on the synthetic shapes dataset ({args.num_train} train / {args.num_val} "
             f"val images, {args.image_size} px), not COCO"

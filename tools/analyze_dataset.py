@@ -8,9 +8,10 @@
 prints per-class box counts, a histogram of box sizes at the test input size, and the anchor
 coverage (the fraction of ground-truth boxes that an anchor overlaps with IoU >= the matcher's
 foreground threshold, 0.5) overall and per pyramid level, and writes ``analysis.json`` and
-``analysis.png`` to ``--output``. ``--fit-anchors`` also picks the per-level anchor sizes with the
-best coverage and prints them as a ``MODEL.ANCHOR_GENERATOR.SIZES`` override;
-``--write-config FILE`` writes a config with them that builds on ``--config-file``.
+``analysis.png`` to ``--output`` (replacing an earlier analysis there only with ``--overwrite``).
+``--fit-anchors`` also picks the per-level anchor sizes with the best coverage and prints them as
+a ``MODEL.ANCHOR_GENERATOR.SIZES`` override; ``--write-config FILE`` writes a config with them
+that builds on ``--config-file`` (a new file).
 Trailing ``KEY VALUE`` pairs override the config (e.g. ``INPUT.MIN_SIZE_TEST 512``).
 """
 
@@ -37,6 +38,9 @@ def argument_parser() -> argparse.ArgumentParser:
         "--dataset", help="registered dataset to analyze (default: the config's first training set)"
     )
     parser.add_argument("--output", default="output/analysis", help="folder for the json and png")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier analysis in --output"
+    )
     parser.add_argument("--fit-anchors", action="store_true", help="fit the anchor sizes")
     parser.add_argument(
         "--write-config",
@@ -48,13 +52,27 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUTS = ("analysis.json", "analysis.png")
+
+
 def _check_options(args) -> None:
     if args.write_config and not args.fit_anchors:
         raise UserError("--write-config needs --fit-anchors (it writes the fitted anchor sizes)")
     if args.write_config and os.path.exists(args.write_config):
         raise UserError(f"--write-config {args.write_config} exists; name a new file")
+    folder = os.path.dirname(os.path.abspath(args.write_config or "."))
+    if not os.path.isdir(folder):
+        raise UserError(
+            f"--write-config {args.write_config}: folder {folder} does not exist; create it first"
+        )
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a file; name a folder")
+    found = [name for name in OUTPUTS if os.path.exists(os.path.join(args.output, name))]
+    if found and not args.overwrite:
+        raise UserError(
+            f"--output {args.output} holds an earlier analysis ({', '.join(found)}); pass "
+            "--overwrite to replace it, or choose another --output"
+        )
 
 
 def _print_report(report: dict, dataset: str) -> None:
@@ -109,9 +127,9 @@ def main(argv=None) -> int:
     )
     report["dataset"] = dataset
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "analysis.json"), "w") as f:
+    with open(os.path.join(args.output, OUTPUTS[0]), "w") as f:
         json.dump(report, f, indent=1)
-    picture = plot_report(report, os.path.join(args.output, "analysis.png"), title=dataset)
+    picture = plot_report(report, os.path.join(args.output, OUTPUTS[1]), title=dataset)
     _print_report(report, dataset)
     if args.fit_anchors:
         sizes = report["fitted"]["anchor_sizes"]

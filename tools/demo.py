@@ -33,6 +33,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "retinanet_resnet10t_demo.yaml")
 
 
+# What the demo writes besides train_net.py's outputs (run_checks.RUN_OUTPUTS) and predictions/.
+DEMO_OUTPUTS = ("training_curves.png", "demo_results.json")
+# The shapes are 12 px to half the image across (retinanet_plugin.data.synthetic_shapes), so the
+# images are at least 24 px; the model takes any size (the loader resizes to INPUT.MIN_SIZE_*).
+MIN_IMAGE_SIZE = 24
+
+
+def check_demo_data(num_train: int, num_val: int, image_size: int) -> None:
+    """Refuses sizes of the demo's generated dataset that it cannot be made or trained with.
+
+    Raises:
+        UserError: naming the option.
+    """
+    if num_train < 1:
+        raise UserError(f"--num-train {num_train}: training needs at least 1 image")
+    if num_val < 1:
+        raise UserError(f"--num-val {num_val}: evaluation needs at least 1 image")
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(
+            f"--image-size {image_size}: must be at least {MIN_IMAGE_SIZE} px (the generated "
+            "shapes are 12 px to half the image across)"
+        )
+
+
 def final_metrics(metrics_file: str) -> dict:
     """The last evaluation record of a detectron2 metrics.json ("bbox/..." keys)."""
     from retinanet_plugin.plot_metrics import read_metrics
@@ -82,16 +106,27 @@ def main(argv=None, started=None) -> int:
     args = cli.parse(parser, sys.argv[1:] if argv is None else argv)
     start = time.perf_counter() if started is None else started
     phases = {"start_up_s": time.perf_counter() - start}
-    found = earlier_run_outputs(args.output)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} is a file; name a folder for the demo's outputs")
+    check_demo_data(args.num_train, args.num_val, args.image_size)
+    if args.num_pictures < 0:
+        raise UserError(f"--num-pictures {args.num_pictures}: must be >= 0")
+
+    from retinanet_plugin import predict
+    from retinanet_plugin.data import DEMO_VAL, make_demo_dataset_args
+    from retinanet_plugin.plot_metrics import plot_metrics
+
+    pictures = os.path.join(args.output, "predictions")
+    found = earlier_run_outputs(args.output) + [
+        name for name in DEMO_OUTPUTS if os.path.exists(os.path.join(args.output, name))
+    ]
+    # Also refuses, before training, a predictions folder that predict could not replace.
+    found += ["predictions"] if predict.earlier_run(pictures) else []
     if found and not args.overwrite:
         raise UserError(
             f"--output {args.output} holds an earlier run ({', '.join(found)}); pass --overwrite "
             "to replace it (make demo does), or choose another --output"
         )
-
-    from retinanet_plugin import predict
-    from retinanet_plugin.data import DEMO_VAL, make_demo_dataset_args
-    from retinanet_plugin.plot_metrics import plot_metrics
 
     datasets = make_demo_dataset_args(
         os.path.join(args.output, "data"), args.num_train, args.num_val, args.image_size
@@ -119,13 +154,13 @@ def main(argv=None, started=None) -> int:
     )
     val_root = os.path.join(args.output, "data", "val")  # make_shapes_dataset's layout
     inputs = [os.path.join(val_root, name) for name in sorted(os.listdir(val_root))]
-    pictures = os.path.join(args.output, "predictions")
     predict_args = ["--config-file", CONFIG, *datasets, "--dataset", DEMO_VAL]
     for path in inputs[: args.num_pictures]:
         predict_args += ["--input", path]
     weights = os.path.join(args.output, "model_final.pth")
-    predict_args += ["--output", pictures, *args.opts, "MODEL.WEIGHTS", weights]
-    if predict.main(predict_args) != 0:
+    predict_args += ["--output", pictures, *(["--overwrite"] if args.overwrite else [])]
+    predict_args += [*args.opts, "MODEL.WEIGHTS", weights]
+    if args.num_pictures and predict.main(predict_args) != 0:
         raise UserError("drawing the predictions failed (see the messages above)")
 
     metrics_file = os.path.join(args.output, "metrics.json")

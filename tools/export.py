@@ -11,7 +11,8 @@
 The file holds backbone + FPN + head; anchors, decoding and NMS run in Python:
 ``retinanet_plugin.export.load_exported(path)`` gives a drop-in for the PyTorch model. Trailing
 ``KEY VALUE`` pairs override the config (e.g. ``MODEL.RETINANET.SCORE_THRESH_TEST 0.3``, stored
-in the file).
+in the file). ``--output`` has the format's extension (.onnx; .ts or .pt); an existing file is
+replaced only if it is an earlier export and ``--overwrite`` is given.
 """
 
 import argparse
@@ -27,16 +28,18 @@ from detectron2.utils.logger import setup_logger
 from retinanet_plugin import cli
 from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
 from retinanet_plugin.config_io import load_config
-from retinanet_plugin.data.images import expand_inputs
 from retinanet_plugin.export import (
     FORMATS,
     QUANTIZATIONS,
     ExportError,
+    check_export_options,
     export_model,
+    is_exported_model,
     load_test_input,
     synthetic_test_image,
 )
 from retinanet_plugin.meta_arch import INFERENCE_DTYPES
+from retinanet_plugin.predict import find_images
 
 logger = logging.getLogger("retinanet_plugin.export")
 
@@ -51,7 +54,12 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="checkpoint to export (default: MODEL.WEIGHTS)")
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--output", required=True, help="file to write (.ts or .onnx)")
+    parser.add_argument(
+        "--output", required=True, help="file to write (.ts or .pt for torchscript, .onnx)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export at --output"
+    )
     parser.add_argument(
         "--dtype",
         choices=sorted(INFERENCE_DTYPES),
@@ -96,6 +104,33 @@ def _check_options(args) -> None:
             raise ExportError(f"--sample-image {image} does not exist")
 
 
+def _check_output_is_new(args, cfg) -> None:
+    """Refuses an ``--output`` that is one of the command's own input files, or an existing
+    file that is not an earlier export (or is one, without ``--overwrite``)."""
+    if not os.path.exists(args.output):
+        return
+    inputs = {
+        "--weights / MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
+        "--config-file": args.config_file,
+        "--sample-image": args.sample_image,
+    }
+    for option, path in inputs.items():
+        if path and os.path.exists(path) and os.path.samefile(path, args.output):
+            raise ExportError(
+                f"--output {args.output} is the {option} file; name a new file for the export"
+            )
+    if not is_exported_model(args.output):
+        raise ExportError(
+            f"--output {args.output} exists and is not a model written by tools/export.py; "
+            "name a new file (or move that one away)"
+        )
+    if not args.overwrite:
+        raise ExportError(
+            f"--output {args.output} holds an earlier export; pass --overwrite to replace it, or "
+            "name a new file"
+        )
+
+
 def _read_input(path: str, cfg) -> torch.Tensor:
     try:
         return load_test_input(path, cfg)["image"]
@@ -114,17 +149,16 @@ def main(argv=None) -> int:
     if args.dtype:
         opts += ["MODEL.INFERENCE_DTYPE", args.dtype]
     cfg = load_config(args.config_file, opts)
+    check_export_options(args.format, cfg.MODEL.INFERENCE_DTYPE, args.quantize, args.output)
     if not cfg.MODEL.WEIGHTS:
         raise ExportError("no weights to export: pass --weights or set MODEL.WEIGHTS")
+    _check_output_is_new(args, cfg)
     calibration_files = []
     if args.quantize:
-        found = expand_inputs(args.calibration_images)
-        calibration_files = found[: args.num_calibration_images]
-        if not calibration_files:
-            raise ExportError(
-                "--quantize int8 needs calibration images: --calibration-images "
-                f"{args.calibration_images or '(not given)'} matched no file"
-            )
+        if not args.calibration_images:
+            raise ExportError("--quantize int8 needs calibration images: pass --calibration-images")
+        found, _ = find_images(args.calibration_images, "--calibration-images")
+        calibration_files = [path for path, _ in found[: args.num_calibration_images]]
     model = build_model(cfg).eval()
     RetinaNetCheckpointer(model, allow_new_classes=False, trust_weights=args.trust_weights).load(
         cfg.MODEL.WEIGHTS

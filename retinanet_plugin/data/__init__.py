@@ -5,6 +5,7 @@ from .augmentations import RandomChoice, add_train_augmentations
 from .datasets import (
     DatasetError,
     add_dataset_arguments,
+    check_datasets_before_training,
     dataset_class_names,
     register_coco_dataset,
     register_datasets_from_args,
@@ -12,6 +13,7 @@ from .datasets import (
     resolve_num_classes,
     voc_class_names,
 )
+from .images import ImageMapper, ImageReadError, read_image
 from .mixing import MIXING_AUGMENTATIONS, MixingDatasetMapper, cutmix, mixup, mosaic
 from .synthetic_shapes import (
     DEMO_TRAIN,
@@ -20,12 +22,16 @@ from .synthetic_shapes import (
     make_demo_dataset_args,
     make_shapes_dataset,
 )
-from .train_loader import build_train_loader, build_train_mapper, mixing_enabled
+from .train_loader import build_test_loader, build_train_loader, build_train_mapper, mixing_enabled
 
 __all__ = [
     "DatasetError",
     "add_dataset_arguments",
     "register_datasets_from_args",
+    "check_datasets_before_training",
+    "ImageMapper",
+    "ImageReadError",
+    "read_image",
     "register_coco_dataset",
     "register_voc_dataset",
     "voc_class_names",
@@ -45,5 +51,6 @@ __all__ = [
     "cutmix",
     "build_train_mapper",
     "build_train_loader",
+    "build_test_loader",
     "mixing_enabled",
 ]

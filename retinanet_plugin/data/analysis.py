@@ -25,6 +25,8 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
+from .images import trained_on
+
 __all__ = [
     "DatasetBoxes",
     "analyze_dataset",
@@ -69,14 +71,15 @@ def dataset_boxes(dataset_dicts: Sequence[Dict], short: int, max_size: int) -> D
 
     Args:
         dataset_dicts: detectron2's dataset format (``height``, ``width``, ``annotations`` with
-            ``bbox``, ``bbox_mode``, ``category_id``; crowd boxes are left out, as in training).
+            ``bbox``, ``bbox_mode``, ``category_id``; the boxes training leaves out, crowd
+            boxes, are left out).
         short, max_size: ``INPUT.MIN_SIZE_TEST`` and ``INPUT.MAX_SIZE_TEST``.
     """
     image_sizes, boxes, classes = [], [], []
     for record in dataset_dicts:
         height, width = record["height"], record["width"]
         new_height, new_width = ResizeShortestEdge.get_output_shape(height, width, short, max_size)
-        annotations = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        annotations = [a for a in record.get("annotations", []) if trained_on(a)]
         xyxy = np.array(
             [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
             dtype=np.float64,

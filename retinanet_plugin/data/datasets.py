@@ -5,9 +5,11 @@ of :mod:`.validation`; this module checks the paths up front, reads VOC class na
 files when none are given, and works out the number of classes a training set has.
 """
 
+import difflib
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_voc_instances
@@ -17,11 +19,13 @@ from .validation import (
     check_coco_json,
     check_voc_split,
     clean_boxes,
+    coco_categories,
     correct_image_sizes,
     forget_coco_json,
+    mark_voc_difficult,
     parse_voc_xml,
-    read_coco_json,
     resolve_inside,
+    voc_object_names,
 )
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "resolve_num_classes",
     "add_dataset_arguments",
     "register_datasets_from_args",
+    "check_datasets_before_training",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,20 @@ logger = logging.getLogger(__name__)
 
 # name -> the arguments it was registered with by this module.
 _REGISTRATIONS: Dict[str, tuple] = {}
+
+# name -> (registration and annotation file stamp, records): a dataset loaded and checked before
+# training, handed to the next load of it in this process (the trainer's) instead of loading it
+# again.
+_CHECKED: Dict[str, Tuple[tuple, List[Dict]]] = {}
+
+
+def _stamp(registration: tuple) -> tuple:
+    """``registration`` and the modification time of its annotation (or split) file."""
+    if registration[0] == "coco":
+        path = registration[1]
+    else:
+        path = os.path.join(registration[1], "ImageSets", "Main", f"{registration[2]}.txt")
+    return registration + (os.stat(path).st_mtime_ns,)
 
 
 def _claim_name(name: str, registration: tuple) -> bool:
@@ -60,7 +79,18 @@ def _claim_name(name: str, registration: tuple) -> bool:
     )
 
 
+def _checked_records(name: str, registration: tuple) -> Optional[List[Dict]]:
+    """The records :func:`check_datasets_before_training` loaded for ``name``, once."""
+    stamp_and_records = _CHECKED.pop(name, None)
+    if stamp_and_records and stamp_and_records[0] == _stamp(registration):
+        return stamp_and_records[1]
+    return None
+
+
 def _load_coco(name: str, json_file: str, image_root: str) -> List[Dict]:
+    checked = _checked_records(name, ("coco", json_file, image_root))
+    if checked is not None:
+        return checked
     try:
         check_coco_json(json_file, image_root)
     finally:
@@ -81,6 +111,10 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
         json_file: COCO instances annotation file.
         image_root: folder the annotation's ``file_name`` entries are relative to.
     """
+    if os.path.isdir(json_file):
+        raise DatasetError(
+            f"dataset {name!r}: annotation file {json_file} is a folder; name the COCO JSON file"
+        )
     if not os.path.isfile(json_file):
         raise DatasetError(f"dataset {name!r}: annotation file {json_file} does not exist")
     if not os.path.isdir(image_root):
@@ -100,12 +134,24 @@ def _voc_split_ids(voc_dir: str, split: str) -> List[str]:
     if not os.path.isfile(split_file):
         raise DatasetError(f"VOC split file {split_file} does not exist")
     with open(split_file, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+        ids = [line.strip() for line in f if line.strip()]
+    # An id listed twice would be trained on twice and evaluated as two images.
+    repeated = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if repeated:
+        raise DatasetError(
+            f"VOC split file {split_file}: {len(ids) - len(set(ids))} ids are listed more than "
+            f"once ({', '.join(repr(i) for i in repeated[:5])}"
+            f"{', ...' if len(repeated) > 5 else ''}); list each image once"
+        )
+    return ids
 
 
 def _load_voc(name: str, voc_dir: str, split: str, class_names: List[str]) -> List[Dict]:
-    check_voc_split(voc_dir, _voc_split_ids(voc_dir, split), class_names)
-    records = load_voc_instances(voc_dir, split, class_names)
+    checked = _checked_records(name, ("voc", voc_dir, split, tuple(class_names)))
+    if checked is not None:
+        return checked
+    difficult = check_voc_split(voc_dir, _voc_split_ids(voc_dir, split), class_names)
+    records = mark_voc_difficult(name, load_voc_instances(voc_dir, split, class_names), difficult)
     return clean_boxes(name, correct_image_sizes(name, records))
 
 
@@ -115,8 +161,8 @@ def voc_class_names(voc_dir: str, split: str) -> List[str]:
     annotation_dir = os.path.join(voc_dir, "Annotations")
     for file_id in _voc_split_ids(voc_dir, split):
         what = f"VOC split entry {file_id!r}"
-        tree = parse_voc_xml(resolve_inside(annotation_dir, f"{file_id}.xml", what))
-        names.update((obj.findtext("name") or "").strip() for obj in tree.findall("object"))
+        xml_file = resolve_inside(annotation_dir, f"{file_id}.xml", what)
+        names.update(voc_object_names(xml_file, parse_voc_xml(xml_file)))
     if not names:
         raise DatasetError(f"VOC split {split!r} in {voc_dir} has no annotated objects")
     return sorted(names)
@@ -129,9 +175,11 @@ def register_voc_dataset(
     ``ImageSets/Main/<split>.txt``) under ``name`` with detectron2's VOC loader.
 
     The split is checked when it is loaded (see :mod:`.validation`): an XML file that does not
-    parse, a class not in ``class_names``, a missing image or an id leading outside the folder
-    raise :class:`DatasetError`; unusable boxes are dropped and boxes reaching outside their
-    image are clipped, with counts in the log.
+    parse, a class not in ``class_names``, a missing image, an id listed twice or leading
+    outside the folder raise :class:`DatasetError`; unusable boxes are dropped and boxes
+    reaching outside their image are clipped, with counts in the log. Objects marked
+    ``<difficult>`` are ignored in evaluation, as by VOC's, and kept in training, as by
+    detectron2 (see :func:`.validation.mark_voc_difficult`).
 
     Args:
         name: the dataset name for ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
@@ -149,6 +197,12 @@ def register_voc_dataset(
     if class_names is None:
         class_names = voc_class_names(voc_dir, split)
     class_names = list(class_names)
+    unusable = [n for n in class_names if not isinstance(n, str) or not n or n != n.strip()]
+    if unusable or len(set(class_names)) < len(class_names):
+        raise DatasetError(
+            f"dataset {name!r}: class names {class_names} must be distinct non-empty strings "
+            "without spaces around them"
+        )
     registration = ("voc", voc_dir, split, tuple(class_names))
     if not _claim_name(name, registration):
         return class_names
@@ -174,7 +228,7 @@ def dataset_class_names(name: str) -> List[str]:
     sets: the names ordered by category id and the id-to-label map."""
     metadata = MetadataCatalog.get(name)
     if not hasattr(metadata, "thing_classes") and _REGISTRATIONS.get(name, ("",))[0] == "coco":
-        categories = sorted(read_coco_json(metadata.json_file)["categories"], key=lambda c: c["id"])
+        categories = sorted(coco_categories(metadata.json_file), key=lambda c: c["id"])
         metadata.thing_classes = [c["name"] for c in categories]
         metadata.thing_dataset_id_to_contiguous_id = {
             c["id"]: label for label, c in enumerate(categories)
@@ -241,16 +295,124 @@ def add_dataset_arguments(parser) -> None:
     )
 
 
+def _given_voc_classes(text: str) -> List[str]:
+    """The class names of ``--voc-classes``, stripped of spaces around them.
+
+    Raises:
+        DatasetError: an empty name (e.g. "tree," or "tree,,bush") or a name given twice.
+    """
+    names = [name.strip() for name in text.split(",")]
+    if "" in names:
+        raise DatasetError(
+            f"--voc-classes {text!r}: class {names.index('') + 1} of {len(names)} is named '' "
+            "(a comma too many?); give the class names separated by commas, e.g. tree,bush"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DatasetError(
+            f"--voc-classes {text!r}: {', '.join(map(repr, repeated))} given more than once; "
+            "give each class once"
+        )
+    return names
+
+
+def _check_voc_classes(given: List[str], voc_dir: str, splits: List[str]) -> None:
+    """The classes of ``--voc-classes`` are exactly those of the XML files of a VOC folder's
+    registered splits: a name found in no XML file is a typo (or a class the model would never
+    see), an XML name not given cannot be loaded.
+
+    Raises:
+        DatasetError: naming the unknown names on both sides and the given list.
+    """
+    found = {name for split in splits for name in voc_class_names(voc_dir, split)}
+    not_in_files = [name for name in given if name not in found]
+    not_given = sorted(found - set(given))
+    if not (not_in_files or not_given):
+        return
+    problems = []
+    if not_given:
+        problems.append(f"the XML files have classes not in it: {', '.join(map(repr, not_given))}")
+    for name in not_in_files:
+        close = difflib.get_close_matches(name, sorted(found), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"class {name!r} is in no XML file{hint}")
+    raise DatasetError(
+        f"--voc-classes {','.join(given)}: for the splits {', '.join(splits)} of {voc_dir}, "
+        f"{'; '.join(problems)} (classes in the XML files: {', '.join(sorted(found))}); fix "
+        "the list, or leave --voc-classes out to use the classes found (a class only in "
+        "another split: register that split too)"
+    )
+
+
 def register_datasets_from_args(args) -> None:
-    """Registers the datasets named by :func:`add_dataset_arguments`' options."""
+    """Registers the datasets named by :func:`add_dataset_arguments`' options.
+
+    Raises:
+        DatasetError: bad files or names (see the ``register_*`` functions), or
+            ``--voc-classes`` that are not the classes of the XML files of the VOC splits.
+    """
     for name, json_file, image_root in args.register_coco:
         register_coco_dataset(name, json_file, image_root)
-    given = [c.strip() for c in args.voc_classes.split(",")] if args.voc_classes else None
+    given = _given_voc_classes(args.voc_classes) if args.voc_classes is not None else None
     classes_per_dir = {}
     for name, voc_dir, split in args.register_voc:
-        if given is None and voc_dir not in classes_per_dir:
+        if voc_dir not in classes_per_dir:
             # One class list for all splits of a folder, so train and val labels agree.
             splits = [s for _, d, s in args.register_voc if d == voc_dir]
-            names = {c for s in splits for c in voc_class_names(voc_dir, s)}
-            classes_per_dir[voc_dir] = sorted(names)
-        register_voc_dataset(name, voc_dir, split, given or classes_per_dir[voc_dir])
+            if given is None:
+                names = {c for s in splits for c in voc_class_names(voc_dir, s)}
+                classes_per_dir[voc_dir] = sorted(names)
+            else:
+                _check_voc_classes(given, voc_dir, splits)
+                classes_per_dir[voc_dir] = given
+        register_voc_dataset(name, voc_dir, split, classes_per_dir[voc_dir])
+
+
+def _check_same_classes(names: Sequence[str]) -> None:
+    """All of ``names`` have the same class names in the same label order: a model trained on
+    one set of labels and evaluated on another gets nan or wrong AP per class."""
+    reference = dataset_class_names(names[0])
+    for name in names[1:]:
+        classes = dataset_class_names(name)
+        if classes == reference:
+            continue
+        only_first = [c for c in reference if c not in classes]
+        only_other = [c for c in classes if c not in reference]
+        if only_first or only_other:
+            detail = (
+                f"only in {names[0]!r}: {', '.join(map(repr, only_first)) or 'none'}; only in "
+                f"{name!r}: {', '.join(map(repr, only_other)) or 'none'}"
+            )
+        else:
+            detail = f"the same names in another order: {reference} and {classes}"
+        raise DatasetError(
+            f"datasets {names[0]!r} and {name!r} have different classes ({detail}); the "
+            "training and test datasets must have the same categories (the same names, with "
+            "ids in the same order)"
+        )
+
+
+def check_datasets_before_training(train: Sequence[str], test: Sequence[str]) -> None:
+    """Checks the datasets of a run before it starts, rather than when the trainer (the training
+    sets) or the evaluator (the test sets, after training) loads them: the datasets registered by
+    this module are loaded with all their checks, and all datasets must have the same classes.
+
+    The records of a training set loaded here are handed to the trainer's first load of it in
+    this process, so that it is read once.
+
+    Args:
+        train, test: registered dataset names (``DATASETS.TRAIN``, ``DATASETS.TEST``).
+
+    Raises:
+        DatasetError: see :func:`register_coco_dataset`, :func:`register_voc_dataset` and
+            :func:`_check_same_classes`.
+    """
+    _CHECKED.clear()  # left by an earlier run in this process that stopped before training
+    names = list(dict.fromkeys([*train, *test]))
+    if names:
+        _check_same_classes(names)  # first: it reads the categories only
+    for name in names:
+        if name in _REGISTRATIONS:
+            records = DatasetCatalog.get(name)
+            if name in train:  # test sets are loaded again when evaluated, not kept till then
+                _CHECKED[name] = (_stamp(_REGISTRATIONS[name]), records)

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper
 from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import pairwise_intersection
 
 from .augmentations import add_train_augmentations
+from .images import ImageMapper
 
 __all__ = ["MIXING_AUGMENTATIONS", "MixingDatasetMapper", "cutmix", "mixup", "mosaic"]
 
@@ -215,8 +215,9 @@ def cutmix(
     return mixed, instances
 
 
-class MixingDatasetMapper(DatasetMapper):
-    """detectron2's training ``DatasetMapper`` with Mosaic, MixUp and CutMix (see the module).
+class MixingDatasetMapper(ImageMapper):
+    """detectron2's training ``DatasetMapper`` (the plugin's :class:`.ImageMapper`, reading
+    images as prediction does) with Mosaic, MixUp and CutMix (see the module).
 
     Args:
         dataset: the training records (a list, or detectron2's ``DatasetFromList``) from which

@@ -1,15 +1,21 @@
 """The training data loader: detectron2's, with the mapper that ``INPUT.AUG`` asks for, made to
-resume exactly (:mod:`.resumable`)."""
+resume exactly (:mod:`.resumable`), reading images as prediction does (:mod:`.images`)."""
 
 from typing import Optional, Sequence
 
-from detectron2.data import DatasetFromList, DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetFromList,
+    DatasetMapper,
+    build_detection_test_loader,
+    get_detection_dataset_dicts,
+)
 
 from .augmentations import add_train_augmentations
+from .images import ImageMapper
 from .mixing import MIXING_AUGMENTATIONS, MixingDatasetMapper
 from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
-__all__ = ["build_train_loader", "build_train_mapper", "mixing_enabled"]
+__all__ = ["build_test_loader", "build_train_loader", "build_train_mapper", "mixing_enabled"]
 
 
 def mixing_enabled(cfg) -> bool:
@@ -18,10 +24,11 @@ def mixing_enabled(cfg) -> bool:
 
 
 def build_train_mapper(cfg, dataset: Optional[Sequence[dict]] = None) -> DatasetMapper:
-    """detectron2's training ``DatasetMapper`` with the per-image augmentations of INPUT.AUG, or
-    a :class:`MixingDatasetMapper` drawing from ``dataset`` when a mixing one is enabled.
+    """The training :class:`ImageMapper` with the per-image augmentations of INPUT.AUG, or a
+    :class:`MixingDatasetMapper` drawing from ``dataset`` when a mixing one is enabled.
 
-    With nothing in INPUT.AUG enabled this is exactly ``DatasetMapper(cfg, is_train=True)``.
+    With nothing in INPUT.AUG enabled this maps as ``DatasetMapper(cfg, is_train=True)`` does,
+    with the plugin's image reader.
     """
     if mixing_enabled(cfg):
         if dataset is None:
@@ -29,7 +36,7 @@ def build_train_mapper(cfg, dataset: Optional[Sequence[dict]] = None) -> Dataset
         return MixingDatasetMapper(cfg, dataset)
     kwargs = DatasetMapper.from_config(cfg, is_train=True)
     kwargs["augmentations"] = add_train_augmentations(cfg, kwargs["augmentations"])
-    return DatasetMapper(**kwargs)
+    return ImageMapper(**kwargs)
 
 
 def build_train_loader(cfg) -> ResumableTrainLoader:
@@ -51,3 +58,9 @@ def build_train_loader(cfg) -> ResumableTrainLoader:
     return build_resumable_train_loader(
         cfg, mapper=build_train_mapper(cfg, dataset), dataset=dataset
     )
+
+
+def build_test_loader(cfg, dataset_name: str):
+    """detectron2's ``build_detection_test_loader`` for ``dataset_name``, its images read by
+    :class:`ImageMapper` (as training and ``predict`` read them)."""
+    return build_detection_test_loader(cfg, dataset_name, mapper=ImageMapper(cfg, is_train=False))

@@ -14,22 +14,23 @@ import os
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Sequence, Tuple
 
-from PIL import Image
-
 from detectron2.structures import BoxMode
 
 from ..errors import UserError
+from .images import TRANSPOSING_ORIENTATIONS, ImageReadError, image_size, trained_on
 
 __all__ = [
     "DatasetError",
     "correct_image_sizes",
-    "image_file_size",
     "resolve_inside",
     "forget_coco_json",
     "read_coco_json",
+    "coco_categories",
     "check_coco_json",
     "parse_voc_xml",
+    "voc_object_names",
     "check_voc_split",
+    "mark_voc_difficult",
     "clean_boxes",
 ]
 
@@ -70,13 +71,17 @@ def resolve_inside(root: str, entry: str, what: str) -> str:
     return path
 
 
+def _listed(items: Sequence[str]) -> str:
+    """The first few of ``items``, and how many more there are."""
+    more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return ", ".join(items[:_MAX_LISTED]) + more
+
+
 def _check_files_exist(paths: Sequence[str], what: str) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        listed = ", ".join(missing[:_MAX_LISTED])
-        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise DatasetError(
-            f"{what}: {len(missing)} of {len(paths)} images do not exist: {listed}{more}"
+            f"{what}: {len(missing)} of {len(paths)} images do not exist: {_listed(missing)}"
         )
 
 
@@ -147,39 +152,107 @@ def _check_unique_ids(json_file: str, kind: str, records: Sequence[dict], detail
         first = seen.setdefault(record["id"], record)
         if first is not record:
             count = sum(1 for r in records if r.get("id") == record["id"])
+            plural = "categories" if kind == "category" else f"{kind}s"
             raise DatasetError(
-                f"{json_file}: {count} {kind}s have id {record['id']!r} ({detail} "
+                f"{json_file}: {count} {plural} have id {record['id']!r} ({detail} "
                 f"{first.get(detail)!r} and {record.get(detail)!r}); {kind} ids must be unique"
             )
 
 
-def check_coco_json(json_file: str, image_root: str) -> None:
-    """Checks what detectron2's ``load_coco_json`` would otherwise fail on deep inside.
+def _check_unique_names(json_file: str, categories: Sequence[dict]) -> None:
+    """Two categories of one name would be two classes the model cannot tell apart, and one
+    name for two labels in every result."""
+    ids: Dict[str, List[object]] = {}
+    for category in categories:
+        ids.setdefault(category["name"], []).append(category["id"])
+    repeated = {name: found for name, found in ids.items() if len(found) > 1}
+    if repeated:
+        listed = "; ".join(f"{name!r}: ids {found}" for name, found in repeated.items())
+        raise DatasetError(
+            f"{json_file}: {len(repeated)} category names are used by several categories "
+            f"({listed}); give each category its own name, or merge them into one id"
+        )
 
-    Checks that every image has a unique id, a file name and a size, that its file is inside
-    ``image_root`` and exists, that annotation ids are unique and that every annotation's
-    category is listed in ``categories``.
+
+def _check_unique_files(json_file: str, images: Sequence[dict], paths: Sequence[str]) -> None:
+    """One file under two image ids would be trained on twice and evaluated as two images, each
+    with half of the ground truth."""
+    first: Dict[str, dict] = {}
+    repeated = []
+    for image, path in zip(images, paths):
+        real = os.path.realpath(path)
+        if first.setdefault(real, image) is not image:
+            repeated.append(f"{image['file_name']!r} (ids {first[real]['id']} and {image['id']})")
+    if repeated:
+        raise DatasetError(
+            f"{json_file}: {len(repeated)} images are listed twice, under two ids: "
+            f"{_listed(repeated)}; list each file once, with all its annotations"
+        )
+
+
+def _check_annotated_images_exist(json_file: str, coco: dict) -> None:
+    """detectron2's loader silently drops annotations of an image id not in ``images``."""
+    image_ids = {image["id"] for image in coco["images"]}
+    orphans = [a for a in coco["annotations"] if a["image_id"] not in image_ids]
+    if orphans:
+        examples = [
+            f"annotation {a.get('id', '(without id)')} of image_id {a['image_id']!r}"
+            for a in orphans
+        ]
+        missing = len({repr(a["image_id"]) for a in orphans})
+        raise DatasetError(
+            f"{json_file}: {len(orphans)} annotations refer to {missing} image ids that are not "
+            f"in 'images' ({_listed(examples)}); add the images or remove the annotations"
+        )
+
+
+def coco_categories(json_file: str) -> List[Dict]:
+    """The categories of a COCO file, checked: each has an id and a name, and no two share
+    either.
 
     Raises:
-        DatasetError: naming the file and the first offending image or annotation.
+        DatasetError: naming the file and the categories.
+    """
+    categories = read_coco_json(json_file)["categories"]
+    for category in categories:
+        _check_keys(json_file, "category", category, ("id", "name"))
+    if not categories:
+        raise DatasetError(f"{json_file}: the 'categories' list is empty")
+    _check_unique_ids(json_file, "category", categories, "name")
+    _check_unique_names(json_file, categories)
+    return categories
+
+
+def check_coco_json(json_file: str, image_root: str) -> None:
+    """Checks what detectron2's ``load_coco_json`` would otherwise fail on deep inside, or
+    silently get wrong.
+
+    Checks that categories have unique ids and names, that every image has a unique id, a file
+    name and a size, that its file is inside ``image_root``, exists and is listed once, that
+    annotation ids are unique and that every annotation's image is in ``images`` and its
+    category in ``categories``.
+
+    Raises:
+        DatasetError: naming the file and the offending images or annotations (counted).
     """
     coco = read_coco_json(json_file)
-    for category in coco["categories"]:
-        _check_keys(json_file, "category", category, ("id", "name"))
-    category_ids = {c["id"] for c in coco["categories"]}
-    if not category_ids:
-        raise DatasetError(f"{json_file}: the 'categories' list is empty")
+    category_ids = {c["id"] for c in coco_categories(json_file)}
     paths = []
     for image in coco["images"]:
         _check_keys(json_file, "image", image, ("id", "file_name", "height", "width"))
         what = f"{json_file}: image {image['id']}"
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise DatasetError(f"{what}: file_name {image['file_name']!r} is not a file name")
         paths.append(resolve_inside(image_root, image["file_name"], what))
     _check_files_exist(paths, f"{json_file} (image root {image_root})")
     _check_unique_ids(json_file, "image", coco["images"], "file_name")
+    _check_unique_files(json_file, coco["images"], paths)
     _check_unique_ids(json_file, "annotation", coco["annotations"], "image_id")
-    file_names = {image["id"]: image["file_name"] for image in coco["images"]}
     for annotation in coco["annotations"]:
         _check_keys(json_file, "annotation", annotation, ("image_id", "category_id", "bbox"))
+    _check_annotated_images_exist(json_file, coco)
+    file_names = {image["id"]: image["file_name"] for image in coco["images"]}
+    for annotation in coco["annotations"]:
         bbox = annotation["bbox"]
         if not (
             isinstance(bbox, list)
@@ -191,7 +264,7 @@ def check_coco_json(json_file: str, image_root: str) -> None:
                 f"{annotation['image_id']}: bbox {bbox!r} is not 4 numbers [x, y, width, height]"
             )
         if annotation["category_id"] not in category_ids:
-            image = file_names.get(annotation["image_id"], "not in 'images'")
+            image = file_names[annotation["image_id"]]
             raise DatasetError(
                 f"{json_file}: annotation {annotation.get('id', '(without id)')} of image "
                 f"{annotation['image_id']} ({image}) has category_id {annotation['category_id']}"
@@ -225,19 +298,50 @@ def _is_number(text) -> bool:
     return True
 
 
-def check_voc_split(voc_dir: str, file_ids: Sequence[str], class_names: Sequence[str]) -> None:
+def voc_object_names(xml_file: str, tree: ET.ElementTree) -> List[str]:
+    """The class names of the objects of a parsed VOC annotation file, in order.
+
+    Raises:
+        DatasetError: an object has no ``<name>``, or one with spaces around it (detectron2's
+            loader looks names up as written, so " tree " is not "tree").
+    """
+    names = []
+    for number, obj in enumerate(tree.findall("object"), 1):
+        name = obj.findtext("name")
+        if not name or not name.strip():
+            raise DatasetError(f"VOC annotation {xml_file}: object {number} has no <name>")
+        if name != name.strip():
+            raise DatasetError(
+                f"VOC annotation {xml_file}: object {number} has the name {name!r}, with "
+                "spaces around it; remove them"
+            )
+        names.append(name)
+    return names
+
+
+def _is_difficult(obj: ET.Element) -> bool:
+    return (obj.findtext("difficult") or "0").strip() not in ("0", "")
+
+
+def check_voc_split(
+    voc_dir: str, file_ids: Sequence[str], class_names: Sequence[str]
+) -> List[List[bool]]:
     """Checks what detectron2's ``load_voc_instances`` would otherwise fail on deep inside.
 
     Checks that each id's XML and JPEG are inside ``Annotations/`` and ``JPEGImages/`` and
-    exist, that the XML parses and has a size, and that every object's class is in
-    ``class_names``.
+    exist, that the XML parses and has a size, and that every object has a name in
+    ``class_names`` and a numeric box.
+
+    Returns:
+        Per id, per object (in the order of the XML file and of detectron2's records), whether
+        it is marked ``<difficult>``.
 
     Raises:
         DatasetError: naming the file and what is wrong.
     """
     annotation_dir = os.path.join(voc_dir, "Annotations")
     image_dir = os.path.join(voc_dir, "JPEGImages")
-    image_files = []
+    image_files, difficult = [], []
     for file_id in file_ids:
         what = f"VOC split entry {file_id!r}"
         xml_file = resolve_inside(annotation_dir, file_id + ".xml", what)
@@ -247,9 +351,8 @@ def check_voc_split(voc_dir: str, file_ids: Sequence[str], class_names: Sequence
             text = tree.findtext(field)
             if text is None or not text.strip().isdigit():
                 raise DatasetError(f"VOC annotation {xml_file}: {field[2:]} missing or not an int")
-        for obj in tree.findall("object"):
-            # Unstripped, as detectron2's loader looks the name up.
-            name = obj.findtext("name")
+        names = voc_object_names(xml_file, tree)
+        for name, obj in zip(names, tree.findall("object")):
             if name not in class_names:
                 raise DatasetError(
                     f"VOC annotation {xml_file}: class {name!r} is not in the class list "
@@ -262,7 +365,41 @@ def check_voc_split(voc_dir: str, file_ids: Sequence[str], class_names: Sequence
                     f"VOC annotation {xml_file}: object {name!r} has no bndbox with numeric "
                     f"{', '.join(_VOC_CORNERS)}"
                 )
+        difficult.append([_is_difficult(obj) for obj in tree.findall("object")])
     _check_files_exist(image_files, f"VOC folder {image_dir}")
+    return difficult
+
+
+def mark_voc_difficult(
+    dataset_name: str, dicts: List[Dict], difficult: Sequence[Sequence[bool]]
+) -> List[Dict]:
+    """Marks the boxes of VOC objects flagged ``<difficult>`` as crowd regions, in place, with a
+    count in the log: COCO evaluation then ignores them, as VOC's evaluation does (a detection
+    on one is neither a true nor a false positive), instead of counting them as ordinary ground
+    truth. Training keeps them, as detectron2's VOC loader does (``"difficult": 1`` tells the
+    plugin's mapper to keep these crowd boxes: :func:`.images.trained_on`).
+
+    Args:
+        dicts: the records of detectron2's ``load_voc_instances``.
+        difficult: per record, per annotation, whether it is difficult (:func:`check_voc_split`).
+
+    Returns:
+        ``dicts``.
+    """
+    count = 0
+    for record, flags in zip(dicts, difficult):
+        for annotation, flag in zip(record["annotations"], flags):
+            if flag:
+                annotation["iscrowd"], annotation["difficult"] = 1, 1
+                count += 1
+    if count:
+        logger.info(
+            "Dataset %r: %d difficult objects are ignored in evaluation (as by VOC's), kept in "
+            "training (as by detectron2)",
+            dataset_name,
+            count,
+        )
+    return dicts
 
 
 def _box_xyxy(annotation: dict) -> List[float]:
@@ -296,7 +433,8 @@ def clean_boxes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
         ``dicts``.
 
     Raises:
-        DatasetError: no image or no box is left.
+        DatasetError: no image or no box is left, or every box left is a crowd region (which
+            training and evaluation ignore).
     """
     # kind -> [count, example]
     found = {"invalid": [0, None], "outside": [0, None], "clipped": [0, None]}
@@ -306,7 +444,7 @@ def clean_boxes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
         if found[kind][1] is None:
             found[kind][1] = f"{box} in {record['file_name']}"
 
-    num_boxes = 0
+    num_boxes = num_crowd = 0
     for record in dicts:
         width, height = record["width"], record["height"]
         kept = []
@@ -333,6 +471,7 @@ def clean_boxes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
             kept.append(annotation)
         record["annotations"] = kept
         num_boxes += len(kept)
+        num_crowd += sum(1 for a in kept if not trained_on(a))
 
     messages = {
         "invalid": "had a NaN/inf coordinate or zero or negative width/height and were dropped",
@@ -350,46 +489,90 @@ def clean_boxes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
             f"dataset {dataset_name!r} is empty: {len(dicts)} images, no usable boxes "
             f"({dropped} dropped as invalid or outside their image)"
         )
+    if num_crowd == num_boxes:
+        raise DatasetError(
+            f"dataset {dataset_name!r} has nothing to train on or evaluate: all its {num_boxes} "
+            "boxes are marked iscrowd (crowd regions, which training and evaluation ignore); "
+            "set iscrowd to 0 for the boxes of single objects"
+        )
     return dicts
 
 
-# EXIF orientations that rotate the image by 90 degrees, swapping width and height when
-# detectron2's read_image applies them.
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-_EXIF_ORIENTATION = 0x0112
+def _header_sizes(dataset_name: str, dicts: Sequence[Dict]) -> List[Tuple[int, int, int]]:
+    """(width, height, EXIF orientation) per record's image, as it is read for training.
 
-
-def image_file_size(path: str) -> Tuple[int, int]:
-    """(width, height) of an image as detectron2's ``read_image`` gives it (EXIF orientation
-    applied), from the file's header alone."""
-    with Image.open(path) as image:
-        width, height = image.size
+    Raises:
+        DatasetError: images that cannot be read, counted and the first ones named.
+    """
+    sizes, unreadable = [], []
+    for record in dicts:
         try:
-            orientation = image.getexif().get(_EXIF_ORIENTATION)
-        except Exception:  # as detectron2's read_image: broken EXIF data means no orientation
-            orientation = None
-    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+            sizes.append(image_size(record["file_name"]))
+        except ImageReadError as e:
+            unreadable.append(str(e))
+    if unreadable:
+        raise DatasetError(
+            f"dataset {dataset_name!r}: {len(unreadable)} of {len(dicts)} images cannot be read: "
+            f"{_listed(unreadable)}; replace or remove them"
+        )
+    return sizes
 
 
 def correct_image_sizes(dataset_name: str, dicts: List[Dict]) -> List[Dict]:
-    """Sets each record's ``width``/``height`` to its image file's, in place, with a count in
-    the log: detectron2 stops training at the first image whose annotated size is wrong
+    """Sets each record's ``width``/``height`` to its image's as it is read (EXIF orientation
+    applied, as detectron2's ``read_image`` does), in place, with a count in the log:
+    detectron2 stops training at the first image whose annotated size is wrong
     (``SizeMismatchError``), and scales test detections to the annotated size.
+
+    The images carrying an EXIF orientation are counted in the log. One that the orientation
+    turns by 90 degrees while its annotated size is the file's unturned size is refused: its
+    boxes were most likely drawn on the unturned pixels and would land in the wrong place.
 
     Returns:
         ``dicts``.
+
+    Raises:
+        DatasetError: images that cannot be read, or annotated as if not turned by their EXIF
+            orientation (counted, the first ones named).
     """
     corrected, example = 0, None
-    for record in dicts:
-        size = image_file_size(record["file_name"])
-        if (record.get("width"), record.get("height")) != size:
+    oriented, unturned = [], []
+    for record, (width, height, orientation) in zip(dicts, _header_sizes(dataset_name, dicts)):
+        annotated = (record.get("width"), record.get("height"))
+        if orientation != 1:
+            oriented.append(f"{record['file_name']} (orientation {orientation})")
+            if orientation in TRANSPOSING_ORIENTATIONS and width != height:
+                if annotated == (height, width):
+                    unturned.append(
+                        f"{record['file_name']} (annotated {height}x{width}, shown {width}x"
+                        f"{height})"
+                    )
+                    continue
+        if annotated != (width, height):
             corrected += 1
             if example is None:
                 example = (
-                    f"{record['file_name']}: annotated {record.get('width')}x"
-                    f"{record.get('height')}, file {size[0]}x{size[1]}"
+                    f"{record['file_name']}: annotated {annotated[0]}x{annotated[1]}, file "
+                    f"{width}x{height}"
                 )
-            record["width"], record["height"] = size
+            record["width"], record["height"] = width, height
+    if unturned:
+        raise DatasetError(
+            f"dataset {dataset_name!r}: {len(unturned)} images have an EXIF orientation that "
+            "turns them by 90 degrees (as detectron2 reads them), but are annotated with the "
+            f"size of the unturned file: {_listed(unturned)}; their boxes would be misplaced: "
+            "if the boxes were drawn on the unturned image, remove the EXIF orientation from "
+            "these files (e.g. exiftool -Orientation= FILE), else correct their width/height"
+        )
+    if oriented:
+        logger.info(
+            "Dataset %r: %d of %d images carry an EXIF orientation, applied when they are read "
+            "(sizes and boxes are taken as of the turned image), e.g. %s",
+            dataset_name,
+            len(oriented),
+            len(dicts),
+            oriented[0],
+        )
     if corrected:
         logger.warning(
             "Dataset %r: %d of %d images have another width/height in the annotations than in "
