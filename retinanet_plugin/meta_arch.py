@@ -381,4 +381,3 @@ def _check_image_layout(index: int, image: Tensor, channels: int) -> None:
             f"MODEL.PIXEL_MEAN has {channels} values, got a {type(image).__name__} of shape "
             f"{shape}.{hint}"
         )
-
