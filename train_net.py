@@ -24,11 +24,21 @@ import contextlib
 import logging
 import os
 import sys
+import weakref
 
 from torch.multiprocessing import ProcessExitedException
 
-import retinanet_plugin  # noqa: F401  (applies detectron2 compat patches, registers components)
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    hooks,
+)
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -87,9 +97,35 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg, trust_weights=False):
-        self.trust_weights = trust_weights  # set first: the base constructor calls build_hooks
+        self.trust_weights = trust_weights  # set first: build_hooks below needs it
         self._gather_training_state = GatherTrainingState(cfg.SOLVER.CHECKPOINT_PERIOD)
-        super().__init__(cfg)
+        # DefaultTrainer's constructor, step for step, except that a CPU model is wrapped in
+        # DistributedDataParallel without device_ids, which detectron2's create_ddp_model
+        # always passes and DDP rejects for CPU modules (multi-process CPU training, gloo).
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = not any(p.is_cuda for p in model.parameters())
+        model = create_ddp_model(
+            model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
+        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = RetinaNetCheckpointer(
+            model,
+            cfg.OUTPUT_DIR,
+            allow_new_classes=True,  # fine-tuning from MODEL.WEIGHTS; never when resuming
+            trust_weights=trust_weights,
+            trainer=weakref.proxy(self),
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
         if comm.is_main_process():
             # Room for a checkpoint (weights plus optimizer state: ~2x the weights with SGD,
             # ~3x with AdamW), checked now rather than at the first checkpoint of the run.
@@ -179,16 +215,6 @@ class Trainer(DefaultTrainer):
         return build_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
-        # Swap in the plugin's checkpointer before the hooks capture self.checkpointer.
-        c = self.checkpointer
-        self.checkpointer = RetinaNetCheckpointer(
-            c.model,
-            c.save_dir,
-            save_to_disk=c.save_to_disk,  # only the main process writes
-            allow_new_classes=True,  # fine-tuning from MODEL.WEIGHTS; never when resuming
-            trust_weights=self.trust_weights,
-            **c.checkpointables,
-        )
         trainer_hooks = super().build_hooks()
         # detectron2 writes metrics every 20 iterations: a short run gets at least ~20 rows.
         period = max(1, min(20, self.max_iter // 20))

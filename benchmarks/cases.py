@@ -15,7 +15,7 @@ from typing import Callable, Dict, List
 import torch
 from torch.nn import functional as F
 
-import retinanet_plugin  # noqa: F401  (compat patches, registrations)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-import retinanet_plugin  # noqa: F401  (compat patches, registrations)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from benchmarks.measure import device_label, interleaved_times, median
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset

@@ -2,11 +2,13 @@
 
 detectron2's own ``collect_env_info`` table (Python, torch, CUDA, detectron2 and where it is
 installed), preceded by what a bug report about this plugin needs on top of it: the plugin's
-version, detectron2's version, whether detectron2's native ops are present, and which
-compatibility patches were applied.
+version, detectron2's version, whether detectron2's native ops are present, and, for a
+detectron2 built by ``tools/install_detectron2.py``, the source fixes that build has.
 """
 
 import argparse
+import importlib.util
+import json
 import os
 import sys
 from typing import List, Tuple
@@ -14,21 +16,28 @@ from typing import List, Tuple
 from tabulate import tabulate
 
 import retinanet_plugin
-from retinanet_plugin import compat
+
+# What tools/install_detectron2.py writes into the detectron2 it builds.
+BUILD_RECORD = "PURE_PYTHON_BUILD.json"
 
 
 def plugin_env_rows() -> List[Tuple[str, str]]:
     """(name, value) rows describing the plugin and the detectron2 it runs on."""
     import detectron2
 
-    state = compat.apply()
-    error = state["native_ops_error"]
+    package = os.path.dirname(detectron2.__file__)
+    native = importlib.util.find_spec("detectron2._C") is not None
     rows = [
         ("retinanet_plugin", retinanet_plugin.__version__),
-        ("detectron2", f"{detectron2.__version__} @{os.path.dirname(detectron2.__file__)}"),
-        ("detectron2 native ops (_C)", "present" if error is None else f"absent: {error}"),
+        ("detectron2", f"{detectron2.__version__} @{package}"),
+        ("detectron2 native ops (_C)", "present" if native else "absent (pure Python build)"),
     ]
-    rows += [("compat patch", patch) for patch in state["patches"]] or [("compat patch", "none")]
+    record = os.path.join(package, BUILD_RECORD)
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            build = json.load(f)
+        rows.append(("detectron2 built from", f"{build['source']} (tools/install_detectron2.py)"))
+        rows += [("detectron2 source fix", fix) for fix in build["fixes"]]
     return rows
 
 

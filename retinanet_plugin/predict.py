@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import retinanet_plugin  # noqa: F401  (compat patches, registered components)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from retinanet_plugin import add_retinanet_config, get_config_file

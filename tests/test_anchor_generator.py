@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import detectron2_cfg, plugin_cfg
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec

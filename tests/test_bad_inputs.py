@@ -27,7 +27,7 @@ import pytest
 import torch
 from bad_input_env import REPO, TINY, Env
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import isolated_process_state
 from retinanet_plugin import cli
 

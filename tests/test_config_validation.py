@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.engine import AMPTrainer

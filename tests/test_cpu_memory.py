@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from retinanet_plugin.cpu_memory import MALLOC_SETTINGS, keep_freed_memory
+from retinanet_plugin.cpu_memory import keep_freed_memory
 
 # Allocates and frees four 20 MiB tensors (80 MiB above glibc's default trim threshold, each
 # below its mmap threshold) six times; prints the minor page faults of the last five rounds.
@@ -55,8 +55,3 @@ def test_user_malloc_settings_are_left_alone(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
     assert keep_freed_memory() == "malloc settings left to the environment (GLIBC_TUNABLES)"
-
-
-def test_settings_are_within_glibcs_limits():
-    """mallopt refuses an mmap threshold above 32 MiB on 64-bit systems (HEAP_MAX_SIZE / 2)."""
-    assert MALLOC_SETTINGS["M_MMAP_THRESHOLD"][1] <= 32 << 20

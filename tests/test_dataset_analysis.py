@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import REPO, TINY, plugin_cfg, run_main
 from detectron2.structures import BoxMode
 from retinanet_plugin.config_io import load_config

@@ -169,9 +169,42 @@ def voc(voc_dataset, tmp_path):
     return str(voc_dir)
 
 
+_CORNERS = ("xmin", "ymin", "xmax", "ymax")
+
+
 def first_train_xml(voc_dir):
     with open(os.path.join(voc_dir, "ImageSets", "Main", "train.txt")) as f:
         return os.path.join(voc_dir, "Annotations", f.readline().strip() + ".xml")
+
+
+def test_voc_records_are_detectron2s(voc):
+    """The plugin reads VOC splits itself (detectron2's loader fails on one-image splits); its
+    records equal those of detectron2's ``load_voc_instances`` on a split of many images."""
+    from detectron2.data.datasets import load_voc_instances
+    from retinanet_plugin.data.validation import load_voc_split
+
+    with open(os.path.join(voc, "ImageSets", "Main", "train.txt")) as f:
+        ids = f.read().split()
+    records, difficult = load_voc_split(voc, ids, list(SHAPE_CLASSES))
+    assert records == load_voc_instances(voc, "train", list(SHAPE_CLASSES))
+    assert len(records) == 16 and difficult == [[False] * len(r["annotations"]) for r in records]
+
+
+def test_voc_split_of_one_image_loads(voc, request):
+    """A split file listing one image (a 0-d array for detectron2's np.loadtxt) gives that
+    image's record, its boxes 0-based as VOC's 1-based corners minus one."""
+    with open(first_train_xml(voc)) as f:
+        xml = f.read()
+    file_id = os.path.basename(first_train_xml(voc))[: -len(".xml")]
+    with open(os.path.join(voc, "ImageSets", "Main", "one.txt"), "w") as f:
+        f.write(file_id + "\n")
+    name = f"voc_{request.node.name}"
+    register_voc_dataset(name, voc, "one", list(SHAPE_CLASSES))
+    (record,) = DatasetCatalog.get(name)
+    first_box = [float(re.search(f"<{k}>([^<]+)</{k}>", xml).group(1)) for k in _CORNERS]
+    expected = [first_box[0] - 1, first_box[1] - 1, first_box[2], first_box[3]]
+    assert record["image_id"] == file_id
+    assert record["annotations"][0]["bbox"] == pytest.approx(expected)
 
 
 def test_voc_xml_that_does_not_parse_names_file_and_line(voc, request):
@@ -205,7 +238,7 @@ def test_voc_split_entry_outside_the_folder_is_rejected(voc, request):
 def test_truncated_image_is_skipped_with_a_warning_naming_it(coco, request):
     """The plugin's training loader skips an image it cannot read, naming it with a count, and
     fills the batch with another (detectron2's MapDataset retry; its Python 3.11 crash on 0.6
-    is fixed by compat)."""
+    is fixed where tools/install_detectron2.py builds it)."""
     from retinanet_plugin.data import build_train_mapper
     from retinanet_plugin.data.resumable import ResumableTrainLoader
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import detectron2_cfg, plugin_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import FocalLossRetinaNet
 
@@ -149,3 +149,24 @@ def test_inference_equal(name, grad_enabled):
         torch.testing.assert_close(a.scores[order_a], b.scores[order_b])
         torch.testing.assert_close(a.pred_boxes.tensor[order_a], b.pred_boxes.tensor[order_b])
         assert torch.equal(a.pred_classes[order_a], b.pred_classes[order_b])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_infinite_or_nan_head_outputs_give_what_detectron2_gives(value):
+    """Head outputs that are all inf or all NaN (detectron2's ``test_inf_nan_data``): the same
+    number of detections as detectron2's RetinaNet, none with a finite box coordinate."""
+    plugin, reference = build_pair("R18_GN_tiny")
+    counts = []
+    for model in (plugin, reference):
+        model.eval()
+        model.test_score_thresh = 0.0
+        images = ImageList(torch.full((1, 3, 256, 256), value), [(250, 250)])
+        features = [torch.full((1, 128, 32 >> i, 32 >> i), value) for i in range(5)]
+        logits, deltas = model.head(features)
+        logits = [torch.full_like(x, value) for x in logits]
+        deltas = [torch.full_like(x, value) for x in deltas]
+        with torch.no_grad():
+            (detections,) = model.forward_inference(images, features, [logits, deltas])
+        assert torch.isfinite(detections.pred_boxes.tensor).sum() == 0
+        counts.append(len(detections))
+    assert counts[0] == counts[1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator, coco_evaluation

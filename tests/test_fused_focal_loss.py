@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from focal_reference import reference_focal_loss
-from retinanet_plugin import focal_loss_from_labels, sigmoid_focal_loss
+from retinanet_plugin import focal_loss, focal_loss_from_labels, sigmoid_focal_loss
 
 # 3000 x 80 = 240k elements: four CPU chunks of 819 rows, the last one partial.
 SHAPE = (3000, 80)
@@ -167,8 +167,8 @@ def test_fused_cpu_gradient_has_no_subnormals():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_on_cuda_equals_float64_reference(dtype):
-    """On the GPU (one chunk per 2^16 elements, as on CPU) the fused loss and gradient match the
-    plain loss evaluated in float64 on the CPU, within the input dtype's precision."""
+    """On the GPU the fused loss and gradient match the plain loss evaluated in float64 on the
+    CPU, within the input dtype's precision."""
     logits, targets = _inputs(seed=2)
     rounded = logits.to(dtype).double()  # the reference sees the same rounded inputs
     ref_loss, ref_grad = _loss_and_grad(
@@ -189,6 +189,24 @@ def test_fused_on_cuda_equals_float64_reference(dtype):
     torch.testing.assert_close(
         grad.cpu().double(), ref_grad, rtol=tolerance, atol=tolerance * ref_grad.abs().max()
     )
+
+
+@pytest.mark.cuda
+def test_fused_on_cuda_across_a_gpu_chunk_boundary():
+    """Rows on both sides of the first GPU chunk boundary (the last chunk partial) get the
+    float64 reference's loss and gradient."""
+    rows_per_chunk = focal_loss._GPU_CHUNK // SHAPE[1]
+    logits, targets = _inputs(seed=5, shape=(rows_per_chunk + 123, SHAPE[1]))
+    ref_loss, ref_grad = _loss_and_grad(
+        reference_focal_loss, logits, targets, 0.25, 2.0, "none", 1.0
+    )
+    loss, grad = _loss_and_grad(
+        sigmoid_focal_loss, logits.cuda().float(), targets.cuda().float(), 0.25, 2.0, "none", 1.0
+    )
+    around = slice(rows_per_chunk - 50, rows_per_chunk + 50)
+    torch.testing.assert_close(loss[around].cpu().double(), ref_loss[around], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.cpu().double().sum(), ref_loss.sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_any_shape_is_computed_over_the_last_dimension():

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import plugin_cfg
 from detectron2.data.samplers import TrainingSampler
 from retinanet_plugin.compat import private_api

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import retinanet_plugin  # noqa: F401  (compat patches before any detectron2 submodule)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import plugin_cfg
 from detectron2.structures import Boxes, Instances
 from retinanet_plugin.predict import BatchPredictor

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-import retinanet_plugin  # noqa: F401  (compat patches, registered components)
+import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from retinanet_plugin import cli

@@ -1,18 +1,12 @@
 """The installed detectron2's source text, read without importing it.
 
-The compat patches decide what to change by reading detectron2's code rather than its version
-number (upstream main still calls itself 0.6), and must read it before importing, since
-importing is what fails before some patches.
+The adapters decide what the installed detectron2 does by reading its code rather than its
+version number (upstream main still calls itself 0.6).
 """
 
-import functools
 import os
-from typing import Tuple
 
-__all__ = ["detectron2_module_sources", "detectron2_source"]
-
-# Not detectron2's library code: LazyConfig files and the projects' redirect or copies.
-_NOT_LIBRARY = ("model_zoo/configs/", "projects/")
+__all__ = ["detectron2_source"]
 
 
 def _package_dir() -> str:
@@ -28,24 +22,3 @@ def detectron2_source(relative_path: str) -> str:
         return ""
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-@functools.lru_cache(maxsize=None)
-def detectron2_module_sources() -> Tuple[Tuple[str, str], ...]:
-    """(module name, source text) of every module of detectron2's library code."""
-    root = _package_dir()
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories.sort()
-        relative_dir = os.path.relpath(directory, root).replace(os.sep, "/")
-        if any((relative_dir + "/").startswith(prefix) for prefix in _NOT_LIBRARY):
-            continue
-        for file_name in sorted(files):
-            if not file_name.endswith(".py"):
-                continue
-            relative_path = file_name if relative_dir == "." else f"{relative_dir}/{file_name}"
-            module = "detectron2." + relative_path[: -len(".py")].replace("/", ".")
-            if module.endswith(".__init__"):
-                module = module[: -len(".__init__")]
-            found.append((module, detectron2_source(relative_path)))
-    return tuple(found)

@@ -1,8 +1,10 @@
 """Registering users' datasets in detectron2's DatasetCatalog / MetadataCatalog.
 
-Loading is detectron2's own (``load_coco_json``, ``load_voc_instances``), wrapped in the checks
-of :mod:`.validation`; this module checks the paths up front, reads VOC class names from the XML
-files when none are given, and works out the number of classes a training set has.
+COCO files are loaded by detectron2's ``load_coco_json``, VOC splits by
+:func:`.validation.load_voc_split` (detectron2's ``load_voc_instances`` records, which that loader
+cannot give for a split of one image), both wrapped in the checks of :mod:`.validation`; this
+module checks the paths up front, reads VOC class names from the XML files when none are given,
+and works out the number of classes a training set has.
 """
 
 import difflib
@@ -12,16 +14,16 @@ from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, load_voc_instances
+from detectron2.data.datasets import load_coco_json
 
 from .validation import (
     DatasetError,
     check_coco_json,
-    check_voc_split,
     clean_boxes,
     coco_categories,
     correct_image_sizes,
     forget_coco_json,
+    load_voc_split,
     mark_voc_difficult,
     parse_voc_xml,
     resolve_inside,
@@ -150,8 +152,8 @@ def _load_voc(name: str, voc_dir: str, split: str, class_names: List[str]) -> Li
     checked = _checked_records(name, ("voc", voc_dir, split, tuple(class_names)))
     if checked is not None:
         return checked
-    difficult = check_voc_split(voc_dir, _voc_split_ids(voc_dir, split), class_names)
-    records = mark_voc_difficult(name, load_voc_instances(voc_dir, split, class_names), difficult)
+    records, difficult = load_voc_split(voc_dir, _voc_split_ids(voc_dir, split), class_names)
+    records = mark_voc_difficult(name, records, difficult)
     return clean_boxes(name, correct_image_sizes(name, records))
 
 

@@ -29,7 +29,7 @@ __all__ = [
     "check_coco_json",
     "parse_voc_xml",
     "voc_object_names",
-    "check_voc_split",
+    "load_voc_split",
     "mark_voc_difficult",
     "clean_boxes",
 ]
@@ -323,36 +323,41 @@ def _is_difficult(obj: ET.Element) -> bool:
     return (obj.findtext("difficult") or "0").strip() not in ("0", "")
 
 
-def check_voc_split(
+def load_voc_split(
     voc_dir: str, file_ids: Sequence[str], class_names: Sequence[str]
-) -> List[List[bool]]:
-    """Checks what detectron2's ``load_voc_instances`` would otherwise fail on deep inside.
+) -> Tuple[List[Dict], List[List[bool]]]:
+    """The records of a VOC split, checked, as detectron2's ``load_voc_instances`` makes them.
 
-    Checks that each id's XML and JPEG are inside ``Annotations/`` and ``JPEGImages/`` and
-    exist, that the XML parses and has a size, and that every object has a name in
-    ``class_names`` and a numeric box.
+    Read here rather than by detectron2's loader, which reads the split file with
+    ``np.loadtxt`` and fails on a file of one id (a 0-d array; not fixed upstream), and which
+    fails deep inside on what is checked here: each id's XML and JPEG are inside
+    ``Annotations/`` and ``JPEGImages/`` and exist, the XML parses and has a size, and every
+    object has a name in ``class_names`` and a numeric box.
 
     Returns:
-        Per id, per object (in the order of the XML file and of detectron2's records), whether
-        it is marked ``<difficult>``.
+        The records (``file_name``, ``image_id`` = the file id, ``height``, ``width``,
+        ``annotations`` with ``category_id``, an XYXY_ABS ``bbox`` whose VOC 1-based
+        xmin/ymin are made 0-based, as detectron2 does); and per record, per annotation, whether
+        the object is marked ``<difficult>``.
 
     Raises:
         DatasetError: naming the file and what is wrong.
     """
     annotation_dir = os.path.join(voc_dir, "Annotations")
     image_dir = os.path.join(voc_dir, "JPEGImages")
-    image_files, difficult = [], []
+    records, difficult = [], []
     for file_id in file_ids:
         what = f"VOC split entry {file_id!r}"
         xml_file = resolve_inside(annotation_dir, file_id + ".xml", what)
-        image_files.append(resolve_inside(image_dir, file_id + ".jpg", what))
         tree = parse_voc_xml(xml_file)
-        for field in ("./size/width", "./size/height"):
-            text = tree.findtext(field)
+        size = {}
+        for field in ("width", "height"):
+            text = tree.findtext(f"./size/{field}")
             if text is None or not text.strip().isdigit():
-                raise DatasetError(f"VOC annotation {xml_file}: {field[2:]} missing or not an int")
-        names = voc_object_names(xml_file, tree)
-        for name, obj in zip(names, tree.findall("object")):
+                raise DatasetError(f"VOC annotation {xml_file}: size/{field} missing or not an int")
+            size[field] = int(text)
+        annotations = []
+        for name, obj in zip(voc_object_names(xml_file, tree), tree.findall("object")):
             if name not in class_names:
                 raise DatasetError(
                     f"VOC annotation {xml_file}: class {name!r} is not in the class list "
@@ -365,9 +370,25 @@ def check_voc_split(
                     f"VOC annotation {xml_file}: object {name!r} has no bndbox with numeric "
                     f"{', '.join(_VOC_CORNERS)}"
                 )
+            x1, y1, x2, y2 = (float(text) for text in corners)
+            annotations.append(
+                {
+                    "category_id": list(class_names).index(name),
+                    "bbox": [x1 - 1.0, y1 - 1.0, x2, y2],
+                    "bbox_mode": BoxMode.XYXY_ABS,
+                }
+            )
+        records.append(
+            {
+                "file_name": resolve_inside(image_dir, file_id + ".jpg", what),
+                "image_id": file_id,
+                **size,
+                "annotations": annotations,
+            }
+        )
         difficult.append([_is_difficult(obj) for obj in tree.findall("object")])
-    _check_files_exist(image_files, f"VOC folder {image_dir}")
-    return difficult
+    _check_files_exist([r["file_name"] for r in records], f"VOC folder {image_dir}")
+    return records, difficult
 
 
 def mark_voc_difficult(
@@ -380,8 +401,8 @@ def mark_voc_difficult(
     plugin's mapper to keep these crowd boxes: :func:`.images.trained_on`).
 
     Args:
-        dicts: the records of detectron2's ``load_voc_instances``.
-        difficult: per record, per annotation, whether it is difficult (:func:`check_voc_split`).
+        dicts: the records of a VOC split (:func:`load_voc_split`).
+        difficult: per record, per annotation, whether it is difficult (:func:`load_voc_split`).
 
     Returns:
         ``dicts``.
