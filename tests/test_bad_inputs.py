@@ -27,9 +27,11 @@ import pytest
 import torch
 from bad_input_env import REPO, TINY, Env
 
+import detectron2
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import isolated_process_state
 from retinanet_plugin import cli
+from retinanet_plugin.env import BUILD_RECORD
 
 sys.path.insert(0, REPO)  # train_net.py
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -133,6 +135,8 @@ def render_table(messages: Dict[str, str]) -> str:
 
 def test_docs_table_lists_every_case():
     """docs/reliability.md's table shows every case with the message it produced in this run."""
+    if not os.path.isfile(os.path.join(os.path.dirname(detectron2.__file__), BUILD_RECORD)):
+        pytest.skip("the table shows the messages with detectron2 0.6 as make install builds it")
     missing = [c for c in CASES if c not in MESSAGES]
     if missing:
         pytest.skip(f"{len(missing)} cases did not run in this session (e.g. {missing[0]})")
