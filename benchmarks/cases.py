@@ -23,9 +23,9 @@ from detectron2.solver import build_optimizer as build_detectron2_optimizer
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import focal_loss_from_labels, get_config_file, sigmoid_focal_loss
-from retinanet_plugin.config_io import load_config
-from retinanet_plugin.evaluation import coco_eval_class
-from retinanet_plugin.solver import build_optimizer as build_plugin_optimizer
+from retinanet_plugin.config.loading import load_config
+from retinanet_plugin.engine.solver import build_optimizer as build_plugin_optimizer
+from retinanet_plugin.evaluation.coco_evaluation import coco_eval_class
 
 DETECTRON2 = "detectron2 RetinaNet"
 PLUGIN = "plugin"

@@ -1,11 +1,11 @@
 """Box AP and latency of the deployment exports against the PyTorch model (CPU).
 
-Exports one trained model in every supported form (:mod:`retinanet_plugin.export`), evaluates
-each on a registered dataset with detectron2's ``inference_on_dataset`` and the plugin's COCO
-evaluator, and times each on the dataset's images, one image per call including
-post-processing (the variants taking turns on every image; median over images and passes).
-Defaults: the model and validation split that ``make demo`` leaves in ``output/demo``, int8
-calibrated on its first training images::
+Exports one trained model in every supported form (:mod:`retinanet_plugin.export.exporter`),
+evaluates each on a registered dataset with detectron2's ``inference_on_dataset`` and the plugin's
+COCO evaluator, and times each on the dataset's images, one image per call including post-processing
+(the variants taking turns on every image; median over images and passes). Defaults: the model and
+validation split that ``make demo`` leaves in ``output/demo``, int8 calibrated on its first training
+images::
 
     python -m benchmarks.export_accuracy
     python -m benchmarks.export_accuracy --config-file my/config.yaml --weights model.pth \\
@@ -30,12 +30,12 @@ from benchmarks.measure import device_label, interleaved_times, median
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
-from retinanet_plugin.checkpoint import RetinaNetCheckpointer
-from retinanet_plugin.config_io import load_config
+from retinanet_plugin.checkpoint.checkpointer import RetinaNetCheckpointer
+from retinanet_plugin.config.loading import load_config
 from retinanet_plugin.data import add_dataset_arguments, register_datasets_from_args
 from retinanet_plugin.data.images import expand_inputs
-from retinanet_plugin.evaluation import build_coco_evaluator
-from retinanet_plugin.export import export_model, load_exported, load_test_input
+from retinanet_plugin.evaluation.coco_evaluation import build_coco_evaluator
+from retinanet_plugin.export.exporter import export_model, load_exported, load_test_input
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "output", "demo")

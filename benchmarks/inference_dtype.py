@@ -22,14 +22,14 @@ from benchmarks.measure import device_label, interleaved_times, median
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
-from retinanet_plugin.checkpoint import RetinaNetCheckpointer
-from retinanet_plugin.config_io import config_sets_key, load_config
+from retinanet_plugin.checkpoint.checkpointer import RetinaNetCheckpointer
+from retinanet_plugin.config.loading import config_sets_key, load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
     register_datasets_from_args,
     resolve_num_classes,
 )
-from retinanet_plugin.evaluation import build_coco_evaluator
+from retinanet_plugin.evaluation.coco_evaluation import build_coco_evaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "output", "demo")

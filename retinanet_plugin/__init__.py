@@ -13,16 +13,18 @@ import warnings
 # the plugin imports them (not for the rest of the process).
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="`torch.jit.script", category=FutureWarning)
-    from . import backbone  # noqa: F401  (registers the timm and PANet backbones)
-    from .anchor_generator import RetinaNetAnchorGenerator, octave_scaled_sizes
     from .config import add_retinanet_config, get_config_file
-    from .focal_loss import (
+    from .modeling import (
+        RETINANET_HEAD_REGISTRY,
+        FocalLossHead,
+        FocalLossRetinaNet,
+        RetinaNetAnchorGenerator,
+        build_retinanet_head,
         focal_loss_from_labels,
+        octave_scaled_sizes,
         sigmoid_focal_loss,
         sigmoid_focal_loss_star,
     )
-    from .head import RETINANET_HEAD_REGISTRY, FocalLossHead, build_retinanet_head
-    from .meta_arch import FocalLossRetinaNet
 
 __version__ = "0.1.0"
 

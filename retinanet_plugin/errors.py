@@ -1,5 +1,5 @@
 """The base class of the plugin's errors about bad input, which the command line reports in one
-line (:mod:`retinanet_plugin.cli`).
+line (:mod:`retinanet_plugin.cli.defaults`).
 
 A :class:`UserError` is something the user can fix: a config key or value, a dataset file, a
 weights file, a command-line option, the output folder. Every other exception is a bug (or an

@@ -6,7 +6,7 @@ from typing import Dict, List
 
 from bad_input_env import Case, Env
 
-from retinanet_plugin.run_checks import lock_output_dir
+from retinanet_plugin.engine.run_checks import lock_output_dir
 
 # What a finished run leaves in OUTPUT_DIR, which a refused command must leave as it was.
 _RUN_FILES = ("model_final.pth", "metrics.json", "config.yaml", "last_checkpoint")

@@ -164,7 +164,7 @@ def isolated_process_state():
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.utils import logger as detectron2_logger
     from retinanet_plugin.data import datasets
-    from retinanet_plugin.run_checks import _user_registered
+    from retinanet_plugin.engine.run_checks import _user_registered
 
     hidden = {name: DatasetCatalog[name] for name in _user_registered()}
     for name in hidden:
@@ -194,14 +194,14 @@ def isolated_process_state():
 
 def run_main(main, argv):
     """Runs an entry point's ``main`` in this process as its command line runs it
-    (``retinanet_plugin.cli.run``: exit status 2 and one error line for bad input), in
+    (``retinanet_plugin.cli.defaults.run``: exit status 2 and one error line for bad input), in
     :func:`isolated_process_state`. Saves the ~6 s a new Python process takes to import torch
     and detectron2.
 
     Returns:
         (exit status, everything it printed and logged).
     """
-    from retinanet_plugin import cli
+    from retinanet_plugin.cli import defaults as cli
 
     output = io.StringIO()
     # Warnings logged before the entry point sets up its loggers, which a new process would
@@ -216,3 +216,27 @@ def run_main(main, argv):
             logging.getLogger(name).addHandler(warnings_handler)
         status = cli.run(main, [str(a) for a in argv])
     return status, output.getvalue()
+
+
+class _Messages(logging.Handler):
+    def __init__(self, level):
+        super().__init__(level)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def warnings_of(logger_name, level=logging.WARNING):
+    """The messages of one logger at ``level`` or above (caplog misses loggers that do not
+    propagate, as detectron2's setup_logger leaves them)."""
+    logger, handler = logging.getLogger(logger_name), _Messages(level)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

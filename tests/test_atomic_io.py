@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from retinanet_plugin.atomic_io import (
+from retinanet_plugin.checkpoint.atomic_io import (
     OutputDirError,
     atomic_write,
     check_output_dir,
@@ -59,7 +59,7 @@ def test_sigkill_mid_write_keeps_the_old_file(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal
-        from retinanet_plugin.atomic_io import atomic_write
+        from retinanet_plugin.checkpoint.atomic_io import atomic_write
         with atomic_write({str(path)!r}) as f:
             f.write(b"new" * 10)
             f.flush()
@@ -149,7 +149,7 @@ def test_output_dir_on_other_storage_is_written_through_path_manager(tmp_path):
     import torch
 
     from detectron2.utils.file_io import PathManager
-    from retinanet_plugin.checkpoint import RetinaNetCheckpointer
+    from retinanet_plugin.checkpoint.checkpointer import RetinaNetCheckpointer
 
     PathManager.register_handler(_FolderHandler(str(tmp_path)), allow_override=True)
     check_output_dir("testfs://run")

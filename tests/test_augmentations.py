@@ -7,18 +7,17 @@ tight box of its object's pixels, and objects that the rules drop must be gone.
 """
 
 import os
-import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from test_train_net import REPO, TINY
+from train_runs import TINY
 
 from conftest import plugin_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
 from detectron2.structures import Boxes, BoxMode, Instances
-from retinanet_plugin.config_io import ConfigError, load_config
+from retinanet_plugin.config.loading import ConfigError, load_config
 from retinanet_plugin.data import (
     MixingDatasetMapper,
     build_train_loader,
@@ -28,8 +27,6 @@ from retinanet_plugin.data import (
     mosaic,
     register_coco_dataset,
 )
-
-sys.path.insert(0, REPO)  # train_net.py
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -414,9 +411,9 @@ def test_invalid_augmentation_values_are_config_errors():
 
 
 def test_training_with_every_augmentation(shapes_train, tmp_path, monkeypatch):
-    """train_net's Trainer trains a few iterations with every augmentation always on, with the
+    """The plugin's Trainer trains a few iterations with every augmentation always on, with the
     loader of retinanet_plugin.data.build_train_loader."""
-    import train_net
+    from retinanet_plugin.engine import trainer as trainer_module
 
     calls = {name: 0 for name in ("build_train_loader", "mosaic", "mixup", "cutmix")}
 
@@ -429,7 +426,7 @@ def test_training_with_every_augmentation(shapes_train, tmp_path, monkeypatch):
 
         monkeypatch.setattr(module, name, counted)
 
-    counting(train_net, "build_train_loader")
+    counting(trainer_module, "build_train_loader")
     for name in ("mosaic", "mixup", "cutmix"):
         counting(mixing, name)
     sections = {name: {"PROB": 1.0} for name in AUGMENTATIONS}
@@ -437,7 +434,7 @@ def test_training_with_every_augmentation(shapes_train, tmp_path, monkeypatch):
     settings = {"DATASETS.TRAIN": (shapes_train,), "DATASETS.TEST": (), "OUTPUT_DIR": tmp_path}
     settings.update({"MODEL.RETINANET.NUM_CLASSES": 4, "SOLVER.IMS_PER_BATCH": 2})
     cfg = aug_cfg({**settings, "SOLVER.MAX_ITER": 2}, **sections)
-    trainer = train_net.Trainer(cfg)
+    trainer = trainer_module.Trainer(cfg)
     trainer.train()
     assert trainer.iter == 2  # detectron2 counts up to MAX_ITER after the last step
     assert calls["build_train_loader"] == 1

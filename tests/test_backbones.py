@@ -18,9 +18,9 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import get_config_file
-from retinanet_plugin.backbone import PANet, TimmBackbone, build_timm_backbone
-from retinanet_plugin.config_io import ConfigError, load_config
-from retinanet_plugin.solver import build_optimizer
+from retinanet_plugin.config.loading import ConfigError, load_config
+from retinanet_plugin.engine.solver import build_optimizer
+from retinanet_plugin.modeling.backbone import PANet, TimmBackbone, build_timm_backbone
 
 requires_timm = pytest.mark.skipif(
     importlib.util.find_spec("timm") is None, reason="timm is not installed (requirements-dev.txt)"

@@ -1,11 +1,11 @@
 """Every bad input gets one line ``error: ...`` naming the file, key or value, exit status 2 and
 no traceback, from every entry point, before any long work starts.
 
-Each case runs the entry point's ``main`` in this process through ``retinanet_plugin.cli.run``
-(the subprocess tests at the end check the real command lines). The table in docs/reliability.md
-is generated from these cases: :func:`test_readme_table_lists_every_case` fails when it is stale,
-and rewrites it when run with ``UPDATE_DOCS=1``
-(``UPDATE_DOCS=1 pytest tests/test_bad_inputs.py``).
+Each case runs the entry point's ``main`` in this process through
+``retinanet_plugin.cli.defaults.run`` (the subprocess tests at the end check the real command
+lines). The table in docs/reliability.md is generated from these cases:
+:func:`test_readme_table_lists_every_case` fails when it is stale, and rewrites it when run with
+``UPDATE_DOCS=1`` (``UPDATE_DOCS=1 pytest tests/test_bad_inputs.py``).
 """
 
 import hashlib
@@ -30,10 +30,9 @@ from bad_input_env import REPO, TINY, Env
 import detectron2
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import isolated_process_state
-from retinanet_plugin import cli
-from retinanet_plugin.env import BUILD_RECORD
+from retinanet_plugin.cli import defaults as cli
+from retinanet_plugin.cli.env import BUILD_RECORD
 
-sys.path.insert(0, REPO)  # train_net.py
 sys.path.insert(0, os.path.join(REPO, "tools"))
 RELIABILITY_DOC = os.path.join(REPO, "docs", "reliability.md")
 TABLE_START, TABLE_END = "<!-- bad-inputs -->", "<!-- /bad-inputs -->"
@@ -56,15 +55,15 @@ for _area in (
 
 def _entry_main(entry: str):
     if entry == "train_net.py":
-        import train_net
+        from retinanet_plugin.cli import train
 
-        return train_net.main
+        return train.main
     if entry == "predict":
-        from retinanet_plugin import predict
+        from retinanet_plugin.cli import predict
 
         return predict.main
     if entry == "plot_metrics":
-        from retinanet_plugin import plot_metrics
+        from retinanet_plugin.cli import plot_metrics
 
         return plot_metrics.main
     import importlib
@@ -226,10 +225,10 @@ def test_debug_flag_shows_the_traceback(command_lines):
 
 def test_options_after_the_overrides_are_options():
     """`KEY VALUE --resume`: --resume is the option, not an override missing its value."""
-    import train_net
+    from retinanet_plugin.cli import train
 
     args = cli.parse(
-        train_net.argument_parser(),
+        train.argument_parser(),
         [
             "--config-file",
             TINY,

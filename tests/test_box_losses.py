@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from test_equality_with_detectron2 import build_pair
+from detectron2_pairs import build_pair
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
@@ -14,8 +14,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import get_config_file
 from retinanet_plugin.compat.private_api import dense_box_regression_loss
-from retinanet_plugin.config_io import ConfigError, load_config
-from retinanet_plugin.meta_arch import BOX_REG_LOSS_TYPES
+from retinanet_plugin.config.loading import ConfigError, load_config
+from retinanet_plugin.config.option_rules import BOX_REG_LOSS_TYPES
 
 # (BBOX_REG_LOSS_TYPE, SMOOTH_L1_LOSS_BETA): smooth-L1 with beta 0 is the L1 loss (the paper's and
 # the plugin configs' setting); beta only matters for smooth_l1.

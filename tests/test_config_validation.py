@@ -1,5 +1,5 @@
-"""retinanet_plugin.config_io and config_validation: safe YAML, clear errors for bad files, keys
-and values."""
+"""retinanet_plugin.config.loading and config_validation: safe YAML, clear errors for bad files,
+keys and values."""
 
 import ast
 import glob
@@ -20,16 +20,16 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_bac
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY
 from detectron2.solver import build_lr_scheduler as detectron2_lr_scheduler
 from retinanet_plugin import add_retinanet_config
-from retinanet_plugin.config_io import (
+from retinanet_plugin.config.loading import (
     ConfigArgumentError,
     ConfigError,
     config_sets_key,
     evaluate_arithmetic,
     load_config,
 )
-from retinanet_plugin.config_validation import validate_config
+from retinanet_plugin.config.validation import validate_config
 from retinanet_plugin.errors import UserError
-from retinanet_plugin.head import RETINANET_HEAD_REGISTRY
+from retinanet_plugin.modeling.head import RETINANET_HEAD_REGISTRY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
@@ -501,7 +501,7 @@ def test_warmup_longer_than_the_run_in_a_file_is_refused(tmp_path):
 
 def test_a_shortened_run_of_a_config_warns_about_its_warmup(caplog):
     # `SOLVER.MAX_ITER 2` on a config with a 100-iteration warm-up: a trial run, warned.
-    with caplog.at_level(logging.WARNING, logger="retinanet_plugin.config_validation"):
+    with caplog.at_level(logging.WARNING, logger="retinanet_plugin.config.validation"):
         cfg = load_config(TINY, ["SOLVER.MAX_ITER", "2"], training=True)
     assert cfg.SOLVER.WARMUP_ITERS == 100 and cfg.SOLVER.MAX_ITER == 2
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -532,7 +532,7 @@ def test_steps_beyond_max_iter_are_dropped_by_detectron2_with_a_warning(caplog):
 def test_number_rules_take_numpy_numbers_and_refuse_other_types():
     import numpy as np
 
-    from retinanet_plugin.rules import at_least, in_interval
+    from retinanet_plugin.config.rules import at_least, in_interval
 
     assert at_least(1)(np.int64(2)) is None and in_interval(0, 1)(np.float32(0.5)) is None
     assert at_least(1)(np.int64(0)) == "must be >= 1"

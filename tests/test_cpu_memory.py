@@ -1,5 +1,5 @@
-"""retinanet_plugin.cpu_memory: freed training buffers stay in the process (glibc), counted as
-the page faults of re-allocating them, in fresh processes since malloc settings are global."""
+"""retinanet_plugin.engine.cpu_memory: freed training buffers stay in the process (glibc), counted
+as the page faults of re-allocating them, in fresh processes since malloc settings are global."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from retinanet_plugin.cpu_memory import keep_freed_memory
+from retinanet_plugin.engine.cpu_memory import keep_freed_memory
 
 # Allocates and frees four 20 MiB tensors (80 MiB above glibc's default trim threshold, each
 # below its mmap threshold) six times; prints the minor page faults of the last five rounds.
@@ -16,7 +16,7 @@ ROUNDS = textwrap.dedent(
     """
     import resource, sys
     import torch
-    from retinanet_plugin.cpu_memory import keep_freed_memory
+    from retinanet_plugin.engine.cpu_memory import keep_freed_memory
     if sys.argv[1] == "keep":
         print(keep_freed_memory(), file=sys.stderr)
     def one_round():

@@ -12,7 +12,7 @@ import pytest
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import REPO, TINY, plugin_cfg, run_main
 from detectron2.structures import BoxMode
-from retinanet_plugin.config_io import load_config
+from retinanet_plugin.config.loading import load_config
 from retinanet_plugin.data.analysis import (
     DatasetBoxes,
     analyze_dataset,

@@ -1,8 +1,6 @@
 """Bad dataset input: one clear DatasetError naming the file and record, or a counted warning."""
 
-import contextlib
 import json
-import logging
 import math
 import os
 import re
@@ -11,7 +9,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from conftest import plugin_cfg
+from conftest import plugin_cfg, warnings_of
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.samplers import TrainingSampler
 from retinanet_plugin.data import (
@@ -43,30 +41,6 @@ def load_coco(request, json_file, image_root):
     name = f"coco_{request.node.name}"
     register_coco_dataset(name, json_file, image_root)
     return DatasetCatalog.get(name)
-
-
-class _Messages(logging.Handler):
-    def __init__(self, level):
-        super().__init__(level)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def warnings_of(logger_name, level=logging.WARNING):
-    """The messages of one logger at ``level`` or above (caplog misses loggers that do not
-    propagate, as detectron2's setup_logger leaves them)."""
-    logger, handler = logging.getLogger(logger_name), _Messages(level)
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(min(level, logger.getEffectiveLevel()))
-    try:
-        yield handler.messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def test_coco_json_that_does_not_parse_names_file_line_and_column(coco, request):

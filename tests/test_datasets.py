@@ -10,7 +10,7 @@ from conftest import plugin_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from retinanet_plugin import get_config_file
-from retinanet_plugin.config_io import config_sets_key
+from retinanet_plugin.config.loading import config_sets_key
 from retinanet_plugin.data import (
     SHAPE_CLASSES,
     DatasetError,
@@ -181,8 +181,8 @@ def test_a_training_set_checked_before_training_is_loaded_once(
 
 def test_test_set_escaping_its_image_root_is_refused_before_training(shapes_dataset, tmp_path):
     """Found when the run is checked, not by the evaluation after training: no checkpoint."""
-    import train_net
     from conftest import run_main
+    from retinanet_plugin.cli import train
 
     val_json, val_root = shapes_dataset["val"]
     with open(val_json) as f:
@@ -192,7 +192,7 @@ def test_test_set_escaping_its_image_root_is_refused_before_training(shapes_data
     edited.write_text(json.dumps(data))
     out = tmp_path / "out"
     status, log = run_main(
-        train_net.main,
+        train.main,
         [
             "--config-file",
             get_config_file("retinanet_R18_GN_tiny.yaml"),

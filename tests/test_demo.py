@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_RUN, pycocotools_ap
-from retinanet_plugin.plot_metrics import plot_metrics, read_metrics
+from retinanet_plugin.cli.plot_metrics import plot_metrics, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ def test_plot_metrics_skips_a_cut_off_last_line_and_notes_too_few_rows(tmp_path,
     with a warning. One training row is too few for a curve: the panel says so."""
     metrics = tmp_path / "metrics.json"
     metrics.write_text('{"iteration": 0, "total_loss": 2.0, "lr": 0.01}\n{"iteration": 1, "to')
-    with caplog.at_level("WARNING", logger="retinanet_plugin.plot_metrics"):
+    with caplog.at_level("WARNING", logger="retinanet_plugin.cli.plot_metrics"):
         records = read_metrics(str(metrics))
     assert records == [{"iteration": 0, "total_loss": 2.0, "lr": 0.01}]
     assert "skipped its last line 2, cut short" in caplog.text
@@ -103,8 +103,8 @@ def test_plot_metrics_skips_a_cut_off_last_line_and_notes_too_few_rows(tmp_path,
 
 
 def test_plot_metrics_replaces_an_existing_picture_only_with_overwrite(tmp_path, capsys):
-    from retinanet_plugin import cli
-    from retinanet_plugin.plot_metrics import main
+    from retinanet_plugin.cli import defaults as cli
+    from retinanet_plugin.cli.plot_metrics import main
 
     metrics = tmp_path / "metrics.json"
     metrics.write_text('{"iteration": 0, "total_loss": 2.0}\n{"iteration": 1, "total_loss": 1.0}\n')

@@ -6,22 +6,22 @@ import sys
 
 import torch
 
-from retinanet_plugin.launch import launch
+from retinanet_plugin.engine.launch import launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train_and_dump(argv, dump_dir):
-    """Runs in every process: train_net's setup and Trainer for 3 iterations, then saves this
-    rank's weights and losses."""
-    sys.path.insert(0, REPO)
-    import train_net
+    """Runs in every process: the training command's setup and the Trainer for 3 iterations, then
+    saves this rank's weights and losses."""
     from detectron2.utils import comm
+    from retinanet_plugin.cli import train
     from retinanet_plugin.data import register_datasets_from_args
+    from retinanet_plugin.engine import Trainer
 
-    args = train_net.argument_parser().parse_args(argv)
+    args = train.argument_parser().parse_args(argv)
     register_datasets_from_args(args)
-    trainer = train_net.Trainer(train_net.setup(args))
+    trainer = Trainer(train.setup(args))
     trainer.resume_or_load(resume=False)
     trainer.train()
     assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
@@ -147,15 +147,13 @@ def test_a_missing_machine_is_named_within_the_rendezvous_timeout(
     from bad_input_env import Env
 
     from conftest import run_main
-    from retinanet_plugin.launch import RENDEZVOUS_TIMEOUT_ENV
-
-    sys.path.insert(0, REPO)
-    import train_net
+    from retinanet_plugin.cli import train
+    from retinanet_plugin.engine.launch import RENDEZVOUS_TIMEOUT_ENV
 
     monkeypatch.setenv(RENDEZVOUS_TIMEOUT_ENV, "1")
     url = f"tcp://127.0.0.1:{_free_port()}"
     env = Env(tmp_path, shapes_dataset, "rendezvous")
-    code, log = run_main(train_net.main, env.train("--num-machines", "2", "--dist-url", url))
+    code, log = run_main(train.main, env.train("--num-machines", "2", "--dist-url", url))
     assert code == 2, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
@@ -170,7 +168,7 @@ def test_two_machines_meet_on_loopback(monkeypatch):
     import threading
     import time
 
-    from retinanet_plugin import launch as launch_module
+    from retinanet_plugin.engine import launch as launch_module
 
     monkeypatch.setenv(launch_module.RENDEZVOUS_TIMEOUT_ENV, "30")
     url = f"tcp://127.0.0.1:{_free_port()}"
@@ -196,16 +194,14 @@ def test_machine_rank_1_without_machine_0_is_named_within_the_timeout(
     from bad_input_env import Env
 
     from conftest import run_main
-    from retinanet_plugin.launch import RENDEZVOUS_TIMEOUT_ENV
-
-    sys.path.insert(0, REPO)
-    import train_net
+    from retinanet_plugin.cli import train
+    from retinanet_plugin.engine.launch import RENDEZVOUS_TIMEOUT_ENV
 
     monkeypatch.setenv(RENDEZVOUS_TIMEOUT_ENV, "1")
     url = f"tcp://127.0.0.1:{_free_port()}"
     env = Env(tmp_path, shapes_dataset, "rendezvous1")
     argv = env.train("--num-machines", "2", "--machine-rank", "1", "--dist-url", url)
-    code, log = run_main(train_net.main, argv)
+    code, log = run_main(train.main, argv)
     assert code == 2, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in log, log[-3000:]

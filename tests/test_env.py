@@ -5,7 +5,7 @@ import json
 import os
 
 import detectron2
-from retinanet_plugin import env
+from retinanet_plugin.cli import env
 
 
 def test_env_reports_detectron2_its_native_ops_and_its_build(capsys):

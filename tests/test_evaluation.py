@@ -1,4 +1,5 @@
-"""Tests for retinanet_plugin.evaluation: the faster-coco-eval backend gives pycocotools' numbers.
+"""Tests for retinanet_plugin.evaluation.coco_evaluation: the faster-coco-eval backend gives
+pycocotools' numbers.
 
 Tolerance: COCOeval numbers (``stats``, ``eval["precision"]``/``["recall"]``) are compared on
 their 0-1 scale with an absolute tolerance of 1e-4; detectron2's results dicts are on a 0-100
@@ -19,8 +20,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from detectron2.structures import Boxes, Instances
-from retinanet_plugin import add_retinanet_config, evaluation
-from retinanet_plugin.evaluation import (
+from retinanet_plugin import add_retinanet_config
+from retinanet_plugin.evaluation import coco_evaluation as evaluation
+from retinanet_plugin.evaluation.coco_evaluation import (
     BACKENDS,
     RetinaNetCOCOEvaluator,
     build_coco_evaluator,
@@ -224,25 +226,24 @@ def test_no_predictions_gives_empty_results(dataset):
     assert evaluator.evaluate() == {}
 
 
-def test_module_global_is_restored_after_evaluation(dataset, results):
-    """The swap of detectron2's COCOeval_opt lasts only for _eval_predictions, even if it
-    raises."""
-    COCOeval_opt = coco_evaluation.COCOeval_opt  # detectron2's fast class, or its fallback
+def test_faster_backend_evaluates_with_its_class_and_changes_no_global(dataset):
+    """The faster backend's COCOeval is what computes the AP, and no module global of
+    detectron2's evaluation changes (so evaluators may run in threads at once)."""
+    seen = []
 
-    class FailingEvaluator(RetinaNetCOCOEvaluator):
+    class RecordingEvaluator(RetinaNetCOCOEvaluator):
         def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
-            assert coco_evaluation.COCOeval_opt is coco_eval_class("faster_coco_eval")
-            assert self._use_fast_impl
-            raise RuntimeError("boom")
+            seen.append(type(coco_eval))
+            return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
 
     name, inputs, outputs = dataset
-    evaluator = FailingEvaluator(name, distributed=False, backend="faster_coco_eval")
+    evaluator = RecordingEvaluator(name, distributed=False, backend="faster_coco_eval")
     evaluator.reset()
     evaluator.process(inputs[:10], outputs[:10])
-    with pytest.raises(RuntimeError, match="boom"):
-        evaluator.evaluate()
-    assert coco_evaluation.COCOeval_opt is COCOeval_opt
-    assert evaluator._use_fast_impl is False
+    globals_before = dict(vars(coco_evaluation))
+    evaluator.evaluate()
+    assert vars(coco_evaluation) == globals_before
+    assert seen == [coco_eval_class("faster_coco_eval")]
 
 
 def test_config_selects_the_backend(dataset):

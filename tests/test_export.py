@@ -12,9 +12,9 @@ from torch import nn
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
-from retinanet_plugin import cli as retinanet_cli
-from retinanet_plugin.checkpoint import RetinaNetCheckpointer
-from retinanet_plugin.export import (
+from retinanet_plugin.checkpoint.checkpointer import RetinaNetCheckpointer
+from retinanet_plugin.cli import defaults as retinanet_cli
+from retinanet_plugin.export.exporter import (
     ExportableNetwork,
     ExportError,
     check_export_options,

@@ -7,7 +7,8 @@ from torch.nn import functional as F
 
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from focal_reference import reference_focal_loss
-from retinanet_plugin import focal_loss, focal_loss_from_labels, sigmoid_focal_loss
+from retinanet_plugin import focal_loss_from_labels, sigmoid_focal_loss
+from retinanet_plugin.modeling.losses import focal_loss
 
 # 3000 x 80 = 240k elements: four CPU chunks of 819 rows, the last one partial.
 SHAPE = (3000, 80)

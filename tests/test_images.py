@@ -11,9 +11,8 @@ import numpy as np
 import PIL
 import pytest
 from PIL import Image
-from test_dataset_validation import warnings_of
 
-from conftest import plugin_cfg
+from conftest import plugin_cfg, warnings_of
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image as detectron2_read_image
 from retinanet_plugin.data import build_train_mapper, register_coco_dataset
@@ -50,7 +49,7 @@ def test_8_bit_images_read_as_detectron2_reads_them(pixels, tmp_path, orientatio
 def test_training_reads_16_bit_pngs_as_predict_does(shapes_dataset, tmp_path):
     """The arrays the training (and evaluation) loader's mapper gives the model are predict's,
     for a 16-bit PNG (which detectron2's reader would clip at 255)."""
-    from retinanet_plugin import predict
+    from retinanet_plugin.cli import predict
 
     assert predict.read_image is read_image
     values = (np.arange(64 * 96, dtype=np.int64).reshape(64, 96) * 10).astype(np.uint16)

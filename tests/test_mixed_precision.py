@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from test_equality_with_detectron2 import make_batch
+from detectron2_pairs import make_batch
 
 from conftest import plugin_cfg
 from detectron2.engine import AMPTrainer

@@ -11,8 +11,8 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from retinanet_plugin import get_config_file
-from retinanet_plugin.config_io import ConfigError, load_config
-from retinanet_plugin.ohem import NO_RATIO, ohem_cross_entropy, select_hard_examples
+from retinanet_plugin.config.loading import ConfigError, load_config
+from retinanet_plugin.modeling.losses.ohem import NO_RATIO, ohem_cross_entropy, select_hard_examples
 
 
 def python_iou(a, b):

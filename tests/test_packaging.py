@@ -28,7 +28,7 @@ def test_wheel_ships_configs_as_package_data(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"retinanet_plugin/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
     assert expected and expected <= names
-    assert "retinanet_plugin/meta_arch.py" in names
+    assert "retinanet_plugin/modeling/meta_arch.py" in names
 
 
 def test_components_are_registered():
@@ -37,11 +37,16 @@ def test_components_are_registered():
     from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY
     from retinanet_plugin import RETINANET_HEAD_REGISTRY
 
-    assert META_ARCH_REGISTRY.get("FocalLossRetinaNet").__module__ == "retinanet_plugin.meta_arch"
+    assert (
+        META_ARCH_REGISTRY.get("FocalLossRetinaNet").__module__
+        == "retinanet_plugin.modeling.meta_arch"
+    )
     assert ANCHOR_GENERATOR_REGISTRY.get("RetinaNetAnchorGenerator").__module__.startswith(
         "retinanet_plugin"
     )
-    assert RETINANET_HEAD_REGISTRY.get("FocalLossHead").__module__ == "retinanet_plugin.head"
+    assert (
+        RETINANET_HEAD_REGISTRY.get("FocalLossHead").__module__ == "retinanet_plugin.modeling.head"
+    )
     # detectron2's own RetinaNet stays registered under its name.
     assert META_ARCH_REGISTRY.get("RetinaNet").__module__.startswith("detectron2")
 
@@ -116,7 +121,9 @@ def _plugin_import_graph():
 
 def test_no_import_cycle_between_plugin_modules():
     graph = _plugin_import_graph()
-    assert graph["retinanet_plugin.meta_arch"] >= {"retinanet_plugin.postprocessing"}
+    assert graph["retinanet_plugin.modeling.meta_arch"] >= {
+        "retinanet_plugin.modeling.postprocessing"
+    }
     state = {}  # module -> "visiting" / "done"
 
     def visit(module, path):
@@ -130,6 +137,37 @@ def test_no_import_cycle_between_plugin_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+# The package's layers, lowest first: a module imports (at module level) only modules of its
+# own layer or lower ones, so that e.g. validating a config needs none of the model's code.
+LAYERS = [
+    {"errors"},
+    {"compat"},
+    {"config"},
+    {"data", "modeling"},
+    {"checkpoint", "evaluation"},
+    {"engine", "export"},
+    {"cli"},
+    {"", "predict", "plot_metrics", "env"},  # the package itself, `python -m` shortcuts
+]
+
+
+def test_layers_import_only_lower_layers():
+    def layer(module):
+        area = (module.split(".") + [""])[1]
+        return next(i for i, areas in enumerate(LAYERS) if area in areas)
+
+    graph = _plugin_import_graph()
+    upward = sorted(
+        f"{module} -> {dependency}"
+        for module, dependencies in graph.items()
+        for dependency in dependencies
+        # The package itself is imported before any of its modules.
+        if dependency != "retinanet_plugin" and layer(dependency) > layer(module)
+    )
+    assert upward == []
+    assert graph["retinanet_plugin.config.validation"] >= {"retinanet_plugin.config.option_rules"}
 
 
 def test_readme_python_quick_start_runs(capsys):

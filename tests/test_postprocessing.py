@@ -9,7 +9,7 @@ from torchvision.ops import batched_nms
 from conftest import detectron2_cfg, plugin_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
-from retinanet_plugin.postprocessing import grouped_nms
+from retinanet_plugin.modeling.postprocessing import grouped_nms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -2,7 +2,6 @@
 detectron2's own public behavior says, and its absence is one clear error naming it."""
 
 import itertools
-import pickle
 
 import pytest
 import torch
@@ -46,14 +45,9 @@ MODULE_LEVEL = [
         "_dense_box_regression_loss",
     ),
     (
-        lambda: private_api.pkl_unpickler(pickle.load).__enter__(),
-        "detectron2.checkpoint.detection_checkpoint",
-        "pickle",
-    ),
-    (
-        private_api.check_coco_evaluator_hooks,
-        "detectron2.evaluation.coco_evaluation",
-        "COCOeval_opt",
+        lambda: private_api.set_local_process_group(None),
+        "detectron2.utils.comm",
+        "_LOCAL_PROCESS_GROUP",
     ),
 ]
 
@@ -80,10 +74,9 @@ ATTRIBUTES = [
     (private_api.inner_trainer, "_trainer"),
     (private_api.restart_data_iterator, "_data_loader_iter"),
     (private_api.evaluator_coco_api, "_coco_api"),
-    (
-        lambda obj: private_api.coco_eval_class_for_fast_path(obj, None).__enter__(),
-        "_use_fast_impl",
-    ),
+    (lambda obj: private_api.ema_update(obj, "n", 1.0, 1.0, 0.9), "_ema_update"),
+    (private_api.option_actions, "_actions"),
+    (private_api.evaluates_boxes_only, "_tasks"),
 ]
 
 
@@ -176,57 +169,52 @@ def test_restart_data_iterator_starts_the_loader_again():
     assert next(trainer._data_loader_iter) == ["first"]
 
 
-def test_coco_eval_class_swap_is_restored_even_after_an_error(request, tmp_path):
-    """Inside, detectron2 picks the given class (COCOeval_opt with _use_fast_impl) or pycocotools
-    (None); afterwards both are back, also when evaluation raised."""
+def test_box_evaluation_equals_detectron2s_and_changes_no_global(request, tmp_path):
+    """With pycocotools' COCOeval passed in, evaluate_box_predictions gives detectron2's own
+    results and results file (category ids mapped back to the dataset's), and leaves
+    detectron2's module globals as they were."""
     from pycocotools.cocoeval import COCOeval
 
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.evaluation import coco_evaluation
+    from detectron2.evaluation import COCOEvaluator, coco_evaluation
+    from detectron2.structures import BoxMode
 
     name = f"compat_api_{request.node.name}"
-    evaluator = _evaluator(name, tmp_path)
+    box = {"bbox": [2.0, 3.0, 9.0, 9.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
+    record = {"file_name": "a.jpg", "image_id": 1, "height": 16, "width": 16, "annotations": [box]}
+    DatasetCatalog.register(name, lambda: [record])
+    MetadataCatalog.get(name).set(thing_classes=["thing"], thing_dataset_id_to_contiguous_id={7: 0})
     try:
-        saved = coco_evaluation.COCOeval_opt, evaluator._use_fast_impl
-
-        class Marker(COCOeval):
-            pass
-
-        with pytest.raises(KeyError):
-            with private_api.coco_eval_class_for_fast_path(evaluator, Marker):
-                assert coco_evaluation.COCOeval_opt is Marker and evaluator._use_fast_impl
-                raise KeyError("evaluation failed")
-        assert (coco_evaluation.COCOeval_opt, evaluator._use_fast_impl) == saved
-        with private_api.coco_eval_class_for_fast_path(evaluator, None):
-            assert evaluator._use_fast_impl is False
-        assert (coco_evaluation.COCOeval_opt, evaluator._use_fast_impl) == saved
-        assert private_api.evaluator_coco_api(evaluator).getImgIds() == [1]
+        outputs = {}
+        for way in ("detectron2", "adapter"):
+            (tmp_path / way).mkdir()  # as evaluate() makes it before _eval_predictions
+            evaluator = COCOEvaluator(
+                name, tasks=("bbox",), distributed=False, output_dir=str(tmp_path / way)
+            )
+            evaluator._use_fast_impl = False  # detectron2's official-COCOeval path
+            evaluator._results = {}  # what evaluate() sets before _eval_predictions
+            predictions = [
+                {
+                    "image_id": 1,
+                    "instances": [
+                        {"image_id": 1, "category_id": 0, "bbox": bbox, "score": score}
+                        for bbox, score in [([2.0, 3.0, 9.0, 8.0], 0.9), ([0, 0, 5, 5], 0.4)]
+                    ],
+                }
+            ]
+            globals_before = dict(vars(coco_evaluation))
+            if way == "detectron2":
+                evaluator._eval_predictions(predictions)
+            else:
+                private_api.evaluate_box_predictions(evaluator, predictions, None, COCOeval)
+            assert vars(coco_evaluation) == globals_before
+            results_file = tmp_path / way / "coco_instances_results.json"
+            outputs[way] = (repr(evaluator._results), results_file.read_text())  # nan != nan
+        assert outputs["adapter"] == outputs["detectron2"]
+        assert '"category_id": 7' in outputs["adapter"][1]
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-
-
-def test_pkl_unpickler_is_what_detectron2_loads_pkl_files_with(tmp_path):
-    """detectron2's DetectionCheckpointer reads a .pkl through the given load function inside the
-    context, and through pickle again after it."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    path = tmp_path / "weights.pkl"
-    with open(path, "wb") as f:
-        pickle.dump({"model": {"w": torch.zeros(1).numpy()}, "__author__": "test"}, f)
-    calls = []
-
-    def load(f, **kwargs):
-        calls.append(kwargs)
-        return pickle.load(f, **kwargs)
-
-    checkpointer = DetectionCheckpointer(torch.nn.Linear(1, 1))
-    with private_api.pkl_unpickler(load):
-        loaded = checkpointer._load_file(str(path))
-    assert calls == [{"encoding": "latin1"}]
-    assert loaded["__author__"] == "test"
-    checkpointer._load_file(str(path))
-    assert len(calls) == 1
 
 
 def test_find_free_port_can_be_bound():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_train_net import REPO, coco_args, run, train_net, train_net_argv
+from train_runs import REPO, coco_args, run, train_net, train_net_argv
 
 
 def _checkpoint(path):
@@ -335,7 +335,7 @@ def test_each_rank_restores_its_own_training_state(monkeypatch, world_size, rank
     import random
 
     from detectron2.utils import comm
-    from retinanet_plugin.resume import load_training_state, training_state
+    from retinanet_plugin.engine.resume import load_training_state, training_state
 
     model = torch.nn.Linear(1, 1)
     states = []

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import torch
 import yaml
-from test_train_net import coco_args, run, train_net, train_net_argv
+from train_runs import coco_args, run, train_net, train_net_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +176,7 @@ def test_the_lock_of_a_killed_run_is_released(tmp_path):
     import subprocess
     import sys
 
-    from retinanet_plugin.run_checks import LOCK_FILE, RunCheckError, lock_output_dir
+    from retinanet_plugin.engine.run_checks import LOCK_FILE, RunCheckError, lock_output_dir
 
     holder = subprocess.Popen(
         [
@@ -210,14 +210,14 @@ def test_a_folder_that_cannot_be_locked_is_used_with_a_warning(tmp_path, monkeyp
     import errno
     import fcntl
 
-    from retinanet_plugin.run_checks import lock_output_dir
+    from retinanet_plugin.engine.run_checks import lock_output_dir
 
     def no_locks(*args):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     leftover = _leftover(tmp_path, "model_final.pth")
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with caplog.at_level("WARNING", logger="retinanet_plugin.run_checks"):
+    with caplog.at_level("WARNING", logger="retinanet_plugin.engine.run_checks"):
         with lock_output_dir(str(tmp_path)):
             ran = True
     assert ran and (tmp_path / leftover).exists()

@@ -7,7 +7,6 @@ import os
 import pickle
 import random
 import re
-import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -16,8 +15,8 @@ import torch
 from torch import nn
 
 from conftest import run_main
-from retinanet_plugin.checkpoint import RetinaNetCheckpointer
-from retinanet_plugin.safe_loading import NotACheckpointError, UnsafeCheckpointError
+from retinanet_plugin.checkpoint.checkpointer import RetinaNetCheckpointer
+from retinanet_plugin.checkpoint.safe_loading import NotACheckpointError, UnsafeCheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
@@ -176,11 +175,10 @@ def test_train_net_refuses_malicious_weights(tmp_path, shapes_dataset):
     """End to end: --eval-only with a malicious MODEL.WEIGHTS stops before anything runs."""
     marker = tmp_path / "marker"
     path = write_pickle(tmp_path / "evil.pkl", {"model": {}, "x": WritesMarker(marker)})
-    sys.path.insert(0, REPO)
-    import train_net
+    from retinanet_plugin.cli import train
 
     status, output = run_main(
-        train_net.main,
+        train.main,
         [
             "--config-file",
             TINY,
@@ -209,8 +207,8 @@ def test_a_weights_file_that_cannot_be_read_is_not_called_malformed(tmp_path, mo
 
     import torch
 
-    from retinanet_plugin.checkpoint import RetinaNetCheckpointer
-    from retinanet_plugin.safe_loading import WeightsReadError
+    from retinanet_plugin.checkpoint.checkpointer import RetinaNetCheckpointer
+    from retinanet_plugin.checkpoint.safe_loading import WeightsReadError
 
     path = tmp_path / f"weights{suffix}"
     path.write_bytes(b"x")
@@ -224,3 +222,33 @@ def test_a_weights_file_that_cannot_be_read_is_not_called_malformed(tmp_path, mo
     monkeypatch.setattr(builtins, "open", refusing_open)
     with pytest.raises(WeightsReadError, match=rf"cannot read {re.escape(str(path))}: Permission"):
         RetinaNetCheckpointer(torch.nn.Linear(1, 1)).load(str(path))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"model": {"w": np.zeros(2, np.float32)}, "__author__": "Detectron2 model zoo"},
+        {"blobs": {"w": np.ones(2, np.float32), "w_momentum": np.ones(2, np.float32)}},
+        {"conv1_w": np.ones((1, 1), np.float32), "conv1_w_momentum": np.ones((1, 1), np.float32)},
+    ],
+    ids=["detectron2", "caffe2-detection", "imagenet"],
+)
+def test_pkl_files_give_what_detectron2_makes_of_them(tmp_path, content):
+    """The plugin unpickles .pkl files itself (with its allow-list) and hands detectron2's name
+    matching the same dict detectron2's own DetectionCheckpointer._load_file makes."""
+    import pickle
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    path = str(tmp_path / "weights.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(content, f)
+    model = torch.nn.Linear(1, 1)
+    ours = RetinaNetCheckpointer(model)._load_file(path)
+    theirs = DetectionCheckpointer(model)._load_file(path)
+    assert ours.keys() == theirs.keys() and ours["model"].keys() == theirs["model"].keys()
+    assert {k: v for k, v in ours.items() if k != "model"} == {
+        k: v for k, v in theirs.items() if k != "model"
+    }
+    for key, value in theirs["model"].items():
+        np.testing.assert_array_equal(ours["model"][key], value)

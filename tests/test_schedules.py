@@ -3,7 +3,6 @@ Trainer saves and restores it on resume."""
 
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,13 @@ import torch
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
-from retinanet_plugin.config_io import ConfigError, load_config
-from retinanet_plugin.solver import LR_SCHEDULERS, build_lr_scheduler
+from retinanet_plugin.config.loading import ConfigError, load_config
+from retinanet_plugin.config.option_rules import LR_SCHEDULERS
+from retinanet_plugin.engine import Trainer
+from retinanet_plugin.engine.solver import build_lr_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "retinanet_R18_GN_tiny.yaml")
-sys.path.insert(0, str(REPO))
-from train_net import Trainer  # noqa: E402
 
 MAX_ITER, WARMUP_ITERS, WARMUP_FACTOR, STEPS, GAMMA = 20, 5, 0.1, (8, 14), 0.1
 POWER, FINAL_FACTOR = 0.9, 0.05

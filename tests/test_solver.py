@@ -5,7 +5,7 @@ import torch
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
-from retinanet_plugin.solver import build_optimizer, has_fused_adamw
+from retinanet_plugin.engine.solver import build_optimizer, has_fused_adamw
 
 
 def tiny(*opts):

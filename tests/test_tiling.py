@@ -1,4 +1,5 @@
-"""Tiled prediction (retinanet_plugin.tiling): windows, merging against whole-image prediction."""
+"""Tiled prediction (retinanet_plugin.modeling.tiling): windows, merging against whole-image
+prediction."""
 
 import numpy as np
 import pytest
@@ -7,8 +8,8 @@ import torch
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import plugin_cfg
 from detectron2.structures import Boxes, Instances
-from retinanet_plugin.predict import BatchPredictor
-from retinanet_plugin.tiling import TiledPredictor, merge_tile_detections, tile_windows
+from retinanet_plugin.cli.predict import BatchPredictor
+from retinanet_plugin.modeling.tiling import TiledPredictor, merge_tile_detections, tile_windows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,84 +1,18 @@
 """End to end through the command line: train_net.py (COCO and VOC datasets, checkpoint, resume,
-COCOEvaluator, fine-tuning to other classes) and retinanet_plugin.predict."""
+COCOEvaluator, fine-tuning to other classes) and retinanet_plugin.cli.predict."""
 
 import json
 import os
 import re
 import shutil
-import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from train_runs import TINY, coco_args, predict, train_net
 
-from conftest import keep_classes, pycocotools_ap, run_main
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "retinanet_R18_GN_tiny.yaml")
-# Small inputs and batches: a few iterations run in seconds.
-# A model trained for a few iterations scores below the default 0.05: SCORE_THRESH_TEST 0 keeps
-# every candidate, so that evaluation computes a real AP.
-FAST = (
-    "SOLVER.IMS_PER_BATCH 2 SOLVER.CHECKPOINT_PERIOD 2 INPUT.MIN_SIZE_TRAIN (128,) "
-    "INPUT.MAX_SIZE_TRAIN 160 INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 160 "
-    "DATALOADER.NUM_WORKERS 0 SEED 1 MODEL.RETINANET.SCORE_THRESH_TEST 0.0"
-).split()
-
-
-def run(*args, expect_ok=True):
-    """Runs ``train_net.py ARGS`` or ``-m retinanet_plugin.predict ARGS`` as its command line
-    does, in this process (:func:`conftest.run_main`); returns (exit code, output)."""
-    if args[0] == "train_net.py":
-        sys.path.insert(0, REPO)
-        import train_net
-
-        main, argv = train_net.main, args[1:]
-    else:
-        assert args[:2] == ("-m", "retinanet_plugin.predict"), args
-        from retinanet_plugin import predict
-
-        main, argv = predict.main, args[2:]
-    code, log = run_main(main, argv)
-    if expect_ok:
-        assert code == 0, log[-5000:]
-    return code, log
-
-
-def coco_args(shapes_dataset, train_json=None):
-    (json_train, root_train), (json_val, root_val) = shapes_dataset["train"], shapes_dataset["val"]
-    return [
-        "--register-coco",
-        "shapes_train",
-        train_json or json_train,
-        root_train,
-        "--register-coco",
-        "shapes_val",
-        json_val,
-        root_val,
-    ]
-
-
-def train_net_argv(output_dir, dataset_args, *args, test_sets="('shapes_val',)"):
-    """train_net.py's arguments for the tiny model on the shapes datasets, then ``args``."""
-    datasets = ["DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", test_sets]
-    return [
-        *["--config-file", TINY, *dataset_args, *datasets, *FAST],
-        *args,
-        *["OUTPUT_DIR", str(output_dir)],
-    ]
-
-
-def train_net(output_dir, dataset_args, *args, expect_ok=True):
-    argv = train_net_argv(output_dir, dataset_args, *args)
-    return run("train_net.py", *argv, expect_ok=expect_ok)
-
-
-def predict(input, output, trained, *args, expect_ok=True):
-    """``predict --input INPUT --output OUTPUT ARGS`` with the trained tiny model's weights."""
-    weights = ["MODEL.WEIGHTS", str(trained[0] / "model_final.pth")]
-    argv = ["--config-file", TINY, "--input", input, "--output", str(output), *args, *weights]
-    return run("-m", "retinanet_plugin.predict", *argv, expect_ok=expect_ok)
+from conftest import keep_classes, pycocotools_ap
 
 
 def copypaste_ap(log):
@@ -320,7 +254,7 @@ def test_predict_main_runs_twice_in_one_process_with_other_classes(shapes_datase
     count must not collide with the first's."""
     from conftest import plugin_cfg
     from detectron2.modeling import build_model
-    from retinanet_plugin import predict
+    from retinanet_plugin.cli import predict
 
     image = os.path.join(shapes_dataset["val"][1], sorted(os.listdir(shapes_dataset["val"][1]))[0])
     for num_classes in (2, 3):

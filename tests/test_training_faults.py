@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
-from test_train_net import coco_args, train_net
+from train_runs import coco_args, train_net
 
-from retinanet_plugin.checkpoint import CheckpointWriteError, RetinaNetCheckpointer
+from retinanet_plugin.checkpoint.checkpointer import CheckpointWriteError, RetinaNetCheckpointer
 
 # A valid but absurd pixel std: inputs of ~1e32 overflow the first convolution, so the loss is
 # infinite or NaN at once (also on --resume, which restores the optimizer's learning rate).

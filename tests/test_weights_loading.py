@@ -8,11 +8,11 @@ import pickle
 
 import pytest
 import torch
-from test_equality_with_detectron2 import build_pair
+from detectron2_pairs import build_pair
 
 from conftest import plugin_cfg
 from detectron2.modeling import build_model
-from retinanet_plugin.checkpoint import (
+from retinanet_plugin.checkpoint.checkpointer import (
     CorruptWeightsError,
     RetinaNetCheckpointer,
     WeightsMismatchError,

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from retinanet_plugin import cli
+from retinanet_plugin.cli import defaults as cli
 from retinanet_plugin.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,7 @@ def flatten(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def own_config(config_file: str) -> Dict[str, Any]:
     """The mapping a config file sets itself, without its ``_BASE_`` chain (loaded safely)."""
-    from retinanet_plugin.config_io import load_yaml_safely
+    from retinanet_plugin.config.loading import load_yaml_safely
 
     return load_yaml_safely(config_file, merge_bases=False)
 
@@ -153,7 +153,7 @@ def check_run_configs(
         UserError: the message of ``load_config`` for the first config that fails, naming the
             ablation config (and the model config it applies to).
     """
-    from retinanet_plugin.config_io import load_config
+    from retinanet_plugin.config.loading import load_config
 
     with tempfile.TemporaryDirectory(prefix="ablate_check_") as tmp:
         for run in runs:
@@ -178,7 +178,7 @@ def check_output_dirs(output_dir: str, runs: Sequence[Dict[str, Any]]) -> None:
     Raises:
         UserError: naming the folder.
     """
-    from retinanet_plugin.run_checks import earlier_run_outputs
+    from retinanet_plugin.engine.run_checks import earlier_run_outputs
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output {output_dir} is a file; name a folder for the ablations")
@@ -206,7 +206,7 @@ def read_run_metrics(metrics_file: str) -> Dict[str, Any]:
     """Final COCO metrics (NaN as None) and the number of iterations of a run's metrics.json."""
     from demo import final_metrics  # tools/demo.py, next to this file
 
-    from retinanet_plugin.plot_metrics import read_metrics
+    from retinanet_plugin.cli.plot_metrics import read_metrics
 
     records = read_metrics(metrics_file)
     iterations = max((r["iteration"] for r in records if "total_loss" in r), default=-1) + 1

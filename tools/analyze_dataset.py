@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from retinanet_plugin import cli
+from retinanet_plugin.cli import defaults as cli
 from retinanet_plugin.errors import UserError
 
 
@@ -107,10 +107,10 @@ def main(argv=None) -> int:
     args = cli.parse(argument_parser(), sys.argv[1:] if argv is None else argv)
     from detectron2.data import DatasetCatalog
     from detectron2.utils.logger import setup_logger
-    from retinanet_plugin.config_io import load_config
+    from retinanet_plugin.config.loading import load_config
     from retinanet_plugin.data import dataset_class_names, register_datasets_from_args
     from retinanet_plugin.data.analysis import analyze_dataset, plot_report
-    from retinanet_plugin.run_checks import check_dataset
+    from retinanet_plugin.engine.run_checks import check_dataset
 
     _check_options(args)
     setup_logger(name="retinanet_plugin")

@@ -25,9 +25,9 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from retinanet_plugin import cli  # noqa: E402
+from retinanet_plugin.cli import defaults as cli  # noqa: E402
+from retinanet_plugin.engine.run_checks import earlier_run_outputs  # noqa: E402
 from retinanet_plugin.errors import UserError  # noqa: E402
-from retinanet_plugin.run_checks import earlier_run_outputs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "retinanet_resnet10t_demo.yaml")
@@ -59,7 +59,7 @@ def check_demo_data(num_train: int, num_val: int, image_size: int) -> None:
 
 def final_metrics(metrics_file: str) -> dict:
     """The last evaluation record of a detectron2 metrics.json ("bbox/..." keys)."""
-    from retinanet_plugin.plot_metrics import read_metrics
+    from retinanet_plugin.cli.plot_metrics import read_metrics
 
     evaluations = [r for r in read_metrics(metrics_file) if "bbox/AP" in r]
     if not evaluations:
@@ -76,7 +76,7 @@ def iteration_times(metrics_file: str) -> dict:
     """Median seconds per training iteration and the part of it spent waiting for data, from
     detectron2's ``time`` and ``data_time`` metrics (the first logged window, with start-up,
     left out when there are others)."""
-    from retinanet_plugin.plot_metrics import read_metrics
+    from retinanet_plugin.cli.plot_metrics import read_metrics
 
     rows = [r for r in read_metrics(metrics_file) if "time" in r and "data_time" in r]
     rows = rows[1:] or rows
@@ -112,9 +112,9 @@ def main(argv=None, started=None) -> int:
     if args.num_pictures < 0:
         raise UserError(f"--num-pictures {args.num_pictures}: must be >= 0")
 
-    from retinanet_plugin import predict
+    from retinanet_plugin.cli import predict
+    from retinanet_plugin.cli.plot_metrics import plot_metrics
     from retinanet_plugin.data import DEMO_VAL, make_demo_dataset_args
-    from retinanet_plugin.plot_metrics import plot_metrics
 
     pictures = os.path.join(args.output, "predictions")
     found = earlier_run_outputs(args.output) + [

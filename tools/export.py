@@ -9,10 +9,10 @@
     python tools/export.py ... --format torchscript --dtype bfloat16 --output model_bf16.ts
 
 The file holds backbone + FPN + head; anchors, decoding and NMS run in Python:
-``retinanet_plugin.export.load_exported(path)`` gives a drop-in for the PyTorch model. Trailing
-``KEY VALUE`` pairs override the config (e.g. ``MODEL.RETINANET.SCORE_THRESH_TEST 0.3``, stored
-in the file). ``--output`` has the format's extension (.onnx; .ts or .pt); an existing file is
-replaced only if it is an earlier export and ``--overwrite`` is given.
+``retinanet_plugin.export.exporter.load_exported(path)`` gives a drop-in for the PyTorch model.
+Trailing ``KEY VALUE`` pairs override the config (e.g. ``MODEL.RETINANET.SCORE_THRESH_TEST 0.3``,
+stored in the file). ``--output`` has the format's extension (.onnx; .ts or .pt); an existing file
+is replaced only if it is an earlier export and ``--overwrite`` is given.
 """
 
 import argparse
@@ -25,10 +25,11 @@ import torch
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
-from retinanet_plugin import cli
-from retinanet_plugin.checkpoint import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
-from retinanet_plugin.config_io import load_config
-from retinanet_plugin.export import (
+from retinanet_plugin.checkpoint.checkpointer import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
+from retinanet_plugin.cli import defaults as cli
+from retinanet_plugin.cli.predict import find_images
+from retinanet_plugin.config.loading import load_config
+from retinanet_plugin.export.exporter import (
     FORMATS,
     QUANTIZATIONS,
     ExportError,
@@ -38,10 +39,9 @@ from retinanet_plugin.export import (
     load_test_input,
     synthetic_test_image,
 )
-from retinanet_plugin.meta_arch import INFERENCE_DTYPES
-from retinanet_plugin.predict import find_images
+from retinanet_plugin.modeling.meta_arch import INFERENCE_DTYPES
 
-logger = logging.getLogger("retinanet_plugin.export")
+logger = logging.getLogger("retinanet_plugin.export.exporter")
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     except ImportError as e:  # onnx / onnxruntime not installed; the message says how
         raise ExportError(str(e)) from e
     logger.info(
-        "Wrote %s. Detections: retinanet_plugin.export.load_exported(%r)(inputs)",
+        "Wrote %s. Detections: retinanet_plugin.export.exporter.load_exported(%r)(inputs)",
         args.output,
         args.output,
     )

@@ -8,10 +8,11 @@ is missing, what needs it and the versions tested (:data:`TESTED_VERSIONS`). All
 with the same meaning, in detectron2 0.6 and in upstream main at :data:`TESTED_VERSIONS`.
 """
 
-import contextlib
 import importlib
+import itertools
+import json
 import os
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ..errors import UserError
 
@@ -19,15 +20,19 @@ __all__ = [
     "Detectron2APIError",
     "TESTED_VERSIONS",
     "check_coco_evaluator_hooks",
-    "coco_eval_class_for_fast_path",
+    "decode_config_value",
     "dense_box_regression_loss",
+    "ema_update",
+    "evaluate_box_predictions",
+    "evaluates_boxes_only",
     "evaluator_coco_api",
     "find_free_port",
     "inner_trainer",
-    "pkl_unpickler",
+    "option_actions",
     "restart_data_iterator",
     "sampler_index_stream",
     "sampler_seed",
+    "set_local_process_group",
     "set_sampler_seed",
     "set_writer_period",
     "train_loader_arguments",
@@ -169,53 +174,64 @@ def evaluator_coco_api(evaluator):
 
 
 def check_coco_evaluator_hooks() -> None:
-    """Checks what :func:`coco_eval_class_for_fast_path` and an override of
-    ``COCOEvaluator._eval_predictions`` need, so a missing piece fails before evaluation rather
+    """Checks what an override of ``COCOEvaluator._eval_predictions`` with
+    :func:`evaluate_box_predictions` needs, so a missing piece fails before evaluation rather
     than silently evaluating with another backend."""
     from detectron2.evaluation import COCOEvaluator
 
-    _private("detectron2.evaluation.coco_evaluation", "COCOeval_opt", _EVALUATOR_NEEDS)
-    _attribute(COCOEvaluator, "_eval_predictions", _EVALUATOR_NEEDS)
+    for name in ("_eval_predictions", "_derive_coco_results", "_tasks_from_predictions"):
+        _attribute(COCOEvaluator, name, _EVALUATOR_NEEDS)
 
 
-@contextlib.contextmanager
-def coco_eval_class_for_fast_path(evaluator, cocoeval_class: Optional[type]) -> Iterator[None]:
-    """For its duration, makes ``evaluator`` (a ``COCOEvaluator``) evaluate with
-    ``cocoeval_class``, or with pycocotools' ``COCOeval`` if it is None.
+def evaluate_box_predictions(evaluator, predictions, img_ids, cocoeval_class: type) -> None:
+    """What ``COCOEvaluator._eval_predictions`` does for box predictions, evaluating with
+    ``cocoeval_class`` (a pycocotools-compatible ``COCOeval``): the results in COCO's category
+    ids, saved to ``coco_instances_results.json``, then AP per task into the evaluator's
+    results. detectron2 picks its COCOeval from a module global and offers no parameter, so the
+    steps are repeated here instead of swapping that global.
 
-    detectron2 picks the class when it evaluates: ``COCOeval_opt`` (a global of
-    ``detectron2.evaluation.coco_evaluation``) if ``evaluator._use_fast_impl``, else
-    ``COCOeval``; both are set here and restored afterwards. As the global is shared, evaluators
-    must not evaluate concurrently in threads of one process.
+    Only for the "bbox" task and COCO's default [1, 10, 100] detections per image; other cases
+    are detectron2's own path (``evaluator._eval_predictions``).
     """
-    module = importlib.import_module("detectron2.evaluation.coco_evaluation")
-    saved = _private(module.__name__, "COCOeval_opt", _EVALUATOR_NEEDS), _attribute(
-        evaluator, "_use_fast_impl", _EVALUATOR_NEEDS
-    )
-    if cocoeval_class is not None:
-        module.COCOeval_opt = cocoeval_class
-    evaluator._use_fast_impl = cocoeval_class is not None
-    try:
-        yield
-    finally:
-        module.COCOeval_opt, evaluator._use_fast_impl = saved
+    results = list(itertools.chain(*[p["instances"] for p in predictions]))
+    metadata = _attribute(evaluator, "_metadata", _EVALUATOR_NEEDS)
+    if hasattr(metadata, "thing_dataset_id_to_contiguous_id"):
+        to_dataset_id = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
+        for result in results:
+            result["category_id"] = to_dataset_id[result["category_id"]]
+    output_dir = _attribute(evaluator, "_output_dir", _EVALUATOR_NEEDS)
+    if output_dir:
+        from detectron2.utils.file_io import PathManager
+
+        with PathManager.open(os.path.join(output_dir, "coco_instances_results.json"), "w") as f:
+            f.write(json.dumps(results))
+    if not _attribute(evaluator, "_do_evaluation", _EVALUATOR_NEEDS):
+        return
+    tasks = evaluator._tasks or evaluator._tasks_from_predictions(results)
+    coco_gt = evaluator_coco_api(evaluator)
+    for task in sorted(tasks):
+        coco_eval = None
+        if results:  # pycocotools cannot load an empty result list
+            coco_eval = cocoeval_class(coco_gt, coco_gt.loadRes(results), task)
+            coco_eval.params.maxDets = [1, 10, 100]
+            if img_ids is not None:
+                coco_eval.params.imgIds = img_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        evaluator._results[task] = evaluator._derive_coco_results(
+            coco_eval, task, class_names=metadata.get("thing_classes")
+        )
+
+
+def evaluates_boxes_only(evaluator) -> bool:
+    """Whether :func:`evaluate_box_predictions` covers what ``evaluator`` was asked for."""
+    tasks = _attribute(evaluator, "_tasks", _EVALUATOR_NEEDS)
+    max_dets = _attribute(evaluator, "_max_dets_per_image", _EVALUATOR_NEEDS)
+    return set(tasks or ("bbox",)) == {"bbox"} and list(max_dets or [1, 10, 100]) == [1, 10, 100]
 
 
 # -- checkpoints, launching, losses ---------------------------------------------------------
-
-
-@contextlib.contextmanager
-def pkl_unpickler(load: Callable[..., Any]) -> Iterator[None]:
-    """For its duration, makes ``DetectionCheckpointer`` read ``.pkl`` files with ``load(f,
-    encoding=...)`` instead of ``pickle.load`` (``detection_checkpoint.pickle``), keeping its
-    model-zoo handling of the loaded dict."""
-    module = importlib.import_module("detectron2.checkpoint.detection_checkpoint")
-    original = _private(module.__name__, "pickle", "restricted loading of .pkl weights")
-    module.pickle = type("RestrictedPickle", (), {"load": staticmethod(load)})
-    try:
-        yield
-    finally:
-        module.pickle = original
 
 
 def find_free_port() -> int:
@@ -229,3 +245,39 @@ def dense_box_regression_loss() -> Callable[..., Any]:
     return _private(
         "detectron2.modeling.box_regression", "_dense_box_regression_loss", "the box loss"
     )
+
+
+def ema_update(model, name: str, value: float, initial_value: float, momentum: float) -> float:
+    """detectron2's moving average of the loss normalizer (``DenseDetector._ema_update``): the
+    buffer ``name`` of ``model`` updated with ``value``, returned."""
+    update = _attribute(model, "_ema_update", "the EMA loss normalizer")
+    return update(name, value, initial_value, momentum)
+
+
+def set_local_process_group(group) -> None:
+    """Makes ``group`` this process's machine-local group in detectron2's ``comm``
+    (``comm._LOCAL_PROCESS_GROUP``; detectron2 0.6 has no ``create_local_process_group``)."""
+    from detectron2.utils import comm
+
+    _private(comm.__name__, "_LOCAL_PROCESS_GROUP", "launching several processes per machine")
+    comm._LOCAL_PROCESS_GROUP = group
+
+
+# -- configs and command lines ----------------------------------------------------------------
+
+
+def decode_config_value(value: Any) -> Any:
+    """A config value as yacs reads it from YAML or the command line: a Python literal where the
+    text is one, else the text (``CfgNode._decode_cfg_value``)."""
+    from detectron2.config import CfgNode
+
+    decode = getattr(CfgNode, "_decode_cfg_value", None)
+    if decode is None:
+        raise _missing("`yacs.config.CfgNode._decode_cfg_value`", "reading config values")
+    return decode(value)
+
+
+def option_actions(parser) -> List[Any]:
+    """The actions of an ``argparse.ArgumentParser`` (its ``_actions``), to find which option a
+    token names wherever it stands on the command line."""
+    return list(_attribute(parser, "_actions", "reading options anywhere on the command line"))

@@ -21,9 +21,9 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .atomic_io import check_output_dir, is_local_path, remove_leftover_temp_files
-from .data.datasets import check_datasets_before_training
-from .errors import UserError
+from ..checkpoint.atomic_io import check_output_dir, is_local_path, remove_leftover_temp_files
+from ..data.datasets import check_datasets_before_training
+from ..errors import UserError
 
 __all__ = [
     "LOCK_FILE",
@@ -301,11 +301,11 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
     (started at the same time, or a --resume while the first still runs) is refused instead of
     both writing the same checkpoints and metrics.
 
-    The lock is an ``flock`` on OUTPUT_DIR/:data:`LOCK_FILE`, which the operating system
-    releases when the process ends, even when it is killed; the file holds the holder's PID.
-    Leftover temporary files of checkpoint writes killed in an earlier run
-    (:func:`~retinanet_plugin.atomic_io.remove_leftover_temp_files`) are removed once the lock
-    is held, with a count in the log.
+    The lock is an ``flock`` on OUTPUT_DIR/:data:`LOCK_FILE`, which the operating system releases
+    when the process ends, even when it is killed; the file holds the holder's PID. Leftover
+    temporary files of checkpoint writes killed in an earlier run
+    (:func:`~retinanet_plugin.checkpoint.atomic_io.remove_leftover_temp_files`) are removed once the
+    lock is held, with a count in the log.
 
     Raises:
         RunCheckError: OUTPUT_DIR is a file, or another process holds its lock.

@@ -1,6 +1,6 @@
 """Deployment export: the network of a :class:`FocalLossRetinaNet` as TorchScript or ONNX. The
 runtime that turns the exported file's outputs into detectron2 ``Instances`` is
-:mod:`retinanet_plugin.export_runtime` (``load_exported``, also importable from here).
+:mod:`retinanet_plugin.export.runtime` (``load_exported``, also importable from here).
 
 What is exported and what stays in Python:
 
@@ -12,7 +12,7 @@ What is exported and what stays in Python:
   deltas (1, A*4, Hi, Wi), all float32.
 * **Python** (:class:`ExportedRetinaNet`): anchors, score threshold, top-k per level, box
   decoding, class-wise NMS and the top detections, i.e. the model's own
-  ``retinanet_plugin.postprocessing.batched_detections``, then detectron2's
+  ``retinanet_plugin.modeling.postprocessing.batched_detections``, then detectron2's
   ``detector_postprocess`` to the original image size. These steps have data-dependent shapes
   and loops (``nonzero``, per-image top-k, per-group NMS), which a trace would freeze to the
   sample's sizes; in Python they are the same code as the PyTorch model's, so detections match
@@ -55,8 +55,9 @@ from torch import Tensor, nn
 
 from detectron2.config import CfgNode
 
-from .atomic_io import atomic_write
-from .export_runtime import (
+from ..checkpoint.atomic_io import atomic_write
+from ..modeling.meta_arch import FocalLossRetinaNet
+from .runtime import (
     METADATA_KEY,
     ExportedRetinaNet,
     ExportError,
@@ -67,7 +68,6 @@ from .export_runtime import (
     onnx_modules,
     without_weight_files,
 )
-from .meta_arch import FocalLossRetinaNet
 
 __all__ = [
     "EXTENSIONS",

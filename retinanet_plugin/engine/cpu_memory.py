@@ -4,9 +4,8 @@ A training step frees its activations and gradients and allocates the same sizes
 next step. glibc's ``malloc`` hands large blocks back to the kernel when they are freed (blocks
 above its mmap threshold, and free memory above its trim threshold at the top of the heap), so
 every step touches fresh pages, each one a page fault the kernel zeroes. Raising the thresholds
-keeps that memory in the process for reuse: on the 2-core development machine the demo's
-training went from 959 thousand to 236 thousand minor page faults in 60 iterations and from 0.99
-to 0.88 s per iteration, for 11 % more peak resident memory (docs/training.md). GPU training is
+keeps that memory in the process for reuse: fewer page faults and faster steps for somewhat more
+peak resident memory (measured in docs/training.md). GPU training is
 unaffected (its tensors live in the CUDA caching allocator already).
 """
 

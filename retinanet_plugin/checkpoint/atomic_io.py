@@ -18,7 +18,7 @@ from typing import IO, Iterator, List
 
 from detectron2.utils.file_io import PathManager
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "OutputDirError",

@@ -2,13 +2,14 @@
 
 :func:`validate_config` checks a merged config (``config_io.load_config`` calls it) and fails with
 one :class:`ConfigError` naming the source, every invalid key, its value and the rule it breaks.
-The rules on the options of the plugin's components come from the components' own
-``OPTION_RULES`` tables (see :mod:`retinanet_plugin.rules`), which their constructors also check,
-so each rule is written once; :data:`KEY_RULES` holds the rules on keys no single constructor owns
-(detectron2's solver, input, loader and model keys), and the functions below the rules that
-relate several keys. Registry names (``MODEL.BACKBONE.NAME``, ...) are checked against the
-registries' contents, which importing ``retinanet_plugin`` has filled. :func:`validate_training`
-adds the rules that only matter when training starts (warm-up length, mixed precision).
+The rules on the options of the plugin's components are the tables of :mod:`.option_rules`,
+which the components' constructors also check, so each rule is written once and validating a
+config needs none of the model's code; :data:`KEY_RULES` holds the rules on keys no single
+constructor owns (detectron2's solver, input, loader and model keys), and the functions below
+the rules that relate several keys. Registry names (``MODEL.BACKBONE.NAME``, ...) are checked
+against the registries' contents, which importing ``retinanet_plugin`` has filled.
+:func:`validate_training` adds the rules that only matter when training starts (warm-up length,
+mixed precision).
 """
 
 import functools
@@ -25,9 +26,8 @@ from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.solver.build import GradientClipType
 
-from . import anchor_generator, evaluation, head, meta_arch, solver
-from .backbone import timm_fpn
-from .errors import UserError
+from ..errors import UserError
+from .option_rules import COMPONENT_RULES
 from .rules import (
     Rule,
     above,
@@ -41,19 +41,17 @@ from .rules import (
     registered_in,
 )
 
-__all__ = ["ConfigError", "INPUT_FORMATS", "KEY_RULES", "validate_config", "validate_training"]
+__all__ = [
+    "ConfigError",
+    "INPUT_FORMATS",
+    "KEY_RULES",
+    "add_key_rule",
+    "validate_config",
+    "validate_training",
+]
 
 logger = logging.getLogger(__name__)
 
-# The components whose OPTION_RULES the config's values are checked against.
-_COMPONENT_RULES = (
-    meta_arch.OPTION_RULES,
-    head.OPTION_RULES,
-    anchor_generator.OPTION_RULES,
-    solver.OPTION_RULES,
-    timm_fpn.OPTION_RULES,
-    evaluation.OPTION_RULES,
-)
 # detectron2's read_image formats: "BGR", "YUV-BT.601" and PIL modes; these are the ones a
 # detector's PIXEL_MEAN can describe (3 channels, or 1 for grey "L").
 INPUT_FORMATS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "L": 1}
@@ -103,6 +101,8 @@ def _norm(value) -> Optional[str]:
 
 
 _SOLVER, _INPUT, _MODEL = "SOLVER.", "INPUT.", "MODEL."
+
+
 # Config key -> rule, for the keys that no single component's OPTION_RULES owns.
 KEY_RULES: Dict[str, Rule] = {
     _SOLVER + "BASE_LR": above(0),
@@ -143,7 +143,6 @@ KEY_RULES: Dict[str, Rule] = {
     _MODEL + "META_ARCHITECTURE": registered_in(META_ARCH_REGISTRY, "meta-architecture"),
     _MODEL + "BACKBONE.NAME": registered_in(BACKBONE_REGISTRY, "backbone"),
     _MODEL + "ANCHOR_GENERATOR.NAME": registered_in(ANCHOR_GENERATOR_REGISTRY, "anchor generator"),
-    _MODEL + "RETINANET.HEAD_NAME": registered_in(head.RETINANET_HEAD_REGISTRY, "RetinaNet head"),
     _MODEL + "RETINANET.NUM_CLASSES": at_least(1),
     _MODEL + "RESNETS.DEPTH": one_of(RESNET_DEPTHS),
     _MODEL + "RESNETS.NORM": _norm,
@@ -157,6 +156,13 @@ KEY_RULES: Dict[str, Rule] = {
     _MODEL + "RETINANET.NORM": _norm,
     _MODEL + "PANET.NORM": _norm,
 }
+
+
+def add_key_rule(key: str, rule: Rule) -> None:
+    """Adds the rule of a config key whose values a component defines, e.g. the names of a
+    registry the modeling package owns (``MODEL.RETINANET.HEAD_NAME``): the component adds it
+    when it is imported, so validation needs none of its code."""
+    KEY_RULES[key] = rule
 
 
 Check = Callable[[str, bool, str], Iterator[str]]
@@ -371,7 +377,7 @@ _AREAS = (
 
 def config_value_errors(cfg: CfgNode) -> Iterator[str]:
     """One "KEY = value: rule" line for each invalid value of ``cfg``."""
-    for rules in _COMPONENT_RULES:
+    for rules in COMPONENT_RULES:
         yield from config_errors(cfg, rules)
     yield from key_errors(cfg, KEY_RULES)
     check = _checker(cfg)

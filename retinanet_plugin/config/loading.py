@@ -2,7 +2,7 @@
 
 :func:`load_config` builds the plugin's config from a YAML file (with its ``_BASE_`` chain) and
 ``KEY VALUE`` overrides and checks its values (:mod:`.config_validation`); every problem is one
-:class:`~retinanet_plugin.config_validation.ConfigError` that names the file, the key, the value
+:class:`~retinanet_plugin.config.validation.ConfigError` that names the file, the key, the value
 and the rule broken, instead of a ``KeyError`` or an assertion deep inside yacs, or a crash many
 minutes into training.
 
@@ -35,8 +35,9 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.config.compat import downgrade_config, guess_version, upgrade_config
 from detectron2.utils.file_io import PathManager
 
-from .config import add_retinanet_config
-from .config_validation import ConfigError, validate_config, validate_training
+from ..compat.private_api import decode_config_value
+from .defaults import add_retinanet_config
+from .validation import ConfigError, validate_config, validate_training
 
 __all__ = [
     "ConfigArgumentError",
@@ -362,7 +363,7 @@ def _check_mapping(
             raise _unknown_key_error(root, full_key, source)
         default = node[key]
         # yacs turns string values into Python literals ("0.5" -> 0.5) before comparing types.
-        value = CfgNode._decode_cfg_value(value)
+        value = decode_config_value(value)
         if isinstance(default, CfgNode) != isinstance(value, CfgNode):
             what = "a section of keys" if isinstance(default, CfgNode) else "a single value"
             raise ConfigError(f"{source}: {full_key} = {value!r}, but {full_key} is {what}")
@@ -412,7 +413,7 @@ def _merge_opts(cfg: CfgNode, opts: Sequence[str], source: str) -> None:
             if not isinstance(section, CfgNode) or not isinstance(section.get(part), CfgNode):
                 raise _unknown_key_error(cfg, full_key, source)
             section = section[part]
-        value = CfgNode._decode_cfg_value(raw)
+        value = decode_config_value(raw)
         if key not in section:
             if not section.is_new_allowed():
                 raise _unknown_key_error(cfg, full_key, source)
@@ -466,7 +467,7 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, training: bool = 
         config_file: a YAML config (its ``_BASE_`` files are loaded too).
         opts: overrides such as ``["SOLVER.BASE_LR", "0.01"]``, applied after the file.
         training: also check what matters only when training starts from the config
-            (:func:`~retinanet_plugin.config_validation.validate_training`).
+            (:func:`~retinanet_plugin.config.validation.validate_training`).
 
     Returns:
         The config (not frozen), with the plugin's keys.

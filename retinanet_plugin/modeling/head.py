@@ -12,7 +12,9 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.registry import Registry
 
-from .rules import OptionRules, at_least, check_options, in_interval
+from ..config.option_rules import HEAD_RULES
+from ..config.rules import check_options, registered_in
+from ..config.validation import add_key_rule
 
 __all__ = ["RETINANET_HEAD_REGISTRY", "build_retinanet_head", "FocalLossHead"]
 
@@ -26,16 +28,12 @@ maps a list of per-level features (N, C, Hi, Wi) to ``(logits, deltas)``: two li
 """
 
 
+add_key_rule("MODEL.RETINANET.HEAD_NAME", registered_in(RETINANET_HEAD_REGISTRY, "RetinaNet head"))
+
+
 def build_retinanet_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
     """Builds the head named by ``cfg.MODEL.RETINANET.HEAD_NAME``."""
     return RETINANET_HEAD_REGISTRY.get(cfg.MODEL.RETINANET.HEAD_NAME)(cfg, input_shape)
-
-
-# Rules on the head's options, also checked (under their config keys) by config validation.
-OPTION_RULES: OptionRules = {
-    "prior_prob": ("MODEL.RETINANET.PRIOR_PROB", in_interval(0, 1, low_open=True, high_open=True)),
-    "num_convs": ("MODEL.RETINANET.NUM_CONVS", at_least(1)),
-}
 
 
 def _norm_passing_the_probe(norm: str):
@@ -89,7 +87,7 @@ class FocalLossHead(RetinaNetHead):
                 "SyncBN" or any name ``detectron2.layers.get_norm`` takes.
             prior_prob: pi, the initial foreground probability of every anchor.
         """
-        check_options(OPTION_RULES, prior_prob=prior_prob, num_convs=len(conv_dims))
+        check_options(HEAD_RULES, prior_prob=prior_prob, num_convs=len(conv_dims))
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
             raise ValueError(

@@ -23,62 +23,34 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from .compat.private_api import dense_box_regression_loss
-from .errors import UserError
-from .focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
+from ..compat.private_api import dense_box_regression_loss, ema_update
+from ..config.option_rules import META_ARCH_RULES, OHEM_NO_RATIO
+from ..config.rules import OptionError, check_options
+from ..errors import UserError
 from .head import build_retinanet_head
-from .ohem import NO_RATIO, ohem_cross_entropy
+from .losses.focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
+from .losses.ohem import ohem_cross_entropy
 from .postprocessing import batched_detections
-from .rules import OptionError, OptionRules, above, at_least, check_options, in_interval, one_of
 
 __all__ = ["FocalLossRetinaNet"]
 
 
-CLS_LOSS_TYPES = ("focal", "focal_star", "ohem")
-# Those of detectron2's _dense_box_regression_loss ("smooth_l1" with beta 0 is the L1 loss).
-BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
-LOSS_NORMALIZERS = ("ema", "batch")
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-_RETINANET = "MODEL.RETINANET."
-OPTION_RULES: OptionRules = {
-    "cls_loss_type": (_RETINANET + "CLS_LOSS_TYPE", one_of(CLS_LOSS_TYPES)),
-    "box_reg_loss_type": (_RETINANET + "BBOX_REG_LOSS_TYPE", one_of(BOX_REG_LOSS_TYPES)),
-    "loss_normalizer": (_RETINANET + "LOSS_NORMALIZER", one_of(LOSS_NORMALIZERS)),
-    "inference_dtype": ("MODEL.INFERENCE_DTYPE", one_of(tuple(INFERENCE_DTYPES))),
-    "focal_loss_gamma": (_RETINANET + "FOCAL_LOSS_GAMMA", at_least(0)),
-    # As focal_loss.py (`if alpha >= 0`): any negative alpha turns the weighting off.
-    "focal_loss_alpha": (
-        _RETINANET + "FOCAL_LOSS_ALPHA",
-        lambda alpha: None if alpha <= 1 else "must be in [0, 1], or negative for no weighting",
-    ),
-    "focal_loss_star_gamma": (_RETINANET + "FOCAL_LOSS_STAR_GAMMA", above(0)),
-    "smooth_l1_beta": (_RETINANET + "SMOOTH_L1_LOSS_BETA", at_least(0)),
-    "ohem_batch_size_per_image": (_RETINANET + "OHEM_BATCH_SIZE_PER_IMAGE", at_least(1)),
-    "ohem_positive_fraction": (
-        _RETINANET + "OHEM_POSITIVE_FRACTION",
-        in_interval(0, 1, low_open=True, or_equal_to=(NO_RATIO,), meaning="(no ratio)"),
-    ),
-    "ohem_nms_thresh": (_RETINANET + "OHEM_NMS_THRESH", in_interval(0, 1)),
-    "test_score_thresh": (_RETINANET + "SCORE_THRESH_TEST", in_interval(0, 1)),
-    "test_nms_thresh": (_RETINANET + "NMS_THRESH_TEST", in_interval(0, 1)),
-    "test_topk_candidates": (_RETINANET + "TOPK_CANDIDATES_TEST", at_least(1)),
-}
 
 
 @META_ARCH_REGISTRY.register()
 class FocalLossRetinaNet(RetinaNet):
     """RetinaNet with focal loss: detectron2's ``RetinaNet`` with the paper's loss options.
 
-    Training (detectron2's): anchors are matched to ground truth by IoU (>= 0.5 foreground,
-    < 0.4 background, in between ignored; each ground-truth box also keeps its best anchors);
-    here the classification loss is summed over all non-ignored anchors, the box loss over
-    foreground anchors, and both are divided by the number of foreground anchors (an EMA of it,
-    detectron2's normalizer, by default); with ``CLS_LOSS_TYPE`` "ohem" the classification loss
-    is instead the mean cross-entropy over the online hard examples
-    (:mod:`retinanet_plugin.ohem`). Inference: per level the top-k candidates above a score
-    threshold are decoded, then merged over levels, class-wise NMS, and the top detections per
-    image are kept, all images of a batch at once (:mod:`retinanet_plugin.postprocessing`).
+    Training (detectron2's): anchors are matched to ground truth by IoU (>= 0.5 foreground, < 0.4
+    background, in between ignored; each ground-truth box also keeps its best anchors); here the
+    classification loss is summed over all non-ignored anchors, the box loss over foreground
+    anchors, and both are divided by the number of foreground anchors (an EMA of it, detectron2's
+    normalizer, by default); with ``CLS_LOSS_TYPE`` "ohem" the classification loss is instead the
+    mean cross-entropy over the online hard examples (:mod:`retinanet_plugin.modeling.losses.ohem`).
+    Inference: per level the top-k candidates above a score threshold are decoded, then merged over
+    levels, class-wise NMS, and the top detections per image are kept, all images of a batch at once
+    (:mod:`retinanet_plugin.modeling.postprocessing`).
 
     Parameter and buffer names equal detectron2's ``RetinaNet`` for the same config, so
     checkpoints load in either direction.
@@ -92,7 +64,7 @@ class FocalLossRetinaNet(RetinaNet):
         focal_loss_star_gamma: float = 4.0,
         focal_loss_star_beta: float = 0.0,
         ohem_batch_size_per_image: int = 128,
-        ohem_positive_fraction: float = NO_RATIO,
+        ohem_positive_fraction: float = OHEM_NO_RATIO,
         ohem_nms_thresh: float = 0.5,
         loss_normalizer: str = "ema",
         loss_normalizer_momentum: float = 0.9,
@@ -129,7 +101,7 @@ class FocalLossRetinaNet(RetinaNet):
             loss_normalizer=loss_normalizer,
             inference_dtype=inference_dtype,
         )
-        check_options(OPTION_RULES, **options, **retinanet_options)
+        check_options(META_ARCH_RULES, **options, **retinanet_options)
         super().__init__(**retinanet_options)
         self.cls_loss_type = cls_loss_type
         self.focal_loss_star_gamma = focal_loss_star_gamma
@@ -204,8 +176,8 @@ class FocalLossRetinaNet(RetinaNet):
             _check_image_layout(i, item["image"], channels)
         images = super().preprocess_image(batched_inputs)
         if not self.training and self.inference_dtype != torch.float32:
-            # oneDNN's bfloat16 convolutions are fastest on channels-last tensors (1.4x on the
-            # R50-FPN at 800x1216 on CPU); convolutions keep the layout of their input.
+            # oneDNN's bfloat16 convolutions are fastest on channels-last tensors (measured in
+            # docs/performance.md); convolutions keep the layout of their input.
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         return images
 
@@ -238,7 +210,8 @@ class FocalLossRetinaNet(RetinaNet):
         num_pos_anchors = pos_mask.sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
         if self.loss_normalizer_type == "ema":
-            normalizer = self._ema_update(
+            normalizer = ema_update(
+                self,
                 "loss_normalizer",
                 max(num_pos_anchors, 1),
                 self.loss_normalizer_init,
@@ -295,7 +268,7 @@ class FocalLossRetinaNet(RetinaNet):
         pred_deltas: List[Tensor],
     ) -> Tensor:
         """Mean sigmoid cross-entropy over the online hard examples of every image (see
-        :mod:`retinanet_plugin.ohem`); the box loss stays on all foreground anchors.
+        :mod:`retinanet_plugin.modeling.losses.ohem`); the box loss stays on all foreground anchors.
 
         Divided by the number of selected anchors, as Fast R-CNN's OHEM averages over its
         minibatch: the minibatch has a fixed size (B per image) whatever the number of
@@ -334,7 +307,7 @@ class FocalLossRetinaNet(RetinaNet):
         predictions: Tuple[List[Tensor], List[Tensor]],
     ) -> List[Instances]:
         """Detections of every image of the batch, all images and levels processed together
-        (:func:`retinanet_plugin.postprocessing.batched_detections`; the same result as
+        (:func:`retinanet_plugin.modeling.postprocessing.batched_detections`; the same result as
         detectron2's per-image ``RetinaNet.inference_single_image``).
 
         Args:

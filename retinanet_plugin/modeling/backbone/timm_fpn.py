@@ -15,13 +15,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN
 
-from ..rules import OptionRules, check_options, one_of
+from ...config.option_rules import TIMM_RULES
+from ...config.rules import check_options
 from .fpn import retinanet_fpn_arguments
 
-__all__ = ["TIMM_NORMS", "TimmBackbone", "build_timm_backbone", "build_retinanet_timm_fpn_backbone"]
-
-TIMM_NORMS = ("FrozenBN", "BN", "SyncBN")
-OPTION_RULES: OptionRules = {"norm": ("MODEL.TIMM.NORM", one_of(TIMM_NORMS))}
+__all__ = ["TimmBackbone", "build_timm_backbone", "build_retinanet_timm_fpn_backbone"]
 
 
 def _import_timm():
@@ -64,7 +62,7 @@ class TimmBackbone(Backbone):
         timm = _import_timm()
         if not timm.is_model(model_name):
             raise ValueError(f"MODEL.TIMM.NAME = {model_name!r} is not a timm model")
-        check_options(OPTION_RULES, norm=norm)
+        check_options(TIMM_RULES, norm=norm)
         pretrained = {}
         if weights:
             if not os.path.isfile(weights):

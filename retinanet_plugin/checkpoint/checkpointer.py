@@ -1,9 +1,7 @@
 """Checkpoint loading that runs no code from the file and checks that the weights fit the model,
 fine-tuning to other classes, and the checks of ``--resume`` / ``--resume-from``."""
 
-import contextlib
 import errno
-import functools
 import logging
 import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -15,11 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
+from ..config.loading import config_sets_key
+from ..data import resolve_num_classes
+from ..errors import UserError
 from .atomic_io import atomic_write
-from .compat.private_api import pkl_unpickler
-from .config_io import config_sets_key
-from .data import resolve_num_classes
-from .errors import UserError
 from .safe_loading import WeightsReadError, load_pickle, load_torch
 
 __all__ = [
@@ -286,14 +283,27 @@ class _CheckedLoading(Checkpointer):
         return super()._load_model(checkpoint)
 
 
+def _model_zoo_checkpoint(data: dict) -> dict:
+    """What detectron2's ``DetectionCheckpointer._load_file`` makes of an unpickled ``.pkl``
+    file: a detectron2 model-zoo dict as it is, a Caffe2 / Detectron one as ``{"model": ...}``
+    for detectron2's name-matching heuristics. Written here because detectron2 unpickles the
+    file itself and takes no unpickler, and the plugin's is an allow-list."""
+    if "model" in data and "__author__" in data:
+        return data
+    if "blobs" in data:  # detection models have "blobs", ImageNet models do not
+        data = data["blobs"]
+    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+
 class RetinaNetCheckpointer(DetectionCheckpointer, _CheckedLoading):
     """detectron2's DetectionCheckpointer, loading files safely and only when they fit the
     model, plus what fine-tuning to another class count and ``--resume-from`` need.
 
     Weight files are untrusted by default: ``.pkl`` files may only hold numpy arrays, numbers,
-    strings, bytes and containers (:mod:`retinanet_plugin.safe_loading`), ``.pth`` files are read
-    with ``torch.load(weights_only=True)``; anything else is refused with an error naming the file
-    and the global it refers to. A missing file is a FileNotFoundError rather than fvcore's
+    strings, bytes and containers (:mod:`retinanet_plugin.checkpoint.safe_loading`), ``.pth`` files
+    are read with ``torch.load(weights_only=True)``; anything else is refused with an error naming
+    the file and the global it refers to. A missing file is a FileNotFoundError rather than fvcore's
     assertion, a URL that cannot be downloaded a :class:`WeightsDownloadError`.
 
     Checkpoints and the ``last_checkpoint`` pointer are written atomically (temporary file,
@@ -379,17 +389,10 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _CheckedLoading):
                 filename,
             )
             return super()._load_file(filename)
-        # .pth files need nothing here: _CheckedLoading already loads them weights-only.
-        # detectron2 reads .pkl files with pickle.load inside DetectionCheckpointer._load_file;
-        # replacing only that call keeps its model-zoo handling (``__author__``, Caffe2
-        # ``blobs``, ``matching_heuristics``) instead of copying it.
-        restricted = (
-            pkl_unpickler(functools.partial(load_pickle, filename=filename))
-            if filename.endswith(".pkl")
-            else None
-        )
-        with restricted or contextlib.nullcontext():
-            return super()._load_file(filename)
+        if filename.endswith(".pkl"):
+            with self.path_manager.open(filename, "rb") as f:
+                return _model_zoo_checkpoint(load_pickle(f, filename=filename))
+        return super()._load_file(filename)  # .pth files: _CheckedLoading, weights-only
 
     def save(self, name: str, **kwargs) -> None:
         """fvcore's ``Checkpointer.save`` (model, checkpointables and ``kwargs`` in

@@ -13,7 +13,8 @@ import re
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .errors import UserError
+from ..compat.private_api import option_actions
+from ..errors import UserError
 
 __all__ = [
     "DEBUG_FLAG",
@@ -77,7 +78,7 @@ def split_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> List[
     Raises:
         UserError: an unknown ``--option``.
     """
-    by_name = {name: action for action in parser._actions for name in action.option_strings}
+    by_name = {name: a for a in option_actions(parser) for name in a.option_strings}
     options: List[str] = []
     overrides: List[str] = []
     tokens = list(argv)

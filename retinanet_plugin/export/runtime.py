@@ -1,8 +1,9 @@
-"""Running a model exported by :mod:`retinanet_plugin.export` with the PyTorch model's interface:
-:func:`load_exported` gives an :class:`ExportedRetinaNet`, which takes detectron2's input dicts
-(:func:`load_test_input`) and returns its ``Instances``. The exported graph computes the network
-(normalization to head outputs); anchors, decoding, NMS and rescaling are the model's own Python
-code (``retinanet_plugin.postprocessing``), on a model built from the config the file carries.
+"""Running a model exported by :mod:`retinanet_plugin.export.exporter` with the PyTorch model's
+interface: :func:`load_exported` gives an :class:`ExportedRetinaNet`, which takes detectron2's input
+dicts (:func:`load_test_input`) and returns its ``Instances``. The exported graph computes the
+network (normalization to head outputs); anchors, decoding, NMS and rescaling are the model's own
+Python code (``retinanet_plugin.modeling.postprocessing``), on a model built from the config the
+file carries.
 """
 
 import json
@@ -20,10 +21,10 @@ from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 
-from .config import add_retinanet_config
-from .config_validation import validate_config
-from .data.images import read_image, test_input
-from .errors import UserError
+from ..config.defaults import add_retinanet_config
+from ..config.validation import validate_config
+from ..data.images import read_image, test_input
+from ..errors import UserError
 
 __all__ = [
     "ExportError",
@@ -154,7 +155,7 @@ class ExportedRetinaNet:
         if not self.graph.info:
             raise ExportError(
                 f"{path} has no {METADATA_KEY!r} metadata: it was not written by "
-                "retinanet_plugin.export (tools/export.py)"
+                "retinanet_plugin.export.exporter (tools/export.py)"
             )
         info = json.loads(self.graph.info)
         self.format, self.dtype, self.quantize = info["format"], info["dtype"], info["quantize"]

@@ -23,18 +23,20 @@ import importlib
 import itertools
 import logging
 import numbers
-from typing import Optional, Set, Tuple, Type
+from typing import Optional, Set, Type
 
 from pycocotools.cocoeval import COCOeval
 
 from detectron2.evaluation import COCOEvaluator
 
-from .compat.private_api import (
+from ..compat.private_api import (
     check_coco_evaluator_hooks,
-    coco_eval_class_for_fast_path,
+    evaluate_box_predictions,
+    evaluates_boxes_only,
     evaluator_coco_api,
 )
-from .rules import OptionRules, check_options, one_of
+from ..config.option_rules import BACKENDS, EVALUATION_RULES
+from ..config.rules import check_options
 
 __all__ = [
     "BACKENDS",
@@ -47,7 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: Tuple[str, ...] = ("faster_coco_eval", "pycocotools")
 CONFIG_KEY = "TEST.COCO_EVAL_BACKEND"
 
 # Warnings already logged, by key: trainers build a new evaluator at every evaluation, and the
@@ -59,9 +60,6 @@ def _warn_once(key: str, message: str, *args) -> None:
     if key not in _warnings_logged:
         _warnings_logged.add(key)
         logger.warning(message, *args)
-
-
-OPTION_RULES: OptionRules = {"backend": (CONFIG_KEY, one_of(BACKENDS))}
 
 
 def _faster_coco_eval_import_error() -> Optional[ImportError]:
@@ -90,7 +88,7 @@ def resolve_backend(backend: str) -> str:
     Raises:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
     """
-    check_options(OPTION_RULES, backend=backend)
+    check_options(EVALUATION_RULES, backend=backend)
     if backend == "faster_coco_eval":
         error = _faster_coco_eval_import_error()
         if error is not None:
@@ -157,7 +155,7 @@ def coco_eval_class(backend: str) -> Type:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
         ImportError: ``"faster_coco_eval"`` and the package cannot be imported.
     """
-    check_options(OPTION_RULES, backend=backend)
+    check_options(EVALUATION_RULES, backend=backend)
     if backend == "pycocotools":
         return COCOeval
     error = _faster_coco_eval_import_error()
@@ -171,16 +169,15 @@ def coco_eval_class(backend: str) -> Type:
 class RetinaNetCOCOEvaluator(COCOEvaluator):
     """detectron2's :class:`COCOEvaluator` evaluating with the chosen COCOeval implementation.
 
-    Everything but the COCOeval class is detectron2's: ``_eval_predictions`` runs detectron2's
-    with the backend's class swapped in for its duration
-    (:func:`~retinanet_plugin.compat.private_api.coco_eval_class_for_fast_path`). As that swaps a
-    module global, evaluators must not run ``evaluate`` concurrently in threads of one process
-    (processes are fine).
+    With "pycocotools" everything is detectron2's (its official-COCOeval path). With
+    "faster_coco_eval", box predictions are evaluated by detectron2's steps with faster-coco-eval's
+    class passed in (:func:`~retinanet_plugin.compat.private_api.evaluate_box_predictions`), so no
+    module global of detectron2 is changed and evaluators may run in threads at once; other tasks
+    and other ``max_dets_per_image`` take detectron2's pycocotools path.
 
     faster-coco-eval indexes annotations by numeric image and category ids; datasets with other
     ids (e.g. Pascal VOC converted by detectron2, whose image ids are file names) are evaluated
-    with pycocotools, with a warning. detectron2 evaluates ``max_dets_per_image`` other than 100
-    with its own pycocotools-based ``COCOevalMaxDets`` whatever the backend.
+    with pycocotools, with a warning.
     """
 
     def __init__(
@@ -214,8 +211,7 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         check_coco_evaluator_hooks()
         # Before the base constructor, which loads the annotations: fail fast on a typo.
         self._backend = resolve_backend(backend)
-        # use_fast_impl=False: the flag is set per evaluation in _eval_predictions (and the
-        # compat patch for builds without native ops then has nothing to switch off).
+        # use_fast_impl=False: detectron2's own path is the official pycocotools one.
         super().__init__(
             dataset_name, tasks, distributed, output_dir, use_fast_impl=False, **kwargs
         )
@@ -234,10 +230,12 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         return self._backend
 
     def _eval_predictions(self, predictions, img_ids=None):
-        logger.info("COCO evaluation backend: %s", self._backend)
-        fast_class = None if self._backend == "pycocotools" else coco_eval_class(self._backend)
-        with coco_eval_class_for_fast_path(self, fast_class):
+        # pycocotools' COCOeval is detectron2's own path (use_fast_impl=False).
+        if self._backend == "pycocotools" or not evaluates_boxes_only(self):
+            logger.info("COCO evaluation backend: pycocotools")
             return super()._eval_predictions(predictions, img_ids=img_ids)
+        logger.info("COCO evaluation backend: %s", self._backend)
+        evaluate_box_predictions(self, predictions, img_ids, coco_eval_class(self._backend))
 
 
 def _has_integer_ids(coco_api) -> bool:
@@ -261,5 +259,5 @@ def build_coco_evaluator(
         ValueError: ``cfg.TEST.COCO_EVAL_BACKEND`` is not one of :data:`BACKENDS`.
     """
     backend = cfg.TEST.COCO_EVAL_BACKEND
-    check_options(OPTION_RULES, backend=backend)
+    check_options(EVALUATION_RULES, backend=backend)
     return RetinaNetCOCOEvaluator(dataset_name, output_dir=output_dir, backend=backend, **kwargs)

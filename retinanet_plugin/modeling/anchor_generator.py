@@ -9,13 +9,10 @@ from detectron2.modeling.anchor_generator import (
     DefaultAnchorGenerator,
 )
 
-from .rules import OptionRules, at_least, check_options
+from ..config.option_rules import ANCHOR_GENERATOR_RULES
+from ..config.rules import check_options
 
-__all__ = ["OPTION_RULES", "RetinaNetAnchorGenerator", "octave_scaled_sizes"]
-
-OPTION_RULES: OptionRules = {
-    "scales_per_octave": ("MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE", at_least(1)),
-}
+__all__ = ["RetinaNetAnchorGenerator", "octave_scaled_sizes"]
 
 
 def octave_scaled_sizes(
@@ -35,7 +32,7 @@ def octave_scaled_sizes(
     """
     if base_sizes and not isinstance(base_sizes[0], (list, tuple)):
         base_sizes = [base_sizes]  # one flat list: the same sizes on every level
-    check_options(OPTION_RULES, scales_per_octave=scales_per_octave)
+    check_options(ANCHOR_GENERATOR_RULES, scales_per_octave=scales_per_octave)
     return [
         [size * 2 ** (i / scales_per_octave) for size in level for i in range(scales_per_octave)]
         for level in base_sizes

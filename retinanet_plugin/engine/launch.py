@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 
-from .compat.private_api import find_free_port
-from .errors import UserError
+from ..compat.private_api import find_free_port, set_local_process_group
+from ..errors import UserError
 
 __all__ = ["RENDEZVOUS_TIMEOUT_ENV", "RendezvousError", "launch"]
 
@@ -227,7 +227,7 @@ def _create_local_process_group(num_processes_per_machine: int) -> None:
             list(range(i * num_processes_per_machine, (i + 1) * num_processes_per_machine))
         )
         if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+            set_local_process_group(group)
 
 
 def _worker(

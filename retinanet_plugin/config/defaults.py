@@ -156,7 +156,8 @@ def get_config_file(name: str) -> str:
 
     Works from a checkout and from an installed package (the configs ship as package data).
     """
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", name)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(package, "configs", name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"retinanet_plugin has no config {name!r} (looked for {path})")
     return path

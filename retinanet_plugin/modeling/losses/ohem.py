@@ -18,11 +18,13 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import nms
 
+from ...config.option_rules import OHEM_NO_RATIO
+
 __all__ = ["NO_RATIO", "anchor_cross_entropy", "select_hard_examples", "ohem_cross_entropy"]
 
 # OHEM_POSITIVE_FRACTION value for "no ratio": the minibatch is the B highest-loss survivors
 # whatever their labels (the paper's plain OHEM rows).
-NO_RATIO = -1.0
+NO_RATIO = OHEM_NO_RATIO
 
 # NMS first runs on this many times B of the highest-loss anchors (doubled while that is not
 # enough): NMS over all ~100k anchors of a COCO image would cost far more than the selection.

@@ -16,7 +16,7 @@ import math
 import numbers
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "OptionError",

@@ -15,27 +15,14 @@ from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 
-from .rules import OptionRules, check_options, one_of
+from ..config.option_rules import SOLVER_RULES
+from ..config.rules import check_options
 
 __all__ = [
-    "LR_SCHEDULERS",
-    "OPTIMIZERS",
-    "OPTION_RULES",
-    "WARMUP_METHODS",
     "build_lr_scheduler",
     "build_optimizer",
     "has_fused_adamw",
 ]
-
-OPTIMIZERS = ("SGD", "AdamW")
-# The first two are detectron2's own; all four are warmup + an fvcore ParamScheduler.
-LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupPolyLR", "WarmupExponentialLR")
-WARMUP_METHODS = ("linear", "constant")  # detectron2's WarmupParamScheduler
-OPTION_RULES: OptionRules = {
-    "optimizer": ("SOLVER.OPTIMIZER", one_of(OPTIMIZERS)),
-    "lr_scheduler_name": ("SOLVER.LR_SCHEDULER_NAME", one_of(LR_SCHEDULERS)),
-    "warmup_method": ("SOLVER.WARMUP_METHOD", one_of(WARMUP_METHODS)),
-}
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -45,10 +32,10 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     ``SOLVER.BASE_LR``, ``SOLVER.ADAMW_BETAS`` and ``SOLVER.WEIGHT_DECAY`` with no weight decay
     on normalization and bias parameters (the usual practice for AdamW), and torch's fused
     kernel where this torch has one for the parameters' device (the same update as the
-    per-tensor loop; for the demo's model on a CPU about 10 ms per step instead of 60).
+    per-tensor loop, faster: docs/training.md).
     """
     name = cfg.SOLVER.OPTIMIZER
-    check_options(OPTION_RULES, optimizer=name)
+    check_options(SOLVER_RULES, optimizer=name)
     if name == "SGD":
         return build_sgd_optimizer(cfg, model)
     params = get_default_optimizer_params(
@@ -107,7 +94,7 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
     """
     solver = cfg.SOLVER
     name = solver.LR_SCHEDULER_NAME
-    check_options(OPTION_RULES, lr_scheduler_name=name, warmup_method=solver.WARMUP_METHOD)
+    check_options(SOLVER_RULES, lr_scheduler_name=name, warmup_method=solver.WARMUP_METHOD)
     if name in ("WarmupMultiStepLR", "WarmupCosineLR"):
         return build_detectron2_lr_scheduler(cfg, optimizer)
     schedule: ParamScheduler

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Dict
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "ALLOWED_GLOBALS",

@@ -1,0 +1,189 @@
+"""The training command of ``train_net.py``: detectron2's ``tools/train_net.py`` command line
+with dataset registration, checks of the whole command before any work starts, and training or
+evaluation in ``--num-gpus`` processes per machine. For example::
+
+    python train_net.py --config-file configs/retinanet_R50_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file configs/retinanet_R50_FPN_1x.yaml \\
+        --eval-only MODEL.WEIGHTS output/model_final.pth
+
+plus dataset registration (repeatable), after which the names go in DATASETS.TRAIN/TEST::
+
+    --register-coco NAME ANNOTATIONS.json IMAGE_ROOT
+    --register-voc NAME VOC_DIR SPLIT        [--voc-classes a,b,c]
+
+MODEL.RETINANET.NUM_CLASSES follows the training dataset unless set. With MODEL.DEVICE cpu,
+--num-gpus N starts N CPU processes (gloo). Weight files (MODEL.WEIGHTS, checkpoints to resume
+from) may only hold arrays, numbers, strings and containers unless --trust-weights is given.
+With --num-machines N the machines wait for each other at --dist-url for up to
+$RETINANET_PLUGIN_RENDEZVOUS_TIMEOUT seconds (default 600). One run at a time writes into an
+OUTPUT_DIR (a second is refused while the first runs); --eval-only records its config and log
+in OUTPUT_DIR/inference, beside its results.
+"""
+
+import contextlib
+import logging
+import sys
+
+from torch.multiprocessing import ProcessExitedException
+
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint.atomic_io import check_output_dir
+from ..checkpoint.checkpointer import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer, check_resume
+from ..config.loading import config_sets_key, load_config
+from ..data import add_dataset_arguments, register_datasets_from_args, resolve_num_classes
+from ..engine.cpu_memory import keep_freed_memory
+from ..engine.launch import launch
+from ..engine.run_checks import (
+    check_datasets,
+    check_device_and_processes,
+    check_weights,
+    evaluation_dir,
+    lock_output_dir,
+    prepare_output_dir,
+)
+from ..engine.trainer import Trainer
+from ..errors import UserError
+from . import defaults as cli
+
+__all__ = ["argument_parser", "main", "setup", "train_or_evaluate"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_config(args):
+    """The config from the file and trailing KEY VALUE overrides (not frozen, no side effects),
+    with the checks that only training needs unless ``--eval-only``."""
+    return load_config(args.config_file, args.opts, training=not args.eval_only)
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Drops the traceback that detectron2's training loop logs ("Exception during training:")
+    for bad input (a :class:`UserError`, e.g. a full disk at a checkpoint), which the command
+    line reports in one line (``--debug`` shows the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+def setup(args):
+    """The frozen config, with the loggers set up and the config recorded by detectron2's
+    ``default_setup``: in OUTPUT_DIR for training, in OUTPUT_DIR/inference for ``--eval-only``
+    (beside its results, not over the config.yaml of a training run in OUTPUT_DIR; the recorded
+    copy's OUTPUT_DIR is that folder)."""
+    cfg = build_config(args)
+    if comm.is_main_process():
+        check_output_dir(cfg.OUTPUT_DIR)  # fail now, not at the first checkpoint
+    record_dir = evaluation_dir(cfg.OUTPUT_DIR) if args.eval_only else cfg.OUTPUT_DIR
+    setup_logger(record_dir, distributed_rank=comm.get_rank(), name="retinanet_plugin")
+    datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
+    if datasets:
+        key = "MODEL.RETINANET.NUM_CLASSES"
+        resolve_num_classes(cfg, datasets[0], config_sets_key(args.config_file, args.opts, key))
+    cfg.freeze()
+    record = cfg
+    if args.eval_only:
+        record = cfg.clone()
+        record.defrost()
+        record.OUTPUT_DIR = record_dir
+    default_setup(record, args)
+    train_loop = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, _UserErrorsInOneLine) for f in train_loop.filters):
+        train_loop.addFilter(_UserErrorsInOneLine())
+    return cfg
+
+
+def train_or_evaluate(args):
+    """What every process runs: train (or evaluate) as the options say. With several processes,
+    bad input found in them (e.g. in a dataset's records) is printed once, as ``error: ...`` by
+    the first process, and every process exits with status 2."""
+    try:
+        return _train_or_evaluate(args)
+    except UserError as e:
+        if comm.get_world_size() == 1:
+            raise  # cli.run reports it
+        if comm.get_rank() == 0:
+            print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _train_or_evaluate(args):
+    register_datasets_from_args(args)  # spawned processes start without the registrations
+    cfg = setup(args)
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("CPU: %s", keep_freed_memory())
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        checkpointer = RetinaNetCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, trust_weights=args.trust_weights
+        )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg, trust_weights=args.trust_weights)
+    # --resume-from: continued as --resume continues OUTPUT_DIR's last checkpoint.
+    trainer.checkpointer.resume_from = args.resume_from
+    trainer.resume_or_load(resume=args.resume or bool(args.resume_from))
+    return trainer.train()
+
+
+def argument_parser():
+    parser = default_argument_parser(epilog=__doc__)
+    add_dataset_arguments(parser)
+    parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an OUTPUT_DIR that holds an earlier one, deleting its "
+        "checkpoints, metrics and events (default: refuse; --resume continues it instead)",
+    )
+    parser.add_argument(
+        "--resume-from",
+        metavar="PATH",
+        default="",
+        help="continue training from the checkpoint PATH exactly (its iteration, optimizer, LR "
+        "schedule, data stream, RNGs), writing into a new OUTPUT_DIR (--resume continues "
+        "OUTPUT_DIR's own last checkpoint)",
+    )
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Checks the command (config, datasets, devices, weights, output folder), then trains or
+    evaluates in ``--num-gpus`` processes per machine."""
+    args = cli.parse(argument_parser(), argv)
+    register_datasets_from_args(args)
+    cfg = build_config(args)
+    check_device_and_processes(cfg, args.num_gpus, args.num_machines, args.machine_rank)
+    check_datasets(cfg, args.eval_only)
+    check_weights(cfg, args.resume, args.eval_only)
+    # Every machine refuses an earlier run's folder; machine rank 0 (the one writing the
+    # checkpoints and metrics) holds the folder for the whole run and clears it on --overwrite.
+    first = args.machine_rank == 0
+    with lock_output_dir(cfg.OUTPUT_DIR) if first else contextlib.nullcontext():
+        check_resume(cfg, args)  # before prepare_output_dir may delete files
+        if not args.eval_only:
+            prepare_output_dir(
+                cfg.OUTPUT_DIR, args.resume, args.overwrite, cfg.MODEL.WEIGHTS, remove=first
+            )
+        print("Command Line Args:", args)
+        try:
+            launch(
+                train_or_evaluate,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+                device=cfg.MODEL.DEVICE,
+            )
+        except ProcessExitedException as e:
+            if e.exit_code == 2:  # a process reported bad input (see run)
+                return 2
+            raise
+    return 0
