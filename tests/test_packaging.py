@@ -182,3 +182,19 @@ def test_readme_python_quick_start_runs(capsys):
     assert instances.image_size == (192, 256)
     assert len(instances.scores) == len(instances.pred_classes) <= 100
     assert "Boxes(tensor(" in capsys.readouterr().out
+
+
+def test_import_paths_users_may_have_written_still_work():
+    """The paths of the flat layout users wrote in their code keep working after the move into
+    layers: config keys, the checkpointer, and the ``python -m`` commands."""
+    from retinanet_plugin.checkpoint import RetinaNetCheckpointer
+    from retinanet_plugin.checkpoint.checkpointer import RetinaNetCheckpointer as moved
+    from retinanet_plugin.config import add_retinanet_config
+    from retinanet_plugin.config.defaults import add_retinanet_config as moved_config
+
+    assert RetinaNetCheckpointer is moved and add_retinanet_config is moved_config
+    for module in ("retinanet_plugin.predict", "retinanet_plugin.plot_metrics"):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO
+        )
+        assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
