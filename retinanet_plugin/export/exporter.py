@@ -343,11 +343,6 @@ def export_model(
     check_export_options(export_format, dtype, quantize, output)
     if quantize and not calibration_images:
         raise ExportError("int8 quantization needs calibration images; none were given")
-    if class_names and len(class_names) != model.num_classes:
-        raise ExportError(
-            f"{len(class_names)} class names for a model of {model.num_classes} classes "
-            f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''})"
-        )
     info = json.dumps(
         {
             "config": without_weight_files(cfg).dump(),
