@@ -11,9 +11,8 @@ The config is the one stored in MODEL.WEIGHTS by the plugin's training (override
 Class names (and, unless set, MODEL.RETINANET.NUM_CLASSES) come from a dataset with the model's
 classes: ``--dataset NAME``, else the first one registered with the same ``--register-coco`` /
 ``--register-voc`` options as train_net.py, else ``DATASETS.TEST[0]`` if registered, else the
-class names stored in the checkpoint. 16-bit
-images are scaled to 8 bits, not clipped. ``--tile SIZE`` predicts large images tile by tile
-(:mod:`retinanet_plugin.modeling.tiling`).
+class names stored in the checkpoint. 16-bit images are scaled to 8 bits, not clipped.
+``--tile SIZE`` predicts large images tile by tile (:mod:`retinanet_plugin.modeling.tiling`).
 
 Inputs: a folder gives its images (by extension) and those of its sub-folders; every ``--input``
 must exist and give at least one image. Files that cannot be read are reported by name and
