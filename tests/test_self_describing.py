@@ -143,7 +143,7 @@ def test_export_from_the_weights_alone(trained, shapes_dataset, tmp_path):
     torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=0, atol=0)
 
 
-def test_a_config_of_other_anchors_is_refused(trained, shapes_dataset, tmp_path):
+def test_a_config_of_other_anchors_is_refused(trained, shapes_dataset, tmp_path, capsys):
     weights = ["MODEL.WEIGHTS", str(trained / "model_final.pth")]
     argv = ["--config-file", TINY, *weights]
     code, log = _predict(shapes_dataset, tmp_path / "p", *argv, expect_ok=False)
@@ -153,6 +153,15 @@ def test_a_config_of_other_anchors_is_refused(trained, shapes_dataset, tmp_path)
     assert "[[16], [32], [64], [128], [256]] in the checkpoint" in line
     assert "--ignore-checkpoint-config" in line
     assert not (tmp_path / "p").exists()
+    # --eval-only and export check the same way.
+    evaluate = [*argv, "--eval-only", "OUTPUT_DIR", tmp_path / "e"]
+    code, log = run("train_net.py", *evaluate, expect_ok=False)
+    assert code == 2 and "MODEL.ANCHOR_GENERATOR.SIZES is [[32]" in log
+    export = ["--config-file", TINY, "--weights", weights[1], "--format", "onnx"]
+    capsys.readouterr()
+    assert _export(*export, "--output", tmp_path / "m.onnx") == 2
+    assert "MODEL.ANCHOR_GENERATOR.SIZES is [[32]" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
     # Thresholds, device and datasets may differ.
     own = ["--config-file", str(trained / "config.yaml"), *weights]
     other = "MODEL.RETINANET.SCORE_THRESH_TEST 0.3 MODEL.DEVICE cpu DATASETS.TEST ()".split()
