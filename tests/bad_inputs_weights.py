@@ -66,6 +66,22 @@ def _fpn64(env: Env) -> str:
     return _tiny_weights(env, "fpn64.pth", "MODEL.FPN.OUT_CHANNELS", "64")
 
 
+def _fitted_anchors(env: Env) -> str:
+    """A checkpoint written by the plugin's training of the tiny config with smaller anchors (the
+    same number per location), with its metadata."""
+    from conftest import plugin_cfg
+    from retinanet_plugin.checkpoint.metadata import checkpoint_metadata
+
+    opts = ["MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]"]
+    metadata = checkpoint_metadata(plugin_cfg("retinanet_R18_GN_tiny.yaml", *opts))
+    return _tiny_weights(env, "fitted.pth", *opts, retinanet_plugin=metadata)
+
+
+def _without_config(env: Env, *extra: str) -> List[str]:
+    """predict's arguments without --config-file."""
+    return ["--input", env.val_root, "--output", str(env.tmp / "pred"), *extra]
+
+
 def _resume_from_in_output_dir(env: Env) -> List[str]:
     os.makedirs(env.out)
     return ["--resume-from", _tiny_weights(env, "out/model_0000001.pth", iteration=1), *env.train()]
@@ -97,6 +113,39 @@ CASES: Dict[str, Case] = {
         lambda e: ["--config-file", TINY, "--weights", _four_classes(e), *_torchscript(e)],
         ["four.pth", "for 4 classes", "the model has 80 classes"],
         lambda e: [e.path("four.pth")],
+    ),
+    "weights-predict-other-anchors": Case(
+        "predict",
+        "`--config-file` of other anchors than those the checkpoint was trained with",
+        lambda e: e.predict("MODEL.WEIGHTS", _fitted_anchors(e)),
+        [
+            "fitted.pth",
+            "MODEL.ANCHOR_GENERATOR.SIZES is [[32], [64], [128], [256], [512]] here",
+            "[[16], [32], [64], [128], [256]] in the checkpoint",
+            "--ignore-checkpoint-config",
+        ],
+        lambda e: [e.path("fitted.pth"), e.val_root],
+    ),
+    "weights-predict-no-config": Case(
+        "predict",
+        "no `--config-file`, with weights that hold no config",
+        lambda e: _without_config(e, "MODEL.WEIGHTS", e.weights()),
+        ["no --config-file", "weights.pth", "pass --config-file"],
+        lambda e: [e.weights(), e.val_root],
+    ),
+    "weights-eval-pkl-no-config": Case(
+        "train_net.py",
+        "`--eval-only` of a model-zoo style `.pkl` without `--config-file`",
+        lambda e: ["--eval-only", "MODEL.WEIGHTS", _backbone_pkl(e)],
+        ["no --config-file", "R-18.pkl", ".pkl files", "pass --config-file"],
+        lambda e: [e.path("R-18.pkl")],
+    ),
+    "weights-train-no-config": Case(
+        "train_net.py",
+        "training without `--config-file`",
+        lambda e: ["MODEL.WEIGHTS", e.weights(), "OUTPUT_DIR", e.out],
+        ["training needs --config-file", "only --eval-only"],
+        lambda e: [e.weights()],
     ),
     "weights-eval-backbone-only": Case(
         "train_net.py",

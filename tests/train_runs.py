@@ -65,7 +65,9 @@ def train_net(output_dir, dataset_args, *args, expect_ok=True):
 
 
 def predict(input, output, trained, *args, expect_ok=True):
-    """``predict --input INPUT --output OUTPUT ARGS`` with the trained tiny model's weights."""
+    """``predict --input INPUT --output OUTPUT ARGS`` with the trained tiny model's weights and
+    the config its run recorded."""
     weights = ["MODEL.WEIGHTS", str(trained[0] / "model_final.pth")]
-    argv = ["--config-file", TINY, "--input", input, "--output", str(output), *args, *weights]
+    config = ["--config-file", str(trained[0] / "config.yaml")]
+    argv = [*config, "--input", input, "--output", str(output), *args, *weights]
     return run("-m", "retinanet_plugin.predict", *argv, expect_ok=expect_ok)

@@ -154,12 +154,13 @@ def main(argv=None, started=None) -> int:
     )
     val_root = os.path.join(args.output, "data", "val")  # make_shapes_dataset's layout
     inputs = [os.path.join(val_root, name) for name in sorted(os.listdir(val_root))]
-    predict_args = ["--config-file", CONFIG, *datasets, "--dataset", DEMO_VAL]
+    # The weights hold the run's config (overrides included): no --config-file needed.
+    predict_args = [*datasets, "--dataset", DEMO_VAL]
     for path in inputs[: args.num_pictures]:
         predict_args += ["--input", path]
     weights = os.path.join(args.output, "model_final.pth")
     predict_args += ["--output", pictures, *(["--overwrite"] if args.overwrite else [])]
-    predict_args += [*args.opts, "MODEL.WEIGHTS", weights]
+    predict_args += ["MODEL.WEIGHTS", weights]
     if args.num_pictures and predict.main(predict_args) != 0:
         raise UserError("drawing the predictions failed (see the messages above)")
 

@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """Exports a trained RetinaNet to TorchScript or ONNX for deployment (CPU).
 
-    python tools/export.py --config-file output/demo/config.yaml \\
-        --weights output/demo/model_final.pth --format onnx --output model.onnx
-    python tools/export.py --config-file output/demo/config.yaml \\
-        --weights output/demo/model_final.pth --format onnx --quantize int8 \\
+    python tools/export.py --weights output/demo/model_final.pth --format onnx \\
+        --output model.onnx
+    python tools/export.py --weights output/demo/model_final.pth --format onnx --quantize int8 \\
         --calibration-images output/demo/data/train --output model_int8.onnx
     python tools/export.py ... --format torchscript --dtype bfloat16 --output model_bf16.ts
 
 The file holds backbone + FPN + head; anchors, decoding and NMS run in Python:
 ``retinanet_plugin.export.exporter.load_exported(path)`` gives a drop-in for the PyTorch model.
-Trailing ``KEY VALUE`` pairs override the config (e.g. ``MODEL.RETINANET.SCORE_THRESH_TEST 0.3``,
-stored in the file). ``--output`` has the format's extension (.onnx; .ts or .pt); an existing file
-is replaced only if it is an earlier export and ``--overwrite`` is given.
+The config is the one the plugin's training stored in the weights file (``--config-file`` for
+model-zoo ``.pkl`` files and other checkpoints; one that builds another network than the stored
+config is refused unless ``--ignore-checkpoint-config``); the exported file holds it and the
+stored class names. Trailing ``KEY VALUE`` pairs override the config (e.g.
+``MODEL.RETINANET.SCORE_THRESH_TEST 0.3``, stored in the file). ``--output`` has the format's
+extension (.onnx; .ts or .pt); an existing file is replaced only if it is an earlier export and
+``--overwrite`` is given.
 """
 
 import argparse
@@ -26,9 +29,14 @@ import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from retinanet_plugin.checkpoint.checkpointer import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
+from retinanet_plugin.checkpoint.metadata import (
+    IGNORE_CONFIG_FLAG,
+    IGNORE_CONFIG_HELP,
+    config_for_weights,
+    read_metadata,
+)
 from retinanet_plugin.cli import defaults as cli
 from retinanet_plugin.cli.predict import find_images
-from retinanet_plugin.config.loading import load_config
 from retinanet_plugin.export.exporter import (
     FORMATS,
     QUANTIZATIONS,
@@ -50,9 +58,15 @@ def argument_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument(
+        "--config-file",
+        default="",
+        metavar="FILE",
+        help="the model's config (default: the one stored in the weights file)",
+    )
     parser.add_argument("--weights", help="checkpoint to export (default: MODEL.WEIGHTS)")
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
+    parser.add_argument(IGNORE_CONFIG_FLAG, action="store_true", help=IGNORE_CONFIG_HELP)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument(
         "--output", required=True, help="file to write (.ts or .pt for torchscript, .onnx)"
@@ -148,7 +162,12 @@ def main(argv=None) -> int:
         opts += ["MODEL.WEIGHTS", args.weights]
     if args.dtype:
         opts += ["MODEL.INFERENCE_DTYPE", args.dtype]
-    cfg = load_config(args.config_file, opts)
+    cfg = config_for_weights(
+        args.config_file,
+        opts,
+        ignore_checkpoint_config=args.ignore_checkpoint_config,
+        trust_weights=args.trust_weights,
+    )
     check_export_options(args.format, cfg.MODEL.INFERENCE_DTYPE, args.quantize, args.output)
     if not cfg.MODEL.WEIGHTS:
         raise ExportError("no weights to export: pass --weights or set MODEL.WEIGHTS")
@@ -172,6 +191,9 @@ def main(argv=None) -> int:
             args.output,
             sample,
             quantize=args.quantize,
+            class_names=(read_metadata(cfg.MODEL.WEIGHTS, args.trust_weights) or {}).get(
+                "class_names", []
+            ),
             calibration_images=[_read_input(f, cfg) for f in calibration_files],
         )
     except ImportError as e:  # onnx / onnxruntime not installed; the message says how

@@ -13,10 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from ..config.loading import config_sets_key
 from ..data import resolve_num_classes
 from ..errors import UserError
 from .atomic_io import atomic_write
+from .metadata import METADATA_KEY, sets_key
 from .safe_loading import WeightsReadError, load_pickle, load_torch
 
 __all__ = [
@@ -324,15 +324,25 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _CheckedLoading):
             prediction, export) a re-initialized layer would give random classes: an error.
         trust_weights: load files the way detectron2 does, unpickling arbitrary objects (which
             can run code from the file). Only for files from a trusted source.
+        metadata: saved in every checkpoint as its ``"retinanet_plugin"`` entry (the run's
+            :func:`~retinanet_plugin.checkpoint.metadata.checkpoint_metadata`); None for none.
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
     """
 
     def __init__(
-        self, model, save_dir="", *, allow_new_classes=False, trust_weights=False, **kwargs
+        self,
+        model,
+        save_dir="",
+        *,
+        allow_new_classes=False,
+        trust_weights=False,
+        metadata=None,
+        **kwargs,
     ):
         super().__init__(model, save_dir, **kwargs)
         self.allow_new_classes = allow_new_classes
         self.trust_weights = trust_weights
+        self.metadata = metadata
         # A checkpoint to continue (--resume-from) while save_dir has none of its own.
         self.resume_from = ""
         # The checkpoints this run loaded or wrote, latest last: the ones safe to resume from.
@@ -396,7 +406,8 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _CheckedLoading):
 
     def save(self, name: str, **kwargs) -> None:
         """fvcore's ``Checkpointer.save`` (model, checkpointables and ``kwargs`` in
-        ``<save_dir>/<name>.pth``, then the pointer), with both files written atomically.
+        ``<save_dir>/<name>.pth``, then the pointer), with both files written atomically, plus
+        ``self.metadata`` as the ``"retinanet_plugin"`` entry.
 
         A failed write (e.g. a full disk) or Ctrl-C during it removes the partial file and
         leaves the previous checkpoint and the pointer to it as they were.
@@ -411,6 +422,8 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _CheckedLoading):
         data = {"model": self.model.state_dict()}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
+        if self.metadata is not None:
+            data[METADATA_KEY] = self.metadata
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
@@ -512,7 +525,7 @@ def _model_for(cfg, config_file: str, opts: Sequence[str], eval_only: bool) -> t
     datasets = cfg.DATASETS.TEST if eval_only else cfg.DATASETS.TRAIN
     if datasets:
         key = "MODEL.RETINANET.NUM_CLASSES"
-        resolve_num_classes(cfg, datasets[0], config_sets_key(config_file, opts, key))
+        resolve_num_classes(cfg, datasets[0], sets_key(config_file, opts, key))
     cfg.MODEL.DEVICE = "meta"
     with torch.device("meta"):
         return build_model(cfg)

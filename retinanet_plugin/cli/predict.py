@@ -1,14 +1,18 @@
 """Detections on your own images: annotated pictures plus one COCO-results JSON.
 
-    python -m retinanet_plugin.predict --config-file configs/retinanet_R18_GN_tiny.yaml \\
-        --input photos/ --input "more/*.jpg" --output predictions/ \\
-        MODEL.WEIGHTS output/model_final.pth
+    python -m retinanet_plugin.predict --input photos/ --input "more/*.jpg" \\
+        --output predictions/ MODEL.WEIGHTS output/model_final.pth
+
+The config is the one stored in MODEL.WEIGHTS by the plugin's training (overrides such as
+``MODEL.DEVICE cpu`` apply on top); model-zoo ``.pkl`` files and other checkpoints need
+``--config-file``. A ``--config-file`` that builds another network than the stored config
+(anchors, classes, backbone, input size) is refused unless ``--ignore-checkpoint-config``.
 
 Class names (and, unless set, MODEL.RETINANET.NUM_CLASSES) come from a dataset with the model's
 classes: ``--dataset NAME``, else the first one registered with the same ``--register-coco`` /
-``--register-voc`` options as train_net.py, else ``DATASETS.TEST[0]`` if registered. 16-bit
-images are scaled to 8 bits, not clipped. ``--tile SIZE`` predicts large images tile by tile
-(:mod:`retinanet_plugin.modeling.tiling`).
+``--register-voc`` options as train_net.py, else ``DATASETS.TEST[0]`` if registered, else the
+class names stored in the checkpoint. 16-bit images are scaled to 8 bits, not clipped.
+``--tile SIZE`` predicts large images tile by tile (:mod:`retinanet_plugin.modeling.tiling`).
 
 Inputs: a folder gives its images (by extension) and those of its sub-folders; every ``--input``
 must exist and give at least one image. Files that cannot be read are reported by name and
@@ -44,8 +48,14 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from retinanet_plugin.checkpoint.atomic_io import atomic_write
 from retinanet_plugin.checkpoint.checkpointer import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
+from retinanet_plugin.checkpoint.metadata import (
+    IGNORE_CONFIG_FLAG,
+    IGNORE_CONFIG_HELP,
+    config_for_weights,
+    read_metadata,
+    sets_key,
+)
 from retinanet_plugin.cli import defaults as cli
-from retinanet_plugin.config.loading import config_sets_key, load_config
 from retinanet_plugin.data import (
     add_dataset_arguments,
     register_datasets_from_args,
@@ -105,13 +115,17 @@ class BatchPredictor:
         return [output["instances"].to("cpu") for output in self.model(inputs)]
 
 
-def _metadata(cfg, dataset_name: str):
+def _metadata(cfg, dataset_name: str, stored_classes: Sequence[str]):
+    """The class names to draw: the dataset's, else those stored in the checkpoint (if it has
+    the model's number of classes), else ``class_0``, ``class_1``, ..."""
     if dataset_name and dataset_name in DatasetCatalog.list():
         metadata = MetadataCatalog.get(dataset_name)
         if hasattr(metadata, "thing_classes"):
             return metadata
     # Not registered in MetadataCatalog: another run in this process may have other classes.
-    return Metadata(thing_classes=[f"class_{i}" for i in range(cfg.MODEL.RETINANET.NUM_CLASSES)])
+    count = cfg.MODEL.RETINANET.NUM_CLASSES
+    names = list(stored_classes) if len(stored_classes) == count else []
+    return Metadata(thing_classes=names or [f"class_{i}" for i in range(count)])
 
 
 def _is_image_name(path: str) -> bool:
@@ -393,7 +407,12 @@ def argument_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument(
+        "--config-file",
+        default="",
+        metavar="FILE",
+        help="the model's config (default: the one stored in MODEL.WEIGHTS)",
+    )
     parser.add_argument(
         "--input",
         action="append",
@@ -425,6 +444,7 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", default=None, help="registered dataset for class names")
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
+    parser.add_argument(IGNORE_CONFIG_FLAG, action="store_true", help=IGNORE_CONFIG_HELP)
     add_dataset_arguments(parser)
     parser.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -458,7 +478,12 @@ def main(argv=None) -> int:
     files = [path for path, _ in inputs[0]]
     pictures = picture_names(inputs[0])
     earlier = check_output(args.output, inputs, pictures, args.overwrite)
-    cfg = load_config(args.config_file, args.opts)
+    cfg = config_for_weights(
+        args.config_file,
+        args.opts,
+        ignore_checkpoint_config=args.ignore_checkpoint_config,
+        trust_weights=args.trust_weights,
+    )
     if not cfg.MODEL.WEIGHTS:
         raise PredictError(
             "no weights: set MODEL.WEIGHTS to a trained model (e.g. MODEL.WEIGHTS "
@@ -468,11 +493,12 @@ def main(argv=None) -> int:
     registered = [entry[0] for entry in args.register_coco + args.register_voc]
     dataset = args.dataset or next(iter(registered + list(cfg.DATASETS.TEST)), None)
     if dataset in DatasetCatalog.list():
-        set_by_user = config_sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
+        set_by_user = sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
         resolve_num_classes(cfg, dataset, set_by_user)
     cfg.freeze()
 
     predictor = BatchPredictor(cfg, trust_weights=args.trust_weights)
+    stored = read_metadata(cfg.MODEL.WEIGHTS, args.trust_weights) or {}
     if args.tile:
         nms_thresh = cfg.MODEL.RETINANET.NMS_THRESH_TEST
         predictor = TiledPredictor(
@@ -486,7 +512,7 @@ def main(argv=None) -> int:
         files,
         pictures,
         args.output,
-        _metadata(cfg, dataset),
+        _metadata(cfg, dataset, stored.get("class_names", [])),
         args.score_threshold,
         args.batch_size,
     )

@@ -3,8 +3,10 @@ with dataset registration, checks of the whole command before any work starts, a
 evaluation in ``--num-gpus`` processes per machine. For example::
 
     python train_net.py --config-file configs/retinanet_R50_FPN_1x.yaml --num-gpus 8
-    python train_net.py --config-file configs/retinanet_R50_FPN_1x.yaml \\
-        --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --eval-only MODEL.WEIGHTS output/model_final.pth
+
+(``--eval-only`` takes the config stored in a checkpoint the plugin wrote; a ``--config-file``
+that builds another network is refused unless ``--ignore-checkpoint-config``)
 
 plus dataset registration (repeatable), after which the names go in DATASETS.TRAIN/TEST::
 
@@ -33,7 +35,13 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.atomic_io import check_output_dir
 from ..checkpoint.checkpointer import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer, check_resume
-from ..config.loading import config_sets_key, load_config
+from ..checkpoint.metadata import (
+    IGNORE_CONFIG_FLAG,
+    IGNORE_CONFIG_HELP,
+    config_for_weights,
+    sets_key,
+)
+from ..config.loading import load_config
 from ..data import add_dataset_arguments, register_datasets_from_args, resolve_num_classes
 from ..engine.cpu_memory import keep_freed_memory
 from ..engine.launch import launch
@@ -56,8 +64,22 @@ logger = logging.getLogger(__name__)
 
 def build_config(args):
     """The config from the file and trailing KEY VALUE overrides (not frozen, no side effects),
-    with the checks that only training needs unless ``--eval-only``."""
-    return load_config(args.config_file, args.opts, training=not args.eval_only)
+    with the checks that only training needs unless ``--eval-only``. ``--eval-only`` without
+    ``--config-file`` takes the config stored in MODEL.WEIGHTS, and refuses a config file that
+    builds another network than the one stored there (see ``checkpoint.metadata``)."""
+    if args.eval_only:
+        return config_for_weights(
+            args.config_file,
+            args.opts,
+            ignore_checkpoint_config=args.ignore_checkpoint_config,
+            trust_weights=args.trust_weights,
+        )
+    if not args.config_file:
+        raise UserError(
+            "training needs --config-file (e.g. configs/retinanet_R50_FPN_1x.yaml); only "
+            "--eval-only can take the config stored in a checkpoint"
+        )
+    return load_config(args.config_file, args.opts, training=True)
 
 
 class _UserErrorsInOneLine(logging.Filter):
@@ -82,7 +104,7 @@ def setup(args):
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
     if datasets:
         key = "MODEL.RETINANET.NUM_CLASSES"
-        resolve_num_classes(cfg, datasets[0], config_sets_key(args.config_file, args.opts, key))
+        resolve_num_classes(cfg, datasets[0], sets_key(args.config_file, args.opts, key))
     cfg.freeze()
     record = cfg
     if args.eval_only:
@@ -135,6 +157,7 @@ def argument_parser():
     parser = default_argument_parser(epilog=__doc__)
     add_dataset_arguments(parser)
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
+    parser.add_argument(IGNORE_CONFIG_FLAG, action="store_true", help=IGNORE_CONFIG_HELP)
     parser.add_argument(
         "--overwrite",
         action="store_true",

@@ -45,6 +45,7 @@ __all__ = [
     "config_sets_key",
     "evaluate_arithmetic",
     "load_config",
+    "load_config_text",
     "load_yaml_safely",
 ]
 
@@ -375,7 +376,12 @@ def _check_mapping(
 
 def _merge_file(cfg: CfgNode, config_file: str) -> None:
     """Merges ``config_file`` into ``cfg`` like detectron2's ``merge_from_file``, but safely."""
-    loaded = CfgNode(load_yaml_safely(config_file))
+    _merge_mapping(cfg, load_yaml_safely(config_file), config_file)
+
+
+def _merge_mapping(cfg: CfgNode, mapping: Dict[str, Any], config_file: str) -> None:
+    """Merges the keys of a config file (``mapping``, read from ``config_file``) into ``cfg``."""
+    loaded = CfgNode(mapping)
     version = loaded.get("VERSION", None)
     if version is None:
         version = guess_version(loaded, config_file)
@@ -482,8 +488,32 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, training: bool = 
     cfg = get_cfg()
     add_retinanet_config(cfg)
     _merge_file(cfg, config_file)
-    _merge_opts(cfg, opts, f"{config_file} (command-line overrides)")
-    source = f"{config_file} (with command-line overrides)" if opts else config_file
+    return _with_overrides(cfg, config_file, opts, training)
+
+
+def load_config_text(
+    text: str, source: str, opts: Sequence[str] = (), *, training: bool = False
+) -> CfgNode:
+    """:func:`load_config` on YAML text instead of a file: a config stored in a checkpoint
+    (``cfg.dump()``), named ``source`` in errors. The text is read as safely as a file."""
+    _check_arguments(source, opts)
+    try:
+        mapping = yaml.load(text, Loader=_SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: its config is invalid YAML ({e})") from e
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: its config is not a mapping of keys")
+    cfg = get_cfg()
+    add_retinanet_config(cfg)
+    _merge_mapping(cfg, mapping, source)
+    return _with_overrides(cfg, source, opts, training)
+
+
+def _with_overrides(cfg: CfgNode, source: str, opts: Sequence[str], training: bool) -> CfgNode:
+    """``cfg`` (read from ``source``) with the overrides ``opts`` merged, then validated."""
+    _merge_opts(cfg, opts, f"{source} (command-line overrides)")
+    if opts:
+        source = f"{source} (with command-line overrides)"
     validate_config(cfg, source)
     if training:
         overridden = set(opts[0::2])

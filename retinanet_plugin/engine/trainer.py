@@ -17,6 +17,7 @@ from detectron2.utils import comm
 
 from ..checkpoint.atomic_io import check_output_dir
 from ..checkpoint.checkpointer import RetinaNetCheckpointer
+from ..checkpoint.metadata import checkpoint_metadata
 from ..compat.private_api import inner_trainer, restart_data_iterator, set_writer_period
 from ..data import build_test_loader, build_train_loader
 from ..data.resumable import ResumableTrainLoader
@@ -69,6 +70,7 @@ class Trainer(DefaultTrainer):
             cfg.OUTPUT_DIR,
             allow_new_classes=True,  # fine-tuning from MODEL.WEIGHTS; never when resuming
             trust_weights=trust_weights,
+            metadata=checkpoint_metadata(cfg),  # the weights alone are enough to use the model
             trainer=weakref.proxy(self),
         )
         self.start_iter = 0

@@ -37,8 +37,8 @@ Formats and options (:func:`export_model`):
   ``QLinearConv``. torch's ``quantize_dynamic`` covers only Linear/LSTM layers, of which
   RetinaNet has none, so it would change nothing; TorchScript int8 is refused.
 
-The exported file carries the model's config (ONNX ``metadata_props`` / a TorchScript extra
-file), so :func:`load_exported` needs nothing else. Exports run on the CPU.
+The exported file carries the model's config and class names (ONNX ``metadata_props`` / a
+TorchScript extra file), so :func:`load_exported` needs nothing else. Exports run on the CPU.
 """
 
 import contextlib
@@ -312,6 +312,7 @@ def export_model(
     *,
     quantize: Optional[str] = None,
     calibration_images: Sequence[Tensor] = (),
+    class_names: Sequence[str] = (),
 ) -> None:
     """Writes the network of ``model`` to ``output`` (see the module docstring).
 
@@ -326,6 +327,8 @@ def export_model(
             :func:`synthetic_test_image`).
         quantize: None, or one of :data:`QUANTIZATIONS` (ONNX only).
         calibration_images: images for int8 quantization.
+        class_names: the names of the model's classes, stored in the file (see
+            ``ExportedRetinaNet.class_names``); none for ``class_0``, ``class_1``, ...
 
     Raises:
         ExportError: an unsupported combination of options (:func:`check_export_options`), or
@@ -346,6 +349,7 @@ def export_model(
             "format": export_format,
             "dtype": dtype,
             "quantize": quantize,
+            "class_names": list(class_names),
         }
     )
     network = ExportableNetwork(model).eval()

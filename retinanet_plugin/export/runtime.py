@@ -126,6 +126,7 @@ class ExportedRetinaNet:
 
     Post-processing is the model's own ``forward_inference``, on a ``FocalLossRetinaNet`` built
     from the config stored in the file (its backbone and head are not needed and are dropped).
+    ``class_names`` are the names stored in the file (``class_0``, ... in a file without them).
 
     Args:
         path: a ``.ts``/``.onnx`` file written by :func:`export_model` (TorchScript files are
@@ -160,6 +161,11 @@ class ExportedRetinaNet:
         info = json.loads(self.graph.info)
         self.format, self.dtype, self.quantize = info["format"], info["dtype"], info["quantize"]
         self.cfg = _config_from_yaml(info["config"], path)
+        num_classes = self.cfg.MODEL.RETINANET.NUM_CLASSES
+        # Files exported without class names (older ones, or weights that had none) count them.
+        self.class_names: List[str] = info.get("class_names") or [
+            f"class_{i}" for i in range(num_classes)
+        ]
         self.model = build_model(self.cfg).eval()
         del self.model.backbone, self.model.head  # the exported graph replaces them
 
