@@ -231,9 +231,12 @@ def compute_diagnostics(
         "area": "all",
         "max_detections_per_image": int(params.maxDets[-1]),
     }
+    by_category: Dict[Any, List[Dict[str, Any]]] = {cat_id: [] for cat_id in cat_ids}
+    for e in eval_images:
+        by_category[e["category_id"]].append(e)
     classes, curves, totals = [], [], np.zeros(3, dtype=np.int64)
     for k, (cat_id, name) in enumerate(zip(cat_ids, class_names)):
-        entries = [e for e in eval_images if e["category_id"] == cat_id]
+        entries = by_category[cat_id]
         dt_scores = np.concatenate([e["dtScores"][~e["dtIgnore"]] for e in entries] + [[]])
         is_tp = np.concatenate([e["dtMatches"][~e["dtIgnore"]] > 0 for e in entries] + [[]])
         is_tp = is_tp.astype(bool)
@@ -379,7 +382,7 @@ def _draw_confusion_matrix(part: Dict[str, Any]):
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set(xlabel="predicted class", ylabel="ground-truth class")
     ax.set_title(
-        f"Confusion matrix (counts), score >= {part['score_threshold']:g}, {_setting_line(part)}",
+        f"Confusion matrix (counts), score >= {part['score_threshold']:g},\n{_setting_line(part)}",
         fontsize=9,
     )
     fig.tight_layout()
