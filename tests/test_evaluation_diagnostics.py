@@ -102,8 +102,9 @@ def _register(name, tmp_path, categories):
     DatasetCatalog.get(name)  # sets thing_classes and the id mapping, as the test loader does
 
 
-def _evaluate(name, output_dir, backend, score_threshold, classes=(0, 1)):
-    """detectron2's results dict of the evaluator on the hand-placed detections."""
+def _evaluate(name, output_dir, backend, score_threshold, classes=(0, 1), extra=()):
+    """detectron2's results dict of the evaluator on the hand-placed detections (of
+    ``classes``) and ``extra`` ones ([(image id, class, score, XYWH)])."""
     evaluator = RetinaNetCOCOEvaluator(
         name,
         distributed=False,
@@ -114,6 +115,7 @@ def _evaluate(name, output_dir, backend, score_threshold, classes=(0, 1)):
     evaluator.reset()
     for image_id, detections in DETECTIONS.items():
         kept = [d for d in detections if d[0] in classes]
+        kept += [d for i, *d in extra if i == image_id]
         boxes = [[x, y, x + w, y + h] for _, _, (x, y, w, h) in kept]
         instances = Instances(
             (100, 100),
@@ -266,6 +268,35 @@ def test_one_class_dataset(tmp_path):
     assert cat["best_threshold"]["score"] == pytest.approx(0.55)
     # d2 (on the now unannotated dog B) and d4 are background; C is missed.
     assert _read(tmp_path, "confusion_matrix")["matrix"] == [[2, 1], [2, 0]]
+    for _, png_name in diagnostics.FILES.values():
+        with Image.open(tmp_path / png_name) as image:
+            assert image.format == "PNG"
+
+
+def test_a_class_without_ground_truth(tmp_path):
+    """A third class with no box and one detection (0.7, image 1, on nothing): no AP (detectron2:
+    NaN), precision 0, recall and best threshold undefined; a background false positive."""
+    name = "diagnostics_unannotated_class"
+    _register(name, tmp_path, {**CATEGORIES, 9: "unicorn"})
+    try:
+        results = _evaluate(
+            name, tmp_path, "faster_coco_eval", 0.5, extra=[(1, 2, 0.7, [40, 40, 10, 10])]
+        )
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert np.isnan(results["AP-unicorn"])
+    cat, dog, unicorn = _read(tmp_path, "class_metrics")["classes"]
+    assert unicorn["AP"] is None and unicorn["AP50"] is None and unicorn["ground_truth"] == 0
+    assert (unicorn["true_positives"], unicorn["false_positives"]) == (0, 1)
+    assert unicorn["precision"] == 0 and unicorn["recall"] is None and unicorn["f1"] == 0
+    assert unicorn["best_threshold"] is None
+    # The other classes are counted as before.
+    assert [cat["true_positives"], cat["false_positives"], cat["false_negatives"]] == [2, 2, 1]
+    matrix = _read(tmp_path, "confusion_matrix")["matrix"]
+    assert matrix == [[2, 0, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]]
+    curves = _read(tmp_path, "precision_recall")["classes"]
+    assert curves[2]["precision"] == [None] * 101
     for _, png_name in diagnostics.FILES.values():
         with Image.open(tmp_path / png_name) as image:
             assert image.format == "PNG"
