@@ -102,16 +102,9 @@ def _register(name, tmp_path, categories):
     DatasetCatalog.get(name)  # sets thing_classes and the id mapping, as the test loader does
 
 
-def _evaluate(name, output_dir, backend, score_threshold, classes=(0, 1), extra=()):
-    """detectron2's results dict of the evaluator on the hand-placed detections (of
-    ``classes``) and ``extra`` ones ([(image id, class, score, XYWH)])."""
-    evaluator = RetinaNetCOCOEvaluator(
-        name,
-        distributed=False,
-        output_dir=str(output_dir),
-        backend=backend,
-        score_threshold=score_threshold,
-    )
+def _process(evaluator, classes=(0, 1), extra=()):
+    """Gives ``evaluator`` the hand-placed detections (of ``classes``) and ``extra`` ones
+    ([(image id, class, score, XYWH)])."""
     evaluator.reset()
     for image_id, detections in DETECTIONS.items():
         kept = [d for d in detections if d[0] in classes]
@@ -124,6 +117,18 @@ def _evaluate(name, output_dir, backend, score_threshold, classes=(0, 1), extra=
             pred_classes=torch.tensor([c for c, _, _ in kept]),
         )
         evaluator.process([{"image_id": image_id}], [{"instances": instances}])
+
+
+def _evaluate(name, output_dir, backend, score_threshold, classes=(0, 1), extra=()):
+    """detectron2's results dict of the evaluator on the detections of :func:`_process`."""
+    evaluator = RetinaNetCOCOEvaluator(
+        name,
+        distributed=False,
+        output_dir=str(output_dir),
+        backend=backend,
+        score_threshold=score_threshold,
+    )
+    _process(evaluator, classes, extra)
     return evaluator.evaluate()["bbox"]
 
 
@@ -331,3 +336,23 @@ def test_plot_metrics_draws_the_per_class_ap(tmp_path):
     }
     output = plot_metrics(str(metrics), str(tmp_path / "curves.png"))
     assert Image.open(output).size == (2000, 400)  # losses, lr, AP, AP per class
+
+
+def test_operating_threshold_is_the_configs_test_threshold(two_classes, tmp_path):
+    """build_coco_evaluator counts at MODEL.RETINANET.SCORE_THRESH_TEST: at 0.25 the counts of
+    CONFUSION[0.25] (dog: d5, d7, d3 true, d6 false)."""
+    from detectron2.config import get_cfg
+    from retinanet_plugin import add_retinanet_config
+    from retinanet_plugin.evaluation import build_coco_evaluator
+
+    cfg = get_cfg()
+    add_retinanet_config(cfg)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.25
+    evaluator = build_coco_evaluator(cfg, two_classes, str(tmp_path), distributed=False)
+    assert evaluator.score_threshold == 0.25
+    _process(evaluator)
+    evaluator.evaluate()
+    metrics = _read(tmp_path, "class_metrics")
+    assert metrics["score_threshold"] == 0.25
+    dog = metrics["classes"][1]
+    assert (dog["true_positives"], dog["false_positives"], dog["false_negatives"]) == (3, 1, 0)
