@@ -54,7 +54,14 @@ def test_shortened_demo_writes_every_output(tmp_path):
     assert summary["seconds_per_iteration"] == round(times[len(times) // 2], 3)
     assert 0 <= summary["data_seconds_per_iteration"] <= summary["seconds_per_iteration"]
     assert "s per iteration, of which" in output
-    assert Image.open(tmp_path / "training_curves.png").size == (1500, 400)  # with the AP panel
+    # With the AP and the AP-per-class panels.
+    assert Image.open(tmp_path / "training_curves.png").size == (2000, 400)
+    # The evaluator's diagnostics beside its results, with detectron2's per-class AP.
+    class_metrics = json.loads((predictions.parent / "class_metrics.json").read_text())
+    for c in class_metrics["classes"]:
+        assert c["AP"] == pytest.approx(summary["bbox"][f"AP-{c['name']}"], abs=1e-6, nan_ok=True)
+    for name in ("precision_recall.png", "ap_per_class.png", "confusion_matrix.png"):
+        assert Image.open(predictions.parent / name).format == "PNG"
     assert len(list((tmp_path / "predictions").glob("*.png"))) == 2
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert (tmp_path / "model_final.pth").is_file()

@@ -74,6 +74,7 @@ ATTRIBUTES = [
     (private_api.inner_trainer, "_trainer"),
     (private_api.restart_data_iterator, "_data_loader_iter"),
     (private_api.evaluator_coco_api, "_coco_api"),
+    (private_api.evaluator_output_dir, "_output_dir"),
     (lambda obj: private_api.ema_update(obj, "n", 1.0, 1.0, 0.9), "_ema_update"),
     (private_api.option_actions, "_actions"),
     (private_api.evaluates_boxes_only, "_tasks"),

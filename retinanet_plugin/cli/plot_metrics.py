@@ -1,4 +1,4 @@
-"""Plots a training run's ``metrics.json``: losses, learning rate and evaluation AP.
+"""Plots a training run's ``metrics.json``: losses, learning rate, evaluation AP and AP per class.
 
     python -m retinanet_plugin.plot_metrics output/metrics.json [--output losses.png]
 
@@ -21,11 +21,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from . import defaults as cli  # noqa: E402
 
-__all__ = ["MetricsFileError", "check_output", "read_metrics", "plot_metrics"]
+__all__ = ["MetricsFileError", "check_output", "class_ap_series", "read_metrics", "plot_metrics"]
 
 logger = logging.getLogger("retinanet_plugin.cli.plot_metrics")  # also when run as __main__
 
 LOSS_KEYS = ("total_loss", "loss_cls", "loss_box_reg")
+# detectron2 logs the per-class box AP of each evaluation as "bbox/AP-<class name>".
+CLASS_AP_PREFIX = "bbox/AP-"
+# Above this many classes the per-class panel has no legend.
+MAX_LEGEND_CLASSES = 20
 # Fewer points than this per curve make no curve: the panel says so instead.
 MIN_POINTS = 2
 
@@ -78,6 +82,15 @@ def _series(records: List[Dict], key: str):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def class_ap_series(records: List[Dict]) -> Dict[str, tuple]:
+    """The per-class box AP of each evaluation: {class name: (iterations, AP in percent)}, the
+    classes in the order of their first record."""
+    names = dict.fromkeys(
+        key[len(CLASS_AP_PREFIX) :] for r in records for key in r if key.startswith(CLASS_AP_PREFIX)
+    )
+    return {name: _series(records, CLASS_AP_PREFIX + name) for name in names}
+
+
 def _note_too_few(ax, what: str, count: int) -> None:
     ax.text(
         0.5,
@@ -90,8 +103,9 @@ def _note_too_few(ax, what: str, count: int) -> None:
 
 
 def plot_metrics(metrics_file: str, output_file: str) -> str:
-    """Writes a PNG with the losses and learning rate (and box AP, if evaluated) per iteration;
-    a panel with fewer than :data:`MIN_POINTS` points says so instead of drawing a curve.
+    """Writes a PNG with the losses and learning rate (and box AP, and box AP per class where
+    detectron2 logged it, if evaluated) per iteration; a loss or learning-rate panel with fewer
+    than :data:`MIN_POINTS` points says so instead of drawing a curve.
 
     Returns:
         ``output_file``.
@@ -101,7 +115,9 @@ def plot_metrics(metrics_file: str, output_file: str) -> str:
     """
     records = read_metrics(metrics_file)
     has_ap = any("bbox/AP" in r for r in records)
-    fig, axes = plt.subplots(1, 3 if has_ap else 2, figsize=(15 if has_ap else 10, 4))
+    class_ap = class_ap_series(records)
+    panels = 2 + has_ap + bool(class_ap)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     losses = {key: _series(records, key) for key in LOSS_KEYS}
     if max(len(x) for x, _ in losses.values()) >= MIN_POINTS:
         for key, (x, y) in losses.items():
@@ -123,6 +139,12 @@ def plot_metrics(metrics_file: str, output_file: str) -> str:
             axes[2].plot(*_series(records, key), marker="o", label=key)
         axes[2].set(title="validation box AP", xlabel="iteration", ylabel="AP (%)")
         axes[2].legend()
+    if class_ap:
+        for name, (x, y) in class_ap.items():
+            axes[-1].plot(x, y, marker="o", label=name)
+        axes[-1].set(title="validation box AP per class", xlabel="iteration", ylabel="AP (%)")
+        if len(class_ap) <= MAX_LEGEND_CLASSES:
+            axes[-1].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(os.path.abspath(metrics_file), fontsize=8)

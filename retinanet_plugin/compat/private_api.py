@@ -26,6 +26,7 @@ __all__ = [
     "evaluate_box_predictions",
     "evaluates_boxes_only",
     "evaluator_coco_api",
+    "evaluator_output_dir",
     "find_free_port",
     "inner_trainer",
     "option_actions",
@@ -173,10 +174,17 @@ def evaluator_coco_api(evaluator):
     return _attribute(evaluator, "_coco_api", "checking a dataset's ids for faster-coco-eval")
 
 
+def evaluator_output_dir(evaluator) -> Optional[str]:
+    """The folder a ``COCOEvaluator`` writes its files into (``_output_dir``), or None."""
+    return _attribute(evaluator, "_output_dir", _EVALUATOR_NEEDS)
+
+
 def check_coco_evaluator_hooks() -> None:
-    """Checks what an override of ``COCOEvaluator._eval_predictions`` with
-    :func:`evaluate_box_predictions` needs, so a missing piece fails before evaluation rather
-    than silently evaluating with another backend."""
+    """Checks what the plugin's evaluator overrides and calls: ``COCOEvaluator._eval_predictions``
+    (replaced with :func:`evaluate_box_predictions`) and ``_derive_coco_results`` (extended with
+    per-class diagnostics; both of detectron2's evaluation paths hand it their COCOeval), so a
+    missing piece fails before evaluation rather than silently evaluating with another backend
+    or without the diagnostics."""
     from detectron2.evaluation import COCOEvaluator
 
     for name in ("_eval_predictions", "_derive_coco_results", "_tasks_from_predictions"):
@@ -199,7 +207,7 @@ def evaluate_box_predictions(evaluator, predictions, img_ids, cocoeval_class: ty
         to_dataset_id = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
         for result in results:
             result["category_id"] = to_dataset_id[result["category_id"]]
-    output_dir = _attribute(evaluator, "_output_dir", _EVALUATOR_NEEDS)
+    output_dir = evaluator_output_dir(evaluator)
     if output_dir:
         from detectron2.utils.file_io import PathManager
 

@@ -11,7 +11,10 @@ Backends:
 
 :class:`RetinaNetCOCOEvaluator` is detectron2's :class:`COCOEvaluator` with only the COCOeval
 class swapped, so its results dict (AP, AP50, ..., ``AP-<class>``) and output files are
-detectron2's. :func:`coco_eval_class` gives the bare COCOeval classes, e.g. for benchmarks::
+detectron2's, plus the per-class diagnostics of :mod:`.diagnostics` (precision-recall curves,
+precision / recall / F1 at the operating score threshold, best thresholds, confusion matrix, AP
+per class) as PNG + JSON in its output folder. :func:`coco_eval_class` gives the bare COCOeval
+classes, e.g. for benchmarks::
 
     for backend in BACKENDS:
         coco_eval = coco_eval_class(backend)(coco_gt, coco_gt.loadRes(results), "bbox")
@@ -34,9 +37,11 @@ from ..compat.private_api import (
     evaluate_box_predictions,
     evaluates_boxes_only,
     evaluator_coco_api,
+    evaluator_output_dir,
 )
 from ..config.option_rules import BACKENDS, EVALUATION_RULES
 from ..config.rules import check_options
+from .diagnostics import compute_diagnostics, summary_table, write_diagnostics
 
 __all__ = [
     "BACKENDS",
@@ -178,6 +183,10 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
     faster-coco-eval indexes annotations by numeric image and category ids; datasets with other
     ids (e.g. Pascal VOC converted by detectron2, whose image ids are file names) are evaluated
     with pycocotools, with a warning.
+
+    With an output folder, a box evaluation also writes the per-class diagnostics of
+    :func:`~retinanet_plugin.evaluation.diagnostics.write_diagnostics` there, at
+    ``score_threshold``, from the COCOeval both paths hand to ``_derive_coco_results``.
     """
 
     def __init__(
@@ -188,6 +197,7 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         output_dir: Optional[str] = None,
         *,
         backend: str = "faster_coco_eval",
+        score_threshold: float = 0.05,
         **kwargs,
     ):
         """
@@ -199,6 +209,9 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
             backend: one of :data:`BACKENDS`; ``"faster_coco_eval"`` falls back to
                 ``"pycocotools"`` (with a warning) if the package cannot be imported or the
                 dataset has non-integer ids.
+            score_threshold: the operating score threshold of the diagnostics' precision,
+                recall, F1 and confusion matrix (``build_coco_evaluator`` gives
+                MODEL.RETINANET.SCORE_THRESH_TEST; 0.05 is its default).
             **kwargs: other keyword arguments of :class:`COCOEvaluator` (``max_dets_per_image``,
                 ``kpt_oks_sigmas``, ...), except ``use_fast_impl``, which ``backend`` replaces.
 
@@ -211,6 +224,7 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         check_coco_evaluator_hooks()
         # Before the base constructor, which loads the annotations: fail fast on a typo.
         self._backend = resolve_backend(backend)
+        self.score_threshold = float(score_threshold)
         # use_fast_impl=False: detectron2's own path is the official pycocotools one.
         super().__init__(
             dataset_name, tasks, distributed, output_dir, use_fast_impl=False, **kwargs
@@ -237,6 +251,20 @@ class RetinaNetCOCOEvaluator(COCOEvaluator):
         logger.info("COCO evaluation backend: %s", self._backend)
         evaluate_box_predictions(self, predictions, img_ids, coco_eval_class(self._backend))
 
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+        output_dir = evaluator_output_dir(self)
+        if iou_type == "bbox" and coco_eval is not None and output_dir:
+            diagnostics = compute_diagnostics(coco_eval, class_names, self.score_threshold)
+            written = write_diagnostics(diagnostics, output_dir)
+            logger.info(
+                "Box detections per category at score >= %g and IoU 0.5:\n%s\nWrote %s",
+                self.score_threshold,
+                summary_table(diagnostics),
+                ", ".join(written),
+            )
+        return results
+
 
 def _has_integer_ids(coco_api) -> bool:
     """Whether all image and category ids of a pycocotools ``COCO`` are integers."""
@@ -252,12 +280,14 @@ def build_coco_evaluator(
     Args:
         cfg: a config with the plugin's keys (:func:`retinanet_plugin.add_retinanet_config`).
         dataset_name: name of a registered dataset.
-        output_dir: where the evaluator writes its predictions and results files.
-        **kwargs: passed on to :class:`RetinaNetCOCOEvaluator`.
+        output_dir: where the evaluator writes its predictions, results and diagnostics files.
+        **kwargs: passed on to :class:`RetinaNetCOCOEvaluator`; ``score_threshold`` is
+            MODEL.RETINANET.SCORE_THRESH_TEST unless given.
 
     Raises:
         ValueError: ``cfg.TEST.COCO_EVAL_BACKEND`` is not one of :data:`BACKENDS`.
     """
     backend = cfg.TEST.COCO_EVAL_BACKEND
     check_options(EVALUATION_RULES, backend=backend)
+    kwargs.setdefault("score_threshold", cfg.MODEL.RETINANET.SCORE_THRESH_TEST)
     return RetinaNetCOCOEvaluator(dataset_name, output_dir=output_dir, backend=backend, **kwargs)
