@@ -41,4 +41,11 @@ setup(
         # ONNX export and running it (tools/export.py, retinanet_plugin.export); versions tested.
         "export": ["onnx>=1.23", "onnxruntime>=1.31"],
     },
+    # The front ends as commands, with the options of train_net.py and the tools.
+    entry_points={
+        "console_scripts": [
+            f"retinanet-{name.replace('_', '-')}=retinanet_plugin.cli.commands:{name}"
+            for name in ("train", "predict", "export", "analyze_dataset", "plot_metrics")
+        ]
+    },
 )

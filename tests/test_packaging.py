@@ -29,6 +29,28 @@ def test_wheel_ships_configs_as_package_data(tmp_path):
     expected = {f"retinanet_plugin/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
     assert expected and expected <= names
     assert "retinanet_plugin/modeling/meta_arch.py" in names
+    # The console commands of `pip install .`, each a front end that runs (--help).
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    commands = dict(
+        line.replace(" ", "").split("=", 1)
+        for line in zipfile.ZipFile(wheel).read(entry_points).decode().splitlines()
+        if "=" in line
+    )
+    assert sorted(commands) == [
+        "retinanet-analyze-dataset",
+        "retinanet-export",
+        "retinanet-plot-metrics",
+        "retinanet-predict",
+        "retinanet-train",
+    ]
+    for command, target in commands.items():
+        module, function = target.split(":")
+        code = f"import sys, {module} as m; sys.argv = ['{command}', '--help']; m.{function}()"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith(f"usage: {command}"), done.stdout[:200]
 
 
 def test_components_are_registered():
