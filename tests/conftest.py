@@ -155,6 +155,38 @@ def pycocotools_ap(annotation_file: str, results_file: str) -> float:
     return 100.0 * float(evaluation.stats[0])
 
 
+def _loggers():
+    return [logging.getLogger()] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+
+
+@contextlib.contextmanager
+def log_handlers_restored():
+    """Removes the log handlers added during the block (detectron2's setup_logger, called by an
+    entry point run in the test process, writes to the output pytest captured for that test,
+    which is closed after it) and clears setup_logger's cache, so they can be added again."""
+    from detectron2.utils import logger as detectron2_logger
+
+    handlers = {id(logger): list(logger.handlers) for logger in _loggers()}
+    try:
+        yield
+    finally:
+        for logger in _loggers():
+            logger.handlers = [h for h in logger.handlers if h in handlers.get(id(logger), [])]
+        detectron2_logger.setup_logger.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handlers_left_behind():
+    """Every test: a handler a test leaves on a logger would make later tests' logging fail on
+    its closed stream."""
+    with log_handlers_restored():
+        yield
+
+
 @contextlib.contextmanager
 def isolated_process_state():
     """Runs a block that sets up what a command line sets up (datasets in DatasetCatalog, log
@@ -170,20 +202,11 @@ def isolated_process_state():
     for name in hidden:
         DatasetCatalog.remove(name)
     registered = set(DatasetCatalog.list())
-    loggers = [logging.getLogger()] + [
-        logger
-        for logger in logging.Logger.manager.loggerDict.values()
-        if isinstance(logger, logging.Logger)
-    ]
-    handlers = {id(logger): list(logger.handlers) for logger in loggers}
     detectron2_logger.setup_logger.cache_clear()
     try:
-        yield
+        with log_handlers_restored():
+            yield
     finally:
-        for logger in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
-            if isinstance(logger, logging.Logger):
-                logger.handlers = [h for h in logger.handlers if h in handlers.get(id(logger), [])]
-        detectron2_logger.setup_logger.cache_clear()
         for name in set(DatasetCatalog.list()) - registered:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)

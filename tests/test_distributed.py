@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from conftest import isolated_process_state
 from retinanet_plugin.engine.launch import launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +156,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(shapes_dataset
             str(tmp_path / f"out{processes}"),
         ]
         dump = str(tmp_path / f"weights{processes}.pth")
-        launch(_sgd_steps, processes, dist_url="auto", args=(argv, dump, 2), device="cpu")
+        # One process runs in this one: its log handlers and datasets must not outlive the test.
+        with isolated_process_state():
+            launch(_sgd_steps, processes, dist_url="auto", args=(argv, dump, 2), device="cpu")
         weights[processes] = torch.load(dump, weights_only=True)
     initial = weights[1]["initial"]
     one, two = weights[1]["final"], weights[2]["final"]
