@@ -49,9 +49,9 @@ def test_8_bit_images_read_as_detectron2_reads_them(pixels, tmp_path, orientatio
 def test_training_reads_16_bit_pngs_as_predict_does(shapes_dataset, tmp_path):
     """The arrays the training (and evaluation) loader's mapper gives the model are predict's,
     for a 16-bit PNG (which detectron2's reader would clip at 255)."""
-    from retinanet_plugin.cli import predict
+    from retinanet_plugin.cli import predict_outputs
 
-    assert predict.read_image is read_image
+    assert predict_outputs.read_image is read_image
     values = (np.arange(64 * 96, dtype=np.int64).reshape(64, 96) * 10).astype(np.uint16)
     path = str(tmp_path / "deep.png")
     Image.fromarray(values).save(path)

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import TINY, plugin_cfg, run_main
 from detectron2.modeling import build_model
 from retinanet_plugin.cli import predict
-from retinanet_plugin.cli.predict import PredictError, find_images, picture_names
+from retinanet_plugin.cli.predict_files import PredictError, find_images, picture_names
 
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
 # The untrained model scores about 0.01 (the prior): every image gets detections.
@@ -62,7 +62,7 @@ def test_find_images_recurses_and_counts_what_it_leaves_out(tmp_path, shapes_dat
     photos = photo_tree(tmp_path, shapes_dataset)
     other = tmp_path / "other.bmp"
     other.write_bytes(b"")
-    with caplog.at_level("INFO", logger="retinanet_plugin.cli.predict"):
+    with caplog.at_level("INFO", logger="retinanet_plugin.cli.predict_files"):
         files, folders = find_images([str(photos), str(other), str(photos / "a.png")])
     names = ["a.jpg", "a.png", "sub/b.png", "sub/deeper/c.jpeg"]
     assert files == [(str(photos / n), str(photos)) for n in names] + [(str(other), str(tmp_path))]

@@ -8,7 +8,7 @@ import torch
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
 from conftest import plugin_cfg
 from detectron2.structures import Boxes, Instances
-from retinanet_plugin.cli.predict import BatchPredictor
+from retinanet_plugin.engine.predictor import BatchPredictor
 from retinanet_plugin.modeling.tiling import TiledPredictor, merge_tile_detections, tile_windows
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -114,6 +114,7 @@ def main(argv=None, started=None) -> int:
 
     from retinanet_plugin.cli import predict
     from retinanet_plugin.cli.plot_metrics import plot_metrics
+    from retinanet_plugin.cli.predict_files import earlier_run
     from retinanet_plugin.data import DEMO_VAL, make_demo_dataset_args
 
     pictures = os.path.join(args.output, "predictions")
@@ -121,7 +122,7 @@ def main(argv=None, started=None) -> int:
         name for name in DEMO_OUTPUTS if os.path.exists(os.path.join(args.output, name))
     ]
     # Also refuses, before training, a predictions folder that predict could not replace.
-    found += ["predictions"] if predict.earlier_run(pictures) else []
+    found += ["predictions"] if earlier_run(pictures) else []
     if found and not args.overwrite:
         raise UserError(
             f"--output {args.output} holds an earlier run ({', '.join(found)}); pass --overwrite "

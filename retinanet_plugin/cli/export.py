@@ -34,7 +34,7 @@ from retinanet_plugin.checkpoint.metadata import (
     read_metadata,
 )
 from retinanet_plugin.cli import defaults as cli
-from retinanet_plugin.cli.predict import find_images
+from retinanet_plugin.cli.predict_files import find_images
 from retinanet_plugin.export.exporter import (
     FORMATS,
     QUANTIZATIONS,

@@ -1,4 +1,5 @@
-"""Detections on your own images: annotated pictures plus one COCO-results JSON.
+"""Detections on your own images and videos: annotated pictures and videos, one COCO-results
+JSON, and optionally a JSON and a YOLO label file per image.
 
     python -m retinanet_plugin.predict --input photos/ --input "more/*.jpg" \\
         --output predictions/ MODEL.WEIGHTS output/model_final.pth
@@ -14,40 +15,40 @@ classes: ``--dataset NAME``, else the first one registered with the same ``--reg
 class names stored in the checkpoint. 16-bit images are scaled to 8 bits, not clipped.
 ``--tile SIZE`` predicts large images tile by tile (:mod:`retinanet_plugin.modeling.tiling`).
 
-Inputs: a folder gives its images (by extension) and those of its sub-folders; every ``--input``
-must exist and give at least one image. Files that cannot be read are reported by name and
-skipped (exit code 1); if none can be read, that is an error (exit code 2, as for bad options).
+Inputs: a folder gives its images and videos (by extension) and those of its sub-folders; every
+``--input`` must exist and give at least one. A video is predicted frame by frame (OpenCV).
+Files that cannot be read are reported by name and skipped (exit code 1); if none can be read,
+that is an error (exit code 2, as for bad options).
+
+Results: ``OUTPUT/coco_results.json``, COCO results records with "category_name" and
+"file_name" ("frame" for a video's). "category_id" is the dataset's id where the class names
+come from a COCO dataset, else the model's class index. When every input is an image of the
+``--dataset`` (else of the first dataset the options register), "image_id" is that dataset's,
+so the file goes straight into pycocotools' ``COCO.loadRes``; when none is, "image_id" counts
+the images and video frames of the run from 0; a mix is refused.
 
 Outputs mirror the inputs: the drawing of ``photos/sub/a.jpg`` (``--input photos``) is
-``OUTPUT/sub/a.jpg.png`` (a PNG input keeps its name), with several inputs under the folder they
-share. ``OUTPUT/coco_results.json`` holds the detections and ``OUTPUT/predict_run.json`` the list
-of the run's files. ``--output`` may not be, or lie inside, an input folder, and may not hold an
+``OUTPUT/sub/a.jpg.png`` (a PNG keeps its name; a video ``v.avi`` gives ``OUTPUT/v.avi.mp4``),
+with several inputs under the folder they share; ``--per-image-json`` adds ``sub/a.jpg.json``
+and ``--yolo-txt`` ``sub/a.txt`` (and ``classes.txt``). ``OUTPUT/predict_run.json`` lists the
+run's files. ``--output`` may not be, or lie inside, an input folder, and may not hold an
 earlier run's results unless ``--overwrite`` (which deletes that run's files first) or a file of
-the same name as a drawing that no earlier run wrote.
+the same name as an output that no earlier run wrote.
 """
 
 import argparse
-import glob
-import json
 import logging
 import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
-from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
 from retinanet_plugin.checkpoint.atomic_io import atomic_write
-from retinanet_plugin.checkpoint.checkpointer import TRUST_WEIGHTS_HELP, RetinaNetCheckpointer
+from retinanet_plugin.checkpoint.checkpointer import TRUST_WEIGHTS_HELP
 from retinanet_plugin.checkpoint.metadata import (
     IGNORE_CONFIG_FLAG,
     IGNORE_CONFIG_HELP,
@@ -56,63 +57,28 @@ from retinanet_plugin.checkpoint.metadata import (
     sets_key,
 )
 from retinanet_plugin.cli import defaults as cli
+from retinanet_plugin.cli.predict_files import (
+    RESULTS_FILE,
+    RUN_FILE,
+    YOLO_CLASSES_FILE,
+    PredictError,
+    check_output,
+    find_images,
+    is_video,
+    output_names,
+    remove_earlier_run,
+)
+from retinanet_plugin.cli.predict_outputs import DrawingOptions, PredictRun, RunSettings, write_json
 from retinanet_plugin.data import (
     add_dataset_arguments,
     register_datasets_from_args,
     resolve_num_classes,
 )
-from retinanet_plugin.data.images import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    read_image,
-    test_input,
-)
+from retinanet_plugin.engine.predictor import BatchPredictor, class_names_for
 from retinanet_plugin.engine.run_checks import check_device
-from retinanet_plugin.errors import UserError
 from retinanet_plugin.modeling.tiling import TiledPredictor
 
 logger = logging.getLogger("retinanet_plugin.cli.predict")  # also when run as __main__
-
-
-class PredictError(UserError, ValueError):
-    """A prediction command that cannot work as given."""
-
-
-MIN_DRAWING_SIDE = 512
-RESULTS_FILE = "coco_results.json"
-# The list of a run's files, so that --overwrite deletes exactly those.
-RUN_FILE = "predict_run.json"
-
-
-class BatchPredictor:
-    """Runs a RetinaNet on batches of images given as BGR/RGB arrays, like detectron2's
-    DefaultPredictor (same resizing), but several images per forward pass.
-
-    Args:
-        cfg: a frozen config; MODEL.WEIGHTS is loaded.
-        trust_weights: see ``RetinaNetCheckpointer``.
-    """
-
-    def __init__(self, cfg, trust_weights=False):
-        self.model = build_model(cfg).eval()
-        checkpointer = RetinaNetCheckpointer(
-            self.model, allow_new_classes=False, trust_weights=trust_weights
-        )
-        checkpointer.load(cfg.MODEL.WEIGHTS)
-        self.augmentations = T.AugmentationList(build_augmentation(cfg, is_train=False))
-        self.input_format = cfg.INPUT.FORMAT
-
-    @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> List:
-        """
-        Args:
-            images: (H, W, 3) uint8 arrays in ``cfg.INPUT.FORMAT`` channel order.
-
-        Returns:
-            per image, detectron2 ``Instances`` in that image's pixel coordinates.
-        """
-        inputs = [test_input(image, self.augmentations) for image in images]
-        return [output["instances"].to("cpu") for output in self.model(inputs)]
 
 
 def _metadata(cfg, dataset_name: str, stored_classes: Sequence[str]):
@@ -123,282 +89,47 @@ def _metadata(cfg, dataset_name: str, stored_classes: Sequence[str]):
         if hasattr(metadata, "thing_classes"):
             return metadata
     # Not registered in MetadataCatalog: another run in this process may have other classes.
-    count = cfg.MODEL.RETINANET.NUM_CLASSES
-    names = list(stored_classes) if len(stored_classes) == count else []
-    return Metadata(thing_classes=names or [f"class_{i}" for i in range(count)])
+    return Metadata(thing_classes=class_names_for(cfg, stored_classes))
 
 
-def _is_image_name(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _folder_images(folder: str) -> Tuple[List[str], int]:
-    """The image files (by extension) in ``folder`` and its sub-folders, sorted, and the number
-    of other files there."""
-    images, others = [], 0
-    for parent, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in sorted(names):
-            if _is_image_name(name):
-                images.append(os.path.join(parent, name))
-            else:
-                others += 1
-    return images, others
-
-
-def find_images(
-    inputs: Sequence[str], option: str = "--input"
-) -> Tuple[List[Tuple[str, str]], List[str]]:
-    """The image files that ``--input`` options name, in order, without repeats.
-
-    Args:
-        inputs: files (taken whatever their extension), folders (their image files by extension,
-            sub-folders included) and glob patterns (their matches, as files or folders).
-        option: the option they were given with, for the messages.
-
-    Returns:
-        A list of (file, root): each file with the folder whose tree its picture mirrors (the
-        input folder, or the file's own folder); and the input folders, matched ones included.
+def dataset_image_ids(dataset: str, files: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """The image id of each file in the registered dataset ``dataset`` (matched by path, links
+    resolved), if every file is one of its images; None if none is.
 
     Raises:
-        PredictError: an input that does not exist, matches nothing or holds no image.
+        PredictError: some files are images of the dataset and others are not (the results'
+            image ids would mix the dataset's with positions), or its images cannot be listed.
     """
-    found: Dict[str, Tuple[str, str]] = {}  # normalized path -> (path, root)
-    folders: List[str] = []
-    skipped = 0
-    for item in inputs:
-        if os.path.isdir(item) or os.path.isfile(item):
-            matches = [item]
-        elif glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise PredictError(f"{option} {item}: no image file matched (no file matches it)")
-        else:
-            raise PredictError(f"{option} {item} does not exist")
-        given = 0
-        for match in matches:
-            if os.path.isdir(match):
-                images, others = _folder_images(match)
-                folders.append(match)
-                skipped += others
-                pairs = [(path, match) for path in images]
-            elif match == item or _is_image_name(match):  # a file named, or a matching image
-                pairs = [(match, os.path.dirname(match) or ".")]
-            else:
-                skipped += 1
-                pairs = []
-            given += len(pairs)
-            for path, root in pairs:
-                found.setdefault(os.path.normpath(os.path.abspath(path)), (path, root))
-        if not given:
-            raise PredictError(
-                f"{option} {item}: no image file matched (none with the extensions "
-                f"{', '.join(IMAGE_EXTENSIONS)} in it or its sub-folders)"
-            )
-    if skipped:
-        logger.info("Left out %d file(s) in the %s folders that are not images", skipped, option)
-    return list(found.values()), folders
-
-
-def picture_names(files: Sequence[Tuple[str, str]]) -> List[str]:
-    """The drawing of each file, relative to the output folder: its path under the folder that
-    all inputs' roots share, with ".png" added unless it is a PNG.
-
-    Raises:
-        PredictError: two files would get the same drawing (e.g. ``a.jpg`` and ``a.jpg.png``).
-    """
-    common = os.path.commonpath([os.path.abspath(root) for _, root in files])
-    names, owners = [], {}
-    for path, _ in files:
-        name = os.path.relpath(os.path.abspath(path), common)
-        name = name if name.lower().endswith(".png") else name + ".png"
-        # Case-insensitive, as the names would collide on macOS's and Windows' file systems.
-        other = owners.setdefault(name.lower(), path)
-        if other != path:
-            raise PredictError(
-                f"--input: {other} and {path} would both be drawn as {name}; rename one of "
-                "them or predict them into separate --output folders"
-            )
-        names.append(name)
-    return names
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether ``path`` is ``folder`` or lies inside it (links resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def earlier_run(output_dir: str) -> List[str]:
-    """The files of an earlier run in ``output_dir`` (paths relative to it), [] if none.
-
-    Raises:
-        PredictError: a results file without the list of its run's files, or a list that
-            cannot be read.
-    """
-    run_file = os.path.join(output_dir, RUN_FILE)
-    if not os.path.lexists(run_file):
-        if os.path.lexists(os.path.join(output_dir, RESULTS_FILE)):
-            raise PredictError(
-                f"--output {output_dir} holds a {RESULTS_FILE} without the {RUN_FILE} that lists "
-                "its run's pictures, so they cannot be told apart from other files; choose "
-                "another --output, or delete that folder"
-            )
-        return []
     try:
-        with open(run_file) as f:
-            names = json.load(f)["files"]
-        # Only names inside the folder: --overwrite deletes them.
-        if not all(
-            isinstance(n, str) and _inside(os.path.join(output_dir, n), output_dir) for n in names
-        ):
-            raise ValueError("it names a file outside the folder")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        records = DatasetCatalog.get(dataset)
+    except (OSError, ValueError) as e:  # a built-in dataset whose files are not here
         raise PredictError(
-            f"--output {output_dir}: its {RUN_FILE}, the list of an earlier run's files, cannot "
-            f"be read ({type(e).__name__}: {e}); choose another --output, or delete that folder"
+            f"--dataset {dataset}: cannot list its images for the results' image ids "
+            f"({type(e).__name__}: {e}); register it with its files, or leave --dataset out"
         ) from e
-    return names
-
-
-def check_output(output_dir: str, inputs, pictures: Sequence[str], overwrite: bool):
-    """Refuses an output folder where the run would replace or mix with files it did not write.
-
-    Args:
-        output_dir: ``--output``.
-        inputs: :func:`find_images`' result.
-        pictures: :func:`picture_names`' result.
-        overwrite: ``--overwrite``.
-
-    Returns:
-        The earlier run's files to delete before writing (empty without one).
-
-    Raises:
-        PredictError: ``output_dir`` is a file, an input folder or inside one, or the folder of
-            an input file; it holds an earlier run and ``overwrite`` is False; or a drawing's
-            name is taken by a file that no earlier run wrote.
-    """
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise PredictError(f"--output {output_dir} is a file; name a folder for the pictures")
-    files, folders = inputs
-    file_folders = {os.path.dirname(path) or "." for path, _ in files}
-    for folder in folders + sorted(f for f in file_folders if _inside(f, output_dir)):
-        if _inside(output_dir, folder):
-            raise PredictError(
-                f"--output {output_dir} is, or is inside, the input folder {folder}: the "
-                "pictures would replace or mix with your images, and a later run would take them "
-                "as input; choose a folder outside it"
-            )
-    earlier = earlier_run(output_dir)
-    if earlier and not overwrite:
-        raise PredictError(
-            f"--output {output_dir} holds an earlier predict run ({RESULTS_FILE}, "
-            f"{len(earlier) - 2} picture(s)); pass --overwrite to replace it, or choose another "
-            "--output"
+    by_path = {os.path.realpath(r["file_name"]): r["image_id"] for r in records}
+    ids = {path: by_path.get(os.path.realpath(path)) for path in files}
+    outside = [path for path, image_id in ids.items() if image_id is None]
+    if len(outside) == len(files):
+        logger.info(
+            "No input is an image of the dataset %s: image_id in the results counts the images "
+            "and video frames from 0",
+            dataset,
         )
-    for name in pictures:
-        taken = _taken(output_dir, name, earlier)
-        if taken:
-            raise PredictError(
-                f"--output {output_dir} already holds {taken}, which no earlier predict run "
-                f"wrote, where the picture {name} goes; choose another --output"
-            )
-    return earlier
-
-
-def _taken(output_dir: str, picture: str, earlier: Sequence[str]) -> str:
-    """The file in ``output_dir`` that writing ``picture`` (a relative path) would replace or
-    that stands where one of its sub-folders goes, unless an earlier run wrote it; "" if none."""
-    parts = picture.split(os.sep)
-    for depth in range(1, len(parts) + 1):
-        name = os.sep.join(parts[:depth])
-        path = os.path.join(output_dir, name)
-        if depth == len(parts) and name not in earlier and os.path.lexists(path):
-            return name
-        if depth < len(parts) and os.path.lexists(path) and not os.path.isdir(path):
-            return name
-    return ""
-
-
-def remove_earlier_run(output_dir: str, earlier: Sequence[str]) -> None:
-    """Deletes the files of an earlier run (and the sub-folders they leave empty)."""
-    removed = 0
-    for name in sorted(earlier, key=lambda n: n == RUN_FILE):  # the list last
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
-            os.remove(path)
-            removed += 1
-        parent = os.path.dirname(name)
-        while parent:
-            try:
-                os.rmdir(os.path.join(output_dir, parent))
-            except OSError:  # not empty
-                break
-            parent = os.path.dirname(parent)
-    logger.warning(
-        "--overwrite: removed the %d file(s) of the earlier predict run in %s", removed, output_dir
+        return None
+    if outside:
+        raise PredictError(
+            f"--input: {len(outside)} of the {len(files)} inputs are not images of the dataset "
+            f"{dataset} (e.g. {outside[0]}): their results could not have its image ids; predict "
+            "its images and the others in separate runs"
+        )
+    logger.info(
+        "All %d inputs are images of the dataset %s: the results have its image ids (for "
+        "pycocotools' COCO.loadRes)",
+        len(files),
+        dataset,
     )
-
-
-def predict_files(
-    predictor: BatchPredictor,
-    files: Sequence[str],
-    pictures: Sequence[str],
-    output_dir: str,
-    metadata,
-    score_threshold: float,
-    batch_size: int,
-) -> Tuple[List[Dict], List[Tuple[str, str]], List[float]]:
-    """Writes an annotated PNG per readable file, at ``output_dir/<its picture name>``, after
-    the list of the run's files (:data:`RUN_FILE`, written before the first picture).
-
-    Returns:
-        The COCO results (score >= ``score_threshold``), the unreadable files as
-        [(file, error)], and each image's highest score (any threshold).
-    """
-    id_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-    to_dataset_id = {v: k for k, v in id_map.items()} if id_map else None
-    results, failures, best_scores = [], [], []
-    batch = []  # (image id, path, picture, image)
-
-    def flush():
-        if not os.path.exists(os.path.join(output_dir, RUN_FILE)):
-            os.makedirs(output_dir, exist_ok=True)
-            with atomic_write(os.path.join(output_dir, RUN_FILE), "w") as f:
-                json.dump({"files": [RUN_FILE, RESULTS_FILE, *pictures]}, f, indent=1)
-        outputs = predictor([image for *_, image in batch])
-        for (image_id, path, picture, image), instances in zip(batch, outputs):
-            if len(instances):
-                best_scores.append(float(instances.scores.max()))
-            instances = instances[instances.scores >= score_threshold]
-            rgb = convert_image_to_rgb(image, predictor.input_format)
-            # Small images are drawn enlarged so that labels stay readable.
-            scale = max(1.0, MIN_DRAWING_SIDE / max(rgb.shape[:2]))
-            drawing = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances)
-            picture = os.path.join(output_dir, picture)
-            os.makedirs(os.path.dirname(picture), exist_ok=True)
-            drawing.save(picture)
-            for record in instances_to_coco_json(instances, image_id):
-                if to_dataset_id:
-                    record["category_id"] = to_dataset_id[record["category_id"]]
-                record["file_name"] = path
-                results.append(record)
-        batch.clear()
-
-    progress = tqdm(list(enumerate(zip(files, pictures))), desc="predict", unit="image")
-    for image_id, (path, picture) in progress:
-        try:
-            image = read_image(path, predictor.input_format)
-        except ImageReadError as e:  # its message names the file
-            logger.warning("Skipping an image: %s", e)
-            failures.append((path, str(e)))
-            continue
-        batch.append((image_id, path, picture, image))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    return results, failures, best_scores
+    return ids
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -417,9 +148,11 @@ def argument_parser() -> argparse.ArgumentParser:
         "--input",
         action="append",
         required=True,
-        help="image file, folder or glob pattern (repeatable)",
+        help="image or video file, folder or glob pattern (repeatable)",
     )
-    parser.add_argument("--output", required=True, help="folder for images and results JSON")
+    parser.add_argument(
+        "--output", required=True, help="folder for the pictures, videos and results JSON"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -442,7 +175,33 @@ def argument_parser() -> argparse.ArgumentParser:
         help="fraction of a tile shared with its neighbours, in [0, 1); objects up to F * SIZE "
         "pixels across are found whole (default: 0.25)",
     )
-    parser.add_argument("--dataset", default=None, help="registered dataset for class names")
+    parser.add_argument(
+        "--per-image-json",
+        action="store_true",
+        help="also write a JSON of each image's detections (a video's: of each frame), "
+        "mirrored as the pictures: sub/a.jpg.json",
+    )
+    parser.add_argument(
+        "--yolo-txt",
+        action="store_true",
+        help="also write a YOLO label file per image (class cx cy w h, normalized to the image "
+        "size), mirrored as the pictures: sub/a.txt, and classes.txt",
+    )
+    parser.add_argument("--hide-labels", action="store_true", help="no class names in pictures")
+    parser.add_argument("--hide-scores", action="store_true", help="no scores in pictures")
+    parser.add_argument(
+        "--max-picture-size",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="scale pictures and videos down to this longest side (default 0: the input's size)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="registered dataset for class names, and for image and category ids if the inputs "
+        "are its images",
+    )
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
     parser.add_argument(IGNORE_CONFIG_FLAG, action="store_true", help=IGNORE_CONFIG_HELP)
     add_dataset_arguments(parser)
@@ -461,6 +220,11 @@ def _check_options(args) -> None:
         raise PredictError(f"--tile {args.tile}: must be a tile size in pixels, or 0 for none")
     if not 0.0 <= args.tile_overlap < 1.0:
         raise PredictError(f"--tile-overlap {args.tile_overlap}: must be in [0, 1)")
+    if args.max_picture_size < 0:
+        raise PredictError(
+            f"--max-picture-size {args.max_picture_size}: must be a size in pixels, or 0 for "
+            "the input's size"
+        )
     if args.dataset is not None and args.dataset not in DatasetCatalog.list():
         raise PredictError(
             f"--dataset {args.dataset}: not registered; register it with --register-coco or "
@@ -474,10 +238,23 @@ def main(argv=None) -> int:
     setup_logger(name="fvcore")
     register_datasets_from_args(args)
     _check_options(args)
-    inputs = find_images(args.input)
+    inputs = find_images(args.input, videos=True)
     files = [path for path, _ in inputs[0]]
-    pictures = picture_names(inputs[0])
-    earlier = check_output(args.output, inputs, pictures, args.overwrite)
+    videos = [path for path in files if is_video(path)]
+    if videos and args.yolo_txt:
+        raise PredictError(
+            f"--yolo-txt: {videos[0]} is a video, and YOLO label files are per image; leave "
+            "--yolo-txt out (--per-image-json gives each frame's detections), or predict the "
+            "video's frames as images"
+        )
+    names = output_names(inputs[0], args.per_image_json, args.yolo_txt)
+    outputs = [name for outputs in names for name in outputs.files()]
+    outputs += [YOLO_CLASSES_FILE] if args.yolo_txt else []
+    earlier = check_output(args.output, inputs, outputs, args.overwrite)
+    registered = [entry[0] for entry in args.register_coco + args.register_voc]
+    # Image ids only from a dataset the command names (DATASETS.TEST's files may not be here).
+    id_dataset = args.dataset or next(iter(registered), None)
+    image_ids = dataset_image_ids(id_dataset, files) if id_dataset else None
     cfg = config_for_weights(
         args.config_file,
         args.opts,
@@ -490,8 +267,7 @@ def main(argv=None) -> int:
             "output/model_final.pth); a randomly initialized model detects nothing meaningful"
         )
     check_device(cfg)
-    registered = [entry[0] for entry in args.register_coco + args.register_voc]
-    dataset = args.dataset or next(iter(registered + list(cfg.DATASETS.TEST)), None)
+    dataset = id_dataset or next(iter(cfg.DATASETS.TEST), None)
     if dataset in DatasetCatalog.list():
         set_by_user = sets_key(args.config_file, args.opts, "MODEL.RETINANET.NUM_CLASSES")
         resolve_num_classes(cfg, dataset, set_by_user)
@@ -505,40 +281,57 @@ def main(argv=None) -> int:
             predictor, args.tile, args.tile_overlap, nms_thresh, batch_size=args.batch_size
         )
         logger.info("Predicting in %d px tiles overlapping by %g", args.tile, args.tile_overlap)
+    metadata = _metadata(cfg, dataset, stored.get("class_names", []))
+    id_map = metadata.get("thing_dataset_id_to_contiguous_id", None)
+    settings = RunSettings(
+        output_dir=args.output,
+        run_files=[RUN_FILE, RESULTS_FILE, *outputs],
+        class_names=list(metadata.thing_classes),
+        score_threshold=args.score_threshold,
+        batch_size=args.batch_size,
+        drawing=DrawingOptions(args.hide_labels, args.hide_scores, args.max_picture_size),
+        dataset_ids={v: k for k, v in id_map.items()} if id_map else None,
+        image_ids=image_ids,
+    )
     if earlier:
         remove_earlier_run(args.output, earlier)
-    results, failures, scores = predict_files(
-        predictor,
-        files,
-        pictures,
-        args.output,
-        _metadata(cfg, dataset, stored.get("class_names", [])),
-        args.score_threshold,
-        args.batch_size,
-    )
+    run = PredictRun(predictor, settings)
+    for path, outputs in tqdm(list(zip(files, names)), desc="predict", unit="file"):
+        if is_video(path):
+            run.video(path, outputs)
+        else:
+            run.image(path, outputs)
+    run.flush()
+    failures = run.failures
     if len(failures) == len(files):
         shown = "; ".join(error for _, error in failures[:3])
         more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
         raise PredictError(f"none of the {len(files)} input image(s) could be read: {shown}{more}")
-    results_file = os.path.join(args.output, RESULTS_FILE)
-    with atomic_write(results_file, "w") as f:
-        json.dump(results, f)
+    write_json(run.results, os.path.join(args.output, RESULTS_FILE))
+    if args.yolo_txt:
+        with atomic_write(os.path.join(args.output, YOLO_CLASSES_FILE), "w") as f:
+            f.writelines(name + "\n" for name in settings.class_names)
+    failed_videos = sum(is_video(path) for path, _ in failures)
+    video_part = (
+        f" and {len(videos) - failed_videos} videos ({run.frames} frames)" if videos else ""
+    )
     logger.info(
-        "Predicted %d images: %d detections with score >= %g, %d images skipped; pictures and "
-        "%s in %s",
-        len(files) - len(failures),
-        len(results),
+        "Predicted %d images%s: %d detections with score >= %g, %d images skipped; pictures "
+        "and %s in %s",
+        len(files) - len(videos) - (len(failures) - failed_videos),
+        video_part,
+        len(run.results),
         args.score_threshold,
         len(failures),
-        os.path.basename(results_file),
+        RESULTS_FILE,
         args.output,
     )
-    if not results and scores:
+    if not run.results and run.best_scores:
         logger.warning(
             "No detection reached --score-threshold %g (the highest score was %.3f): lower it "
             "to see the model's best guesses",
             args.score_threshold,
-            max(scores),
+            max(run.best_scores),
         )
     if failures:
         logger.error(

@@ -106,7 +106,7 @@ def merge_tile_detections(
 
 class TiledPredictor:
     """Wraps a predictor of whole images (``images -> [Instances]``, such as
-    ``predict.BatchPredictor``) to predict each image tile by tile.
+    ``engine.predictor.BatchPredictor``) to predict each image tile by tile.
 
     Args:
         predictor: called on lists of (h, w, C) arrays; returns ``Instances`` per array, in its
