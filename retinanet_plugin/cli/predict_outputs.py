@@ -35,6 +35,7 @@ __all__ = [
     "PredictRun",
     "RunSettings",
     "coco_records",
+    "detection_labels",
     "draw",
     "per_image_record",
     "save_picture",
@@ -57,7 +58,11 @@ class DrawingOptions:
     max_size: int = 0
 
 
-def _labels(instances: Instances, names: Sequence[str], options: DrawingOptions):
+def detection_labels(
+    instances: Instances, names: Sequence[str], options: DrawingOptions
+) -> Optional[List[str]]:
+    """The text drawn at each detection: "name 87%", "name" (``hide_scores``), "87%"
+    (``hide_labels``), or None (both: boxes only)."""
     if options.hide_labels and options.hide_scores:
         return None
     labels = []
@@ -87,7 +92,7 @@ def draw(
     classes = instances.pred_classes.tolist()
     drawing = visualizer.overlay_instances(
         boxes=instances.pred_boxes.tensor.numpy(),
-        labels=_labels(instances, names, options),
+        labels=detection_labels(instances, names, options),
         assigned_colors=[_COLORS[c % len(_COLORS)] for c in classes],
     )
     return drawing.get_image()
