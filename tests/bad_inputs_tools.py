@@ -204,6 +204,33 @@ CASES: Dict[str, Case] = {
         lambda e: _predict(e, [e.path("empty.jpg", b"")], e.out),
         ["none of the 1 input image(s) could be read", "empty.jpg"],
     ),
+    "tools-predict-broken-video-alone": Case(
+        "predict",
+        "a video file OpenCV cannot open, given alone",
+        lambda e: _predict(e, [e.path("clip.mp4", b"not a video" * 10)], e.out),
+        ["none of the 1 input image(s) could be read", "clip.mp4", "OpenCV cannot open it"],
+        keep=lambda e: [e.path("clip.mp4")],
+    ),
+    "tools-predict-yolo-video": Case(
+        "predict",
+        "`--yolo-txt` with a video among the inputs",
+        lambda e: _predict(e, [e.path("clip.mp4", b"a video")], e.out, "--yolo-txt"),
+        ["--yolo-txt", "clip.mp4 is a video", "YOLO label files are per image"],
+    ),
+    "tools-predict-not-in-dataset": Case(
+        "predict",
+        "inputs of which some are images of the registered dataset and some are not",
+        lambda e: _predict(
+            e, [e.val_root, _truncated(e)], e.out, "--dataset", f"{e.name}_val", *e.register()
+        ),
+        ["1 of the 7 inputs are not images of the dataset", "cut.png", "separate runs"],
+    ),
+    "tools-predict-picture-size": Case(
+        "predict",
+        "`--max-picture-size` below 0",
+        lambda e: _predict(e, [_photos(e)], e.out, "--max-picture-size", "-1"),
+        ["--max-picture-size -1", "must be a size in pixels, or 0"],
+    ),
     # -- tools/export.py -----------------------------------------------------------------------
     "tools-export-extension": Case(
         "export.py",

@@ -16,7 +16,8 @@ from detectron2.modeling import build_model
 from retinanet_plugin.checkpoint.metadata import checkpoint_metadata
 from retinanet_plugin.cli import predict
 from retinanet_plugin.data.synthetic_shapes import SHAPE_CLASSES
-from retinanet_plugin.engine.predictor import Predictor, PredictorInputError
+from retinanet_plugin.engine import Predictor
+from retinanet_plugin.engine.predictor import PredictorInputError
 
 OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96", "TEST.DETECTIONS_PER_IMAGE", "5"]
 OPTS += ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "MODEL.RETINANET.NUM_CLASSES", "4"]

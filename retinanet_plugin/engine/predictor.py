@@ -1,6 +1,6 @@
 """Prediction from Python: a weights file in, detections with class names out.
 
-    from retinanet_plugin.engine.predictor import Predictor
+    from retinanet_plugin.engine import Predictor
 
     predictor = Predictor.from_checkpoint("output/model_final.pth", device="cpu")
     detections = predictor("photo.jpg")  # or a PIL image, or an (H, W, 3) uint8 BGR array
