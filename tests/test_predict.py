@@ -1,4 +1,5 @@
-"""retinanet_plugin.cli.predict: which files it reads, where it draws them, and what it replaces."""
+"""retinanet_plugin.cli.predict: which files it reads (images, videos), what it writes for them
+(pictures, videos, results with dataset ids, per-image JSON, YOLO labels), what it replaces."""
 
 import json
 import os
@@ -12,9 +13,9 @@ from conftest import TINY, plugin_cfg, run_main
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from retinanet_plugin.cli import predict
+from retinanet_plugin.cli.predict_files import PredictError, find_images, picture_names
 from retinanet_plugin.cli.predict_outputs import DrawingOptions, detection_labels, yolo_lines
 from retinanet_plugin.data.synthetic_shapes import SHAPE_CLASSES
-from retinanet_plugin.cli.predict_files import PredictError, find_images, picture_names
 
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
 # The untrained model scores about 0.01 (the prior): every image gets detections.

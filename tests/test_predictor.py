@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, plugin_cfg, run_main
+from conftest import plugin_cfg, run_main
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from retinanet_plugin.checkpoint.metadata import checkpoint_metadata
