@@ -226,7 +226,7 @@ def check_output(output_dir: str, inputs, outputs: Sequence[str], overwrite: boo
     if earlier and not overwrite:
         raise PredictError(
             f"--output {output_dir} holds an earlier predict run ({RESULTS_FILE}, "
-            f"{len(earlier) - 2} picture(s)); pass --overwrite to replace it, or choose another "
+            f"{len(earlier) - 2} output file(s)); pass --overwrite to replace it, or choose another "
             "--output"
         )
     for name in outputs:
