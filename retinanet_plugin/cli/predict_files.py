@@ -226,8 +226,8 @@ def check_output(output_dir: str, inputs, outputs: Sequence[str], overwrite: boo
     if earlier and not overwrite:
         raise PredictError(
             f"--output {output_dir} holds an earlier predict run ({RESULTS_FILE}, "
-            f"{len(earlier) - 2} output file(s)); pass --overwrite to replace it, or choose another "
-            "--output"
+            f"{len(earlier) - 2} output file(s)); pass --overwrite to replace it, or choose "
+            "another --output"
         )
     for name in outputs:
         taken = _taken(output_dir, name, earlier)
