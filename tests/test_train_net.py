@@ -143,7 +143,7 @@ def test_predict_skips_a_corrupt_file_and_writes_the_rest(trained, shapes_datase
     assert "corrupt.jpg" in log
     written = sorted(p.name for p in output.glob("*.png"))
     assert written == ["00001.png", "00002.png", "00003.png"]
-    assert cv2.imread(str(output / "00001.png")).shape == (512, 512, 3)  # drawn enlarged
+    assert cv2.imread(str(output / "00001.png")).shape == (128, 128, 3)  # the image's size
     results = json.loads((output / "coco_results.json").read_text())
     assert results and {r["file_name"] for r in results} <= {str(images / n) for n in written}
     assert {r["category_id"] for r in results} <= {1, 2, 3, 4}  # the dataset's category ids

@@ -98,15 +98,19 @@ def dataset_image_ids(dataset: str, files: Sequence[str]) -> Optional[Dict[str, 
 
     Raises:
         PredictError: some files are images of the dataset and others are not (the results'
-            image ids would mix the dataset's with positions), or its images cannot be listed.
+            image ids would mix the dataset's with positions).
     """
     try:
         records = DatasetCatalog.get(dataset)
-    except (OSError, ValueError) as e:  # a built-in dataset whose files are not here
-        raise PredictError(
-            f"--dataset {dataset}: cannot list its images for the results' image ids "
-            f"({type(e).__name__}: {e}); register it with its files, or leave --dataset out"
-        ) from e
+    except (OSError, ValueError) as e:  # a built-in dataset (for its class names) not here
+        logger.warning(
+            "Cannot list the images of the dataset %s (%s: %s): image_id in the results counts "
+            "the images and video frames from 0",
+            dataset,
+            type(e).__name__,
+            e,
+        )
+        return None
     by_path = {os.path.realpath(r["file_name"]): r["image_id"] for r in records}
     ids = {path: by_path.get(os.path.realpath(path)) for path in files}
     outside = [path for path, image_id in ids.items() if image_id is None]

@@ -165,7 +165,6 @@ class AnnotatedVideo:
     def __init__(self, path: str, fps: float):
         self.path, self.fps = path, fps
         self.writer = None
-        self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
         """Appends a (H, W, 3) uint8 RGB frame.
@@ -185,7 +184,6 @@ class AnnotatedVideo:
                     "this OpenCV build?); install opencv-python-headless from PyPI"
                 )
         self.writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
-        self.frames += 1
 
     def close(self) -> None:
         if self.writer is not None:
@@ -227,7 +225,7 @@ class PredictRun:
         self.best_scores: List[float] = []
         self._batch: List[Tuple[str, OutputNames, np.ndarray]] = []
         self._next_id = 0
-        self.frames = 0
+        self.frames = 0  # of videos, predicted
 
     def _image_id(self, path: str):
         if self.settings.image_ids is not None:
@@ -280,7 +278,7 @@ class PredictRun:
             if outputs.json:
                 write_json({"file_name": path, **record}, self._output(outputs.json))
             if outputs.yolo:
-                with open(self._output(outputs.yolo), "w") as f:
+                with atomic_write(self._output(outputs.yolo), "w") as f:
                     f.writelines(line + "\n" for line in yolo_lines(instances))
 
     def image(self, path: str, outputs: OutputNames) -> None:
