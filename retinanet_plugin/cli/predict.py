@@ -1,5 +1,6 @@
-"""Detections on your own images and videos: annotated pictures and videos, one COCO-results
-JSON, and optionally a JSON and a YOLO label file per image.
+"""Detections on your own images and videos: annotated pictures and videos, COCO results.
+
+Optionally also a JSON and a YOLO label file per image.
 
     python -m retinanet_plugin.predict --input photos/ --input "more/*.jpg" \\
         --output predictions/ MODEL.WEIGHTS output/model_final.pth
