@@ -142,8 +142,8 @@ class DeployableRetinaNet(nn.Module):
     def _detections(self, anchors, logits, deltas) -> Tuple[Tensor, Tensor, Tensor]:
         """The model's ``forward_inference`` for one image, in traceable form: the threshold is
         applied after the top-k (the same candidates), k is clamped to the level's size with
-        tensor operations, and the NMS groups use torchvision's offset trick without its
-        Python branch on an empty input.
+        tensor operations, and the class-wise NMS is one ``nms`` of shifted boxes (no Python
+        branch on the number of boxes, as in torchvision's ``batched_nms``).
 
         Args:
             anchors: per level, (Hi*Wi*A, 4), location-major.
@@ -171,9 +171,12 @@ class DeployableRetinaNet(nn.Module):
             )
             candidates.append((boxes, scores, indices % num_classes))
         boxes, scores, classes = (torch.cat(list(x)) for x in zip(*candidates))
-        # Class-wise NMS: boxes of different classes moved apart so that they never overlap.
-        # The zero keeps the maximum defined when there is no candidate.
-        extent = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max() + 1
+        # Class-wise NMS: each class's boxes shifted by class * (span of all coordinates + 1),
+        # so that boxes of different classes never overlap (the span, not torchvision's maximum
+        # coordinate: decoded boxes may reach past the image's top-left). The zero keeps the
+        # span defined when there is no candidate.
+        coordinates = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)])
+        extent = coordinates.max() - coordinates.min() + 1
         shifted = boxes + (classes.to(boxes.dtype) * extent)[:, None]
         keep = nms(shifted, scores, model.test_nms_thresh)[: model.max_detections_per_image]
         return boxes[keep], scores[keep], classes[keep]
