@@ -23,10 +23,9 @@ What the raw-head graph exports and what stays in Python:
 * **Python** (:class:`ExportedRetinaNet`): anchors, score threshold, top-k per level, box
   decoding, class-wise NMS and the top detections, i.e. the model's own
   ``retinanet_plugin.modeling.postprocessing.batched_detections``, then detectron2's
-  ``detector_postprocess`` to the original image size. These steps have data-dependent shapes
-  and loops (``nonzero``, per-image top-k, per-group NMS), which a trace would freeze to the
-  sample's sizes; in Python they are the same code as the PyTorch model's, so detections match
-  it and the thresholds can be changed without re-exporting.
+  ``detector_postprocess`` to the original image size. In Python they are the same code as the
+  PyTorch model's, so detections match it and the thresholds can be changed without
+  re-exporting.
 
 Formats and options (:func:`export_model`):
 
