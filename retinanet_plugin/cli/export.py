@@ -212,9 +212,14 @@ def main(argv=None) -> int:
     except ImportError as e:  # onnx / onnxruntime not installed; the message says how
         raise ExportError(str(e)) from e
     logger.info(
-        "Wrote %s. Detections: retinanet_plugin.export.exporter.load_exported(%r)(inputs)",
+        "Wrote %s. Detections: retinanet_plugin.export.exporter.load_exported(%r)(inputs)%s",
         args.output,
         args.output,
+        (
+            ", or without the plugin: image in, boxes, scores and classes out (docs/deployment.md)"
+            if args.graph == "deployable"
+            else ""
+        ),
     )
     return 0
 
