@@ -208,6 +208,26 @@ def test_the_test_images_exercise_nms(model, images):
         assert len(removed) >= 10
 
 
+def test_nms_is_per_class_for_boxes_past_the_top_left(model):
+    """Two classes' boxes at the same place past the image's top-left (decoded boxes may be):
+    both kept, and only the lower-scoring box of one class is suppressed (hand-computed).
+    torchvision's offsets from the maximum coordinate (here 10) alone would shift class 1 by 11
+    px only, overlapping class 0's 60 px boxes."""
+    from retinanet_plugin.export.deployable import DeployableRetinaNet
+
+    _, network = model
+    graph = DeployableRetinaNet(network, MIN_SIZE, MAX_SIZE)
+    num_classes = network.num_classes
+    anchors = torch.tensor([[-50.0, -50.0, 10.0, 10.0]] * 2)  # 2 anchors at one location
+    logits = torch.full((1, 2 * num_classes, 1, 1), -10.0)  # channel = anchor * K + class
+    logits[0, 0], logits[0, num_classes], logits[0, num_classes + 1] = 5.0, 4.0, 3.0
+    deltas = torch.zeros(1, 2 * 4, 1, 1)  # the anchors themselves
+    boxes, scores, classes = graph._detections([anchors], [logits], [deltas])
+    assert classes.tolist() == [0, 1]
+    torch.testing.assert_close(scores, torch.tensor([5.0, 3.0]).sigmoid())
+    torch.testing.assert_close(boxes, anchors)
+
+
 def test_cli_default_is_the_deployable_graph(model, images, tmp_path):
     """tools/export.py writes the deployable graph unless --graph raw-head; load_exported runs
     either with the model's detections."""
