@@ -271,6 +271,18 @@ CASES: Dict[str, Case] = {
         lambda e: e.export("torchscript", str(e.tmp / "m.ts"), "--quantize", "int8"),
         ["int8 quantization is for float32 ONNX exports only", "not torchscript", "--format onnx"],
     ),
+    "tools-export-unknown-format": Case(
+        "export.py",
+        "`--format tflite` (an unknown format)",
+        lambda e: e.export("tflite", str(e.tmp / "m.tflite")),
+        ["--format", "'tflite'", "torchscript", "onnx"],
+    ),
+    "tools-export-unknown-graph": Case(
+        "export.py",
+        "`--graph full` (an unknown graph)",
+        lambda e: e.export("onnx", str(e.tmp / "m.onnx"), "--graph", "full"),
+        ["--graph", "'full'", "deployable", "raw-head"],
+    ),
     "tools-export-calibration-missing": Case(
         "export.py",
         "`--calibration-images` naming a folder that does not exist",

@@ -1,4 +1,5 @@
-"""Deployment export: TorchScript and ONNX files give the PyTorch model's detections."""
+"""Deployment export of the raw-head graph (and what both graphs share): TorchScript and ONNX
+files give the PyTorch model's detections. The deployable graph: test_export_deployable.py."""
 
 import importlib.util
 import os
@@ -98,7 +99,7 @@ def fp32_model():
 def test_export_gives_the_models_detections(fp32_model, inputs, tmp_path, export_format, suffix):
     cfg, model = fp32_model
     path = str(tmp_path / f"model{suffix}")
-    export_model(cfg, model, export_format, path, synthetic_test_image(cfg))
+    export_model(cfg, model, export_format, path, synthetic_test_image(cfg), graph="raw-head")
     exported = load_exported(path)
     assert exported.format == export_format
     # Traced at (96, 128), run at two other sizes.
@@ -114,7 +115,7 @@ def test_exported_file_names_no_weight_file_of_the_exporting_machine(fp32_model,
     cfg = cfg.clone()
     cfg.MODEL.TIMM.WEIGHTS = str(timm_weights)
     path = str(tmp_path / "model.ts")
-    export_model(cfg, model, "torchscript", path, synthetic_test_image(cfg))
+    export_model(cfg, model, "torchscript", path, synthetic_test_image(cfg), graph="raw-head")
     timm_weights.unlink()  # elsewhere
     exported = load_exported(path)
     assert exported.cfg.MODEL.TIMM.WEIGHTS == "" and exported.cfg.MODEL.WEIGHTS == ""
@@ -125,7 +126,7 @@ def test_bfloat16_torchscript_computes_in_bfloat16(inputs, tmp_path):
     cfg = tiny_cfg("MODEL.INFERENCE_DTYPE", "bfloat16")
     model = build_tiny_model(cfg)
     path = str(tmp_path / "model_bf16.ts")
-    export_model(cfg, model, "torchscript", path, synthetic_test_image(cfg))
+    export_model(cfg, model, "torchscript", path, synthetic_test_image(cfg), graph="raw-head")
     image = inputs[1]["image"].float()
     network = ExportableNetwork(model).eval()
     exported = load_exported(path)
@@ -164,7 +165,7 @@ def test_cli_exports_an_int8_onnx_model(fp32_model, inputs, shapes_dataset, tmp_
     train_root, val_root = shapes_dataset["train"][1], shapes_dataset["val"][1]
     sample_image = os.path.join(val_root, sorted(os.listdir(val_root))[0])
     output = str(tmp_path / "model_int8.onnx")
-    options = "--format onnx --quantize int8 --num-calibration-images 2".split()
+    options = "--format onnx --graph raw-head --quantize int8 --num-calibration-images 2".split()
     options += ["--calibration-images", train_root, "--sample-image", sample_image]
     assert run_cli(model, tmp_path, *options, "--output", output) == 0
 
@@ -243,7 +244,8 @@ def test_trace_that_fixes_the_image_size_is_rejected(fp32_model, tmp_path):
     baked.head = CroppingHead(baked.head)
     for export_format, name in (("torchscript", "m.ts"), ("onnx", "m.onnx")):
         with pytest.raises(ExportError, match="does not reproduce the model at other sizes"):
-            export_model(cfg, baked, export_format, str(tmp_path / name), synthetic_test_image(cfg))
+            sample = synthetic_test_image(cfg)
+            export_model(cfg, baked, export_format, str(tmp_path / name), sample, graph="raw-head")
     assert os.listdir(tmp_path) == []  # no file that does not reproduce the model
 
 

@@ -2,11 +2,15 @@
 
     python tools/export.py --weights output/demo/model_final.pth --format onnx \\
         --output model.onnx
+    python tools/export.py ... --format onnx --graph raw-head --output model_head.onnx
     python tools/export.py --weights output/demo/model_final.pth --format onnx --quantize int8 \\
         --calibration-images output/demo/data/train --output model_int8.onnx
     python tools/export.py ... --format torchscript --dtype bfloat16 --output model_bf16.ts
 
-The file holds backbone + FPN + head; anchors, decoding and NMS run in Python:
+``--graph deployable`` (the default) writes the whole model, decoded uint8 image in, boxes,
+scores and class ids out, which runs in a bare onnxruntime session (or ``torch.jit.load``) with
+no plugin code (docs/deployment.md); ``--graph raw-head`` writes backbone + FPN + head, with
+anchors, decoding and NMS in Python. For both,
 ``retinanet_plugin.export.exporter.load_exported(path)`` gives a drop-in for the PyTorch model.
 The config is the one the plugin's training stored in the weights file (``--config-file`` for
 model-zoo ``.pkl`` files and other checkpoints; one that builds another network than the stored
@@ -37,6 +41,7 @@ from retinanet_plugin.cli import defaults as cli
 from retinanet_plugin.cli.predict_files import find_images
 from retinanet_plugin.export.exporter import (
     FORMATS,
+    GRAPHS,
     QUANTIZATIONS,
     ExportError,
     check_export_options,
@@ -66,6 +71,13 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-weights", action="store_true", help=TRUST_WEIGHTS_HELP)
     parser.add_argument(IGNORE_CONFIG_FLAG, action="store_true", help=IGNORE_CONFIG_HELP)
     parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument(
+        "--graph",
+        choices=GRAPHS,
+        default="deployable",
+        help="deployable (default): image to detections, runs without the plugin; raw-head: "
+        "the network's outputs, post-processed by the plugin's Python code",
+    )
     parser.add_argument(
         "--output", required=True, help="file to write (.ts or .pt for torchscript, .onnx)"
     )
@@ -166,7 +178,9 @@ def main(argv=None) -> int:
         ignore_checkpoint_config=args.ignore_checkpoint_config,
         trust_weights=args.trust_weights,
     )
-    check_export_options(args.format, cfg.MODEL.INFERENCE_DTYPE, args.quantize, args.output)
+    check_export_options(
+        args.format, cfg.MODEL.INFERENCE_DTYPE, args.quantize, args.output, args.graph
+    )
     if not cfg.MODEL.WEIGHTS:
         raise ExportError("no weights to export: pass --weights or set MODEL.WEIGHTS")
     _check_output_is_new(args, cfg)
@@ -189,6 +203,7 @@ def main(argv=None) -> int:
             args.output,
             sample,
             quantize=args.quantize,
+            graph=args.graph,
             class_names=(read_metadata(cfg.MODEL.WEIGHTS, args.trust_weights) or {}).get(
                 "class_names", []
             ),
@@ -197,9 +212,14 @@ def main(argv=None) -> int:
     except ImportError as e:  # onnx / onnxruntime not installed; the message says how
         raise ExportError(str(e)) from e
     logger.info(
-        "Wrote %s. Detections: retinanet_plugin.export.exporter.load_exported(%r)(inputs)",
+        "Wrote %s. Detections: retinanet_plugin.export.exporter.load_exported(%r)(inputs)%s",
         args.output,
         args.output,
+        (
+            ", or without the plugin: image in, boxes, scores and classes out (docs/deployment.md)"
+            if args.graph == "deployable"
+            else ""
+        ),
     )
     return 0
 

@@ -1,8 +1,18 @@
-"""Deployment export: the network of a :class:`FocalLossRetinaNet` as TorchScript or ONNX. The
-runtime that turns the exported file's outputs into detectron2 ``Instances`` is
+"""Deployment export: a :class:`FocalLossRetinaNet` as TorchScript or ONNX. The runtime that
+turns an exported file's outputs into detectron2 ``Instances`` is
 :mod:`retinanet_plugin.export.runtime` (``load_exported``, also importable from here).
 
-What is exported and what stays in Python:
+Two graphs (``graph``, :data:`GRAPHS`):
+
+* ``"deployable"`` (the default): the whole model, decoded image in, detections out, including
+  the test resize, decoding and NMS (:mod:`retinanet_plugin.export.deployable`), so that the
+  file runs in a bare onnxruntime session (or ``torch.jit.load``) with no plugin code; the
+  thresholds are fixed in the file. Besides the config, the file's metadata holds the class
+  names (:data:`CLASS_NAMES_KEY`, a JSON list) and the input's channel order
+  (:data:`INPUT_FORMAT_KEY`).
+* ``"raw-head"``: the network only, described below; post-processing runs in Python.
+
+What the raw-head graph exports and what stays in Python:
 
 * **Exported** (:class:`ExportableNetwork`): input normalization, padding to the backbone's size
   divisibility, backbone + FPN and head. Input: one image, a (3, H, W) float32 tensor of pixel
@@ -13,10 +23,9 @@ What is exported and what stays in Python:
 * **Python** (:class:`ExportedRetinaNet`): anchors, score threshold, top-k per level, box
   decoding, class-wise NMS and the top detections, i.e. the model's own
   ``retinanet_plugin.modeling.postprocessing.batched_detections``, then detectron2's
-  ``detector_postprocess`` to the original image size. These steps have data-dependent shapes
-  and loops (``nonzero``, per-image top-k, per-group NMS), which a trace would freeze to the
-  sample's sizes; in Python they are the same code as the PyTorch model's, so detections match
-  it and the thresholds can be changed without re-exporting.
+  ``detector_postprocess`` to the original image size. In Python they are the same code as the
+  PyTorch model's, so detections match it and the thresholds can be changed without
+  re-exporting.
 
 Formats and options (:func:`export_model`):
 
@@ -57,7 +66,11 @@ from detectron2.config import CfgNode
 
 from ..checkpoint.atomic_io import atomic_write
 from ..modeling.meta_arch import FocalLossRetinaNet
+from .deployable import INPUT_NAMES, DeployableRetinaNet
 from .runtime import (
+    CLASS_NAMES_KEY,
+    GRAPHS,
+    INPUT_FORMAT_KEY,
     METADATA_KEY,
     ExportedRetinaNet,
     ExportError,
@@ -72,6 +85,7 @@ from .runtime import (
 __all__ = [
     "EXTENSIONS",
     "FORMATS",
+    "GRAPHS",
     "QUANTIZATIONS",
     "ExportError",
     "ExportableNetwork",
@@ -92,6 +106,8 @@ FORMATS = ("torchscript", "onnx")
 EXTENSIONS = {"torchscript": (".ts", ".pt"), "onnx": (".onnx",)}
 QUANTIZATIONS = ("int8",)
 ONNX_OPSET = 17
+# The ONNX node names of the network's modules (the exporter names nodes after their module).
+NETWORK_SCOPES = ("/backbone/", "/head/")
 # Exported outputs must equal the model's within these (float32 graphs differ by rounding only).
 OUTPUT_RTOL = OUTPUT_ATOL = 1e-3
 
@@ -149,12 +165,32 @@ def _second_size_image(sample: Tensor) -> Tensor:
     return torch.randint(0, 256, (3, height + 37, width + 53), generator=generator).float()
 
 
-def _check_outputs(network: ExportableNetwork, run_exported, sample: Tensor, what: str) -> None:
-    """Raises ExportError unless the exported graph gives the model's outputs at a second size."""
+def _graph_input(network: nn.Module, image: Tensor) -> Tensor:
+    """The exported graph's input for a (3, H, W) float32 image of pixel values: the image, or
+    for the deployable graph the decoded image it stands for, (H, W, 3) uint8."""
+    if isinstance(network, DeployableRetinaNet):
+        return image.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    return image
+
+
+def _trace_context(network: nn.Module):
+    """The raw-head network traces under the model's autocast; the deployable graph enters it
+    itself, around the network only."""
+    if isinstance(network, ExportableNetwork):
+        return network.inference_context()
+    return contextlib.nullcontext()
+
+
+def _check_outputs(network: nn.Module, run_exported, sample: Tensor, what: str) -> None:
+    """Raises ExportError unless the exported graph gives the model's outputs at a second size.
+
+    Args:
+        sample: the (3, H, W) float32 image traced with.
+    """
     image = _second_size_image(sample)
-    with torch.no_grad(), network.inference_context():
-        expected = network(image)
-    actual = run_exported(image)
+    with torch.no_grad(), _trace_context(network):
+        expected = network(_graph_input(network, image))
+    actual = run_exported(_graph_input(network, image))
     for name, e, a in zip(network.output_names, expected, actual):
         if e.shape != a.shape:
             detail = f"shape {tuple(a.shape)} instead of {tuple(e.shape)}"
@@ -170,46 +206,58 @@ def _check_outputs(network: ExportableNetwork, run_exported, sample: Tensor, wha
         )
 
 
-def _export_torchscript(network: ExportableNetwork, sample: Tensor, path: str, info: str) -> None:
-    with torch.no_grad(), network.inference_context(), warnings.catch_warnings():
+def _export_torchscript(
+    network: nn.Module, sample: Tensor, path: str, metadata: Dict[str, str]
+) -> None:
+    with torch.no_grad(), _trace_context(network), warnings.catch_warnings():
         # Warnings about detectron2's shape assertions turning into constants; whether the trace
         # generalises is checked below at another size.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(network, sample, check_trace=False)
+        traced = torch.jit.trace(network, _graph_input(network, sample), check_trace=False)
     _check_outputs(network, traced, sample, "TorchScript export")
-    torch.jit.save(traced, path, _extra_files={METADATA_KEY: info})
+    torch.jit.save(traced, path, _extra_files=metadata)
 
 
-def _export_onnx(network: ExportableNetwork, sample: Tensor, path: str, info: str) -> None:
+def _export_onnx(network: nn.Module, sample: Tensor, path: str, metadata: Dict[str, str]) -> None:
     onnx, _ = onnx_modules("ONNX export")
     names = network.output_names
-    # Every output's grid follows the input's size.
-    dynamic_axes = {"image": {1: "height", 2: "width"}}
-    dynamic_axes.update({n: {2: f"{n}_height", 3: f"{n}_width"} for n in names})
+    if isinstance(network, DeployableRetinaNet):
+        dynamic_axes = {"image": {0: "height", 1: "width"}}
+        dynamic_axes.update({n: {0: "detections"} for n in names})
+    else:
+        # Every output's grid follows the input's size.
+        dynamic_axes = {"image": {1: "height", 2: "width"}}
+        dynamic_axes.update({n: {2: f"{n}_height", 3: f"{n}_width"} for n in names})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             network,
-            (sample,),
+            (_graph_input(network, sample),),
             path,
             dynamo=False,
             opset_version=ONNX_OPSET,
-            input_names=["image"],
+            input_names=INPUT_NAMES,
             output_names=names,
             dynamic_axes=dynamic_axes,
         )
-    _set_onnx_metadata(onnx, path, info)
+    _set_onnx_metadata(onnx, path, metadata)
     _check_outputs(network, OnnxGraph(path), sample, "ONNX export")
 
 
-def _set_onnx_metadata(onnx, path: str, info: str) -> None:
+def _set_onnx_metadata(onnx, path: str, metadata: Dict[str, str]) -> None:
     proto = onnx.load(path)
     del proto.metadata_props[:]
-    proto.metadata_props.add(key=METADATA_KEY, value=info)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, path)
 
 
-def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Sequence[Tensor]):
+def quantize_onnx_int8(
+    fp32_path: str,
+    int8_path: str,
+    calibration_images: Sequence[Tensor],
+    scopes: Sequence[str] = (),
+):
     """Static int8 quantization of an exported float32 ONNX file with onnxruntime.
 
     QDQ format: per-channel int8 weights and uint8 activations with ranges (min/max) collected on
@@ -219,8 +267,11 @@ def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Seque
     Args:
         fp32_path: an ONNX file written by :func:`export_model`.
         int8_path: where to write the quantized model.
-        calibration_images: at least one (3, H, W) float32 image as in :func:`load_test_input`,
-            preferably from the training set (32 cost the demo model 0.13 AP against float32).
+        calibration_images: at least one input of the graph, e.g. a (3, H, W) float32 image as
+            in :func:`load_test_input` for the raw-head graph, preferably from the training set
+            (32 cost the demo model 0.13 AP against float32).
+        scopes: quantize only the nodes whose names start with one of these (the exporter names
+            nodes after the module that ran them, e.g. "/backbone/..."); empty: all nodes.
     """
     onnx, _ = onnx_modules("int8 quantization")
     from onnxruntime.quantization import (
@@ -239,12 +290,13 @@ def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Seque
             image = next(self.images, None)
             return None if image is None else {"image": image.numpy()}
 
-    info = {p.key: p.value for p in onnx.load(fp32_path).metadata_props}[METADATA_KEY]
+    metadata = {p.key: p.value for p in onnx.load(fp32_path).metadata_props}
     with tempfile.TemporaryDirectory(prefix="retinanet_quant_") as tmp:
         prepared = os.path.join(tmp, "prepared.onnx")
         # Symbolic shape inference cannot follow the size-dependent padding; ONNX's own shape
         # inference and onnxruntime's graph optimizations, the rest of the preparation, still run.
         quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        nodes = [n.name for n in onnx.load(prepared).graph.node]
         quantize_static(
             prepared,
             int8_path,
@@ -253,20 +305,26 @@ def quantize_onnx_int8(fp32_path: str, int8_path: str, calibration_images: Seque
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_quantize=[n for n in nodes if n.startswith(tuple(scopes))] if scopes else None,
             # GroupNorm exports as InstanceNormalization over the groups with a rank-1 scale (of
             # ones), whose only axis is 0 (the default axis 1 gets a warning per layer).
             extra_options={"QDQOpTypePerChannelSupportToAxis": {"InstanceNormalization": 0}},
         )
-    _set_onnx_metadata(onnx, int8_path, info)
+    _set_onnx_metadata(onnx, int8_path, metadata)
 
 
 def check_export_options(
-    export_format: str, dtype: str, quantize: Optional[str], output: Optional[str] = None
+    export_format: str,
+    dtype: str,
+    quantize: Optional[str],
+    output: Optional[str] = None,
+    graph: str = "deployable",
 ) -> None:
     """Refuses a combination of options that :func:`export_model` cannot export.
 
     Args:
         export_format: one of :data:`FORMATS`.
+        graph: one of :data:`GRAPHS`.
         dtype: the compute dtype, "float32" or "bfloat16" (``MODEL.INFERENCE_DTYPE``).
         quantize: None, or one of :data:`QUANTIZATIONS`.
         output: the file to write, whose extension must be one of the format's
@@ -277,6 +335,8 @@ def check_export_options(
     """
     if export_format not in FORMATS:
         raise ExportError(f"format {export_format!r} is not one of {FORMATS}")
+    if graph not in GRAPHS:
+        raise ExportError(f"graph {graph!r} is not one of {GRAPHS}")
     if quantize not in (None, *QUANTIZATIONS):
         raise ExportError(f"quantize {quantize!r} is not one of {QUANTIZATIONS}")
     if export_format == "onnx" and dtype != "float32":
@@ -313,8 +373,9 @@ def export_model(
     quantize: Optional[str] = None,
     calibration_images: Sequence[Tensor] = (),
     class_names: Sequence[str] = (),
+    graph: str = "deployable",
 ) -> None:
-    """Writes the network of ``model`` to ``output`` (see the module docstring).
+    """Writes ``model`` to ``output`` (see the module docstring).
 
     Args:
         cfg: the model's config; stored in the file for :func:`load_exported`.
@@ -329,6 +390,9 @@ def export_model(
         calibration_images: images for int8 quantization.
         class_names: the names of the model's classes, stored in the file (see
             ``ExportedRetinaNet.class_names``); none for ``class_0``, ``class_1``, ...
+        graph: one of :data:`GRAPHS`: "deployable", the model from decoded image to detections
+            (:class:`~retinanet_plugin.export.deployable.DeployableRetinaNet`), or "raw-head",
+            the network only (:class:`ExportableNetwork`).
 
     Raises:
         ExportError: an unsupported combination of options (:func:`check_export_options`), or
@@ -340,35 +404,47 @@ def export_model(
             f"export needs MODEL.META_ARCHITECTURE FocalLossRetinaNet, got {type(model).__name__}"
         )
     dtype = str(model.inference_dtype).replace("torch.", "")
-    check_export_options(export_format, dtype, quantize, output)
+    check_export_options(export_format, dtype, quantize, output, graph)
     if quantize and not calibration_images:
         raise ExportError("int8 quantization needs calibration images; none were given")
-    info = json.dumps(
-        {
-            "config": without_weight_files(cfg).dump(),
-            "format": export_format,
-            "dtype": dtype,
-            "quantize": quantize,
-            "class_names": list(class_names),
-        }
-    )
-    network = ExportableNetwork(model).eval()
+    info = {
+        "config": without_weight_files(cfg).dump(),
+        "format": export_format,
+        "dtype": dtype,
+        "quantize": quantize,
+        "class_names": list(class_names),
+        "graph": graph,
+    }
+    metadata = {METADATA_KEY: json.dumps(info)}
+    if graph == "deployable":
+        network = DeployableRetinaNet(model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        # For users of the bare file: the names of its class ids, and its input's channel order.
+        names = list(class_names) or [f"class_{i}" for i in range(model.num_classes)]
+        metadata.update({CLASS_NAMES_KEY: json.dumps(names), INPUT_FORMAT_KEY: cfg.INPUT.FORMAT})
+    else:
+        network = ExportableNetwork(model)
+    network.eval()
     # Written aside and moved into place once checked: a failed export leaves no file, and an
     # earlier file at ``output`` stays as it was.
     with tempfile.TemporaryDirectory(prefix="retinanet_export_") as tmp:
         written = os.path.join(tmp, "model" + os.path.splitext(output)[1])
         if export_format == "torchscript":
-            _export_torchscript(network, sample_image, written, info)
+            _export_torchscript(network, sample_image, written, metadata)
         elif not quantize:
-            _export_onnx(network, sample_image, written, info)
+            _export_onnx(network, sample_image, written, metadata)
         else:
             fp32_path = os.path.join(tmp, "float32.onnx")
-            _export_onnx(network, sample_image, fp32_path, info)
-            quantize_onnx_int8(fp32_path, written, calibration_images)
+            _export_onnx(network, sample_image, fp32_path, metadata)
+            inputs = [_graph_input(network, image) for image in calibration_images]
+            # The deployable graph's resize, decoding and NMS stay float32: int8 box coordinates
+            # would be pixels off.
+            scopes = NETWORK_SCOPES if graph == "deployable" else ()
+            quantize_onnx_int8(fp32_path, written, inputs, scopes)
         with open(written, "rb") as source, atomic_write(output) as target:
             shutil.copyfileobj(source, target)
     logger.info(
-        "Exported %s (%s%s) to %s",
+        "Exported the %s graph as %s (%s%s) to %s",
+        graph,
         export_format,
         dtype,
         f", {quantize}" if quantize else "",

@@ -1,7 +1,8 @@
 """Running a model exported by :mod:`retinanet_plugin.export.exporter` with the PyTorch model's
 interface: :func:`load_exported` gives an :class:`ExportedRetinaNet`, which takes detectron2's input
-dicts (:func:`load_test_input`) and returns its ``Instances``. The exported graph computes the
-network (normalization to head outputs); anchors, decoding, NMS and rescaling are the model's own
+dicts (:func:`load_test_input`) and returns its ``Instances``. A deployable graph computes the
+detections itself (it runs without this module too); a raw-head graph computes the network
+(normalization to head outputs), and anchors, decoding, NMS and rescaling are the model's own
 Python code (``retinanet_plugin.modeling.postprocessing``), on a model built from the config the
 file carries.
 """
@@ -19,7 +20,7 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 
 from ..config.defaults import add_retinanet_config
 from ..config.validation import validate_config
@@ -36,6 +37,13 @@ __all__ = [
 
 # Name of the ONNX metadata entry / TorchScript extra file holding config and export options.
 METADATA_KEY = "retinanet_plugin"
+# Entries of deployable graphs for their users: the class names (a JSON list, indexed by the
+# "classes" output) and the input's channel order (cfg.INPUT.FORMAT).
+CLASS_NAMES_KEY = "class_names"
+INPUT_FORMAT_KEY = "input_format"
+# The exported graphs: the whole model (image to detections), or the network (image to the
+# head's outputs), whose post-processing runs in Python.
+GRAPHS = ("deployable", "raw-head")
 INSTALL_HINT = "pip install 'retinanet_plugin[export]' (or pip install onnx onnxruntime)"
 
 
@@ -124,8 +132,11 @@ class ExportedRetinaNet:
     original image's coordinates, so it can replace the model, e.g. in detectron2's
     ``inference_on_dataset``. Images run one at a time, as detectron2's test loader feeds them.
 
-    Post-processing is the model's own ``forward_inference``, on a ``FocalLossRetinaNet`` built
-    from the config stored in the file (its backbone and head are not needed and are dropped).
+    A deployable graph (``graph == "deployable"``) is given the image as the decoded uint8 image
+    it stands for (float values are rounded), which it leaves at its size, as that is the test
+    size already, and returns the detections. For a raw-head graph, post-processing is the
+    model's own ``forward_inference``, on a ``FocalLossRetinaNet`` built from the config stored in
+    the file (its backbone and head are not needed and are dropped).
     ``class_names`` are the names stored in the file (``class_0``, ... in a file without them).
 
     Args:
@@ -160,19 +171,24 @@ class ExportedRetinaNet:
             )
         info = json.loads(self.graph.info)
         self.format, self.dtype, self.quantize = info["format"], info["dtype"], info["quantize"]
+        self.graph_kind = info.get("graph", "raw-head")  # files from before deployable graphs
         self.cfg = _config_from_yaml(info["config"], path)
         num_classes = self.cfg.MODEL.RETINANET.NUM_CLASSES
         # Files exported without class names (older ones, or weights that had none) count them.
         self.class_names: List[str] = info.get("class_names") or [
             f"class_{i}" for i in range(num_classes)
         ]
-        self.model = build_model(self.cfg).eval()
-        del self.model.backbone, self.model.head  # the exported graph replaces them
+        if self.graph_kind == "raw-head":
+            self.model = build_model(self.cfg).eval()
+            del self.model.backbone, self.model.head  # the exported graph replaces them
 
     @torch.no_grad()
     def __call__(self, batched_inputs: Sequence[Dict]) -> List[Dict[str, Instances]]:
         results = []
         for inputs in batched_inputs:
+            if self.graph_kind == "deployable":
+                results.append(self._detections(inputs))
+                continue
             image = inputs["image"].to(torch.float32)  # the graph's input type
             outputs = self.graph(image)
             num_levels = len(outputs) // 2
@@ -187,6 +203,19 @@ class ExportedRetinaNet:
             width = inputs.get("width", image_size[1])
             results.append({"instances": detector_postprocess(instances, height, width)})
         return results
+
+    def _detections(self, inputs: Dict) -> Dict[str, Instances]:
+        """A deployable graph's detections of one input dict, in its "height" x "width"."""
+        image = inputs["image"]
+        decoded = image.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+        boxes, scores, classes = self.graph(decoded)
+        image_size = tuple(image.shape[-2:])
+        instances = Instances(
+            image_size, pred_boxes=Boxes(boxes), scores=scores, pred_classes=classes
+        )
+        height = inputs.get("height", image_size[0])
+        width = inputs.get("width", image_size[1])
+        return {"instances": detector_postprocess(instances, height, width)}
 
 
 def load_exported(path: str, num_threads: Optional[int] = None) -> ExportedRetinaNet:
