@@ -16,8 +16,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["retinanet_plugin", "retinanet_plugin.*"]),
-    # retinanet_plugin/configs is a symlink to the repository's configs/.
-    package_data={"retinanet_plugin": ["configs/*.yaml", "configs/**/*.yaml"]},
+    # retinanet_plugin/configs is a symlink to the repository's configs/ (YAML and LazyConfig).
+    package_data={"retinanet_plugin": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py"]},
     install_requires=[
         "torch>=1.10",
         "torchvision>=0.11",

@@ -13,7 +13,7 @@ import warnings
 # the plugin imports them (not for the rest of the process).
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="`torch.jit.script", category=FutureWarning)
-    from .config import add_retinanet_config, get_config_file
+    from .config import add_retinanet_config, get_cfg, get_config_file
     from .modeling import (
         RETINANET_HEAD_REGISTRY,
         FocalLossHead,
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "add_retinanet_config",
+    "get_cfg",
     "get_config_file",
     "FocalLossRetinaNet",
     "FocalLossHead",

@@ -3,6 +3,7 @@ test_bad_inputs.py). Every case is refused by train_net.py's config check, befor
 read; the user's config files are left as they were."""
 
 import ast
+import os
 import struct
 import zlib
 from typing import Callable, Dict, List
@@ -10,6 +11,7 @@ from typing import Callable, Dict, List
 from bad_input_env import TINY, Case, Env
 
 CASES: Dict[str, Case] = {}
+LAZY_TINY = os.path.join(os.path.dirname(TINY), "lazy", "retinanet_R18_GN_tiny.py")
 
 
 def _with_config(name: str, body: str, base: str = TINY) -> Callable[[Env], List[str]]:
@@ -39,6 +41,13 @@ def _full_run(env: Env, config_file: str) -> List[str]:
     args[args.index("--config-file") + 1] = config_file
     at = args.index("SOLVER.MAX_ITER")
     return args[:at] + args[at + 2 :]
+
+
+def _lazy_config(env: Env) -> List[str]:
+    """The correct tiny command line with the tiny LazyConfig as ``--config-file``."""
+    args = env.train()
+    args[args.index("--config-file") + 1] = LAZY_TINY
+    return args
 
 
 def _config_file(name: str) -> Callable[[Env], List[str]]:
@@ -224,6 +233,12 @@ CASES.update(
             "`SOLVER.AMP.ENABLED True` with `MODEL.DEVICE cpu`",
             lambda e: e.train("SOLVER.AMP.ENABLED", "True"),
             ["SOLVER.AMP.ENABLED = True", "needs CUDA", "MODEL.DEVICE = 'cpu'"],
+        ),
+        "config-lazyconfig": Case(
+            "train_net.py",
+            "a LazyConfig (`.py`) as `--config-file`",
+            _lazy_config,
+            ["retinanet_R18_GN_tiny.py", "LazyConfig", "tools/lazyconfig_train_net.py"],
         ),
     }
 )

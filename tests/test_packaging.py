@@ -27,6 +27,10 @@ def test_wheel_ships_configs_as_package_data(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("retinanet_plugin-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"retinanet_plugin/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
+    expected |= {  # the LazyConfigs
+        f"retinanet_plugin/configs/{p.relative_to(REPO / 'configs')}"
+        for p in (REPO / "configs" / "lazy").rglob("*.py")
+    }
     assert expected and expected <= names
     assert "retinanet_plugin/modeling/meta_arch.py" in names
     # The console commands of `pip install .`, each a front end that runs (--help).

@@ -52,8 +52,8 @@ PROJECTS = {
     "panoptic_deeplab": "Panoptic-DeepLab",
 }
 # Runtime requirements of detectron2 0.6's setup.py that its Python code needs at import time.
-# (black, pydot and future served the caffe2 exporter and config pretty-printing; hydra-core only
-# the lazy-config `instantiate` of .py configs.)
+# (black, pydot and future served the caffe2 exporter and config pretty-printing; hydra-core, the
+# overrides of LazyConfig .py configs, is pinned in requirements.txt.)
 INSTALL_REQUIRES = [
     "Pillow>=7.1",
     "matplotlib",
@@ -154,6 +154,17 @@ SOURCE_FIXES = [
             "from detectron2.evaluation.fast_eval_api import COCOeval_opt\n",
             "try:\n    from detectron2.evaluation.fast_eval_api import COCOeval_opt\n"
             "except ImportError:  # built without native ops\n    COCOeval_opt = COCOeval\n",
+        ),
+    ),
+    SourceFix(
+        "detectron2.export imports without caffe2 (not in torch since 2.0): its caffe2 API "
+        "only where caffe2 is, so tools/analyze_model.py runs (upstream 48b598b4)",
+        ["export/__init__.py"],
+        _replace(
+            "from .api import *\n",
+            "try:\n    from caffe2.proto import caffe2_pb2 as _tmp  # noqa: F401\n"
+            "except ImportError:  # caffe2 is optional\n    pass\nelse:\n"
+            "    from .api import *\n",
         ),
     ),
     SourceFix(

@@ -11,6 +11,7 @@ count ("batch").
 import os
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg as get_detectron2_cfg
 
 
 def add_retinanet_config(cfg: CN) -> None:
@@ -149,6 +150,20 @@ def add_retinanet_config(cfg: CN) -> None:
 
     if was_frozen:
         _C.freeze()
+
+
+def get_cfg() -> CN:
+    """detectron2's ``get_cfg()`` with the plugin's keys: a config that the plugin's YAML files
+    merge into, for detectron2's tools and ``DefaultPredictor`` (docs/detectron2_tools.md)::
+
+        from retinanet_plugin import get_cfg   # instead of: from detectron2.config import get_cfg
+
+        cfg = get_cfg()
+        cfg.merge_from_file("configs/retinanet_R50_FPN_1x.yaml")
+    """
+    cfg = get_detectron2_cfg()
+    add_retinanet_config(cfg)
+    return cfg
 
 
 def get_config_file(name: str) -> str:

@@ -485,6 +485,11 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, training: bool = 
     """
     _check_arguments(config_file, opts)
     config_file = os.fspath(config_file)
+    if config_file.endswith(".py"):
+        raise ConfigError(
+            f"{config_file} is a LazyConfig (.py): train it with tools/lazyconfig_train_net.py "
+            "(docs/detectron2_tools.md); this command takes YAML configs"
+        )
     cfg = get_cfg()
     add_retinanet_config(cfg)
     _merge_file(cfg, config_file)

@@ -211,9 +211,11 @@ def register_voc_dataset(
     _REGISTRATIONS[name] = registration
     DatasetCatalog.register(name, lambda: _load_voc(name, voc_dir, split, class_names))
     # The metadata detectron2's register_pascal_voc sets; year only selects the VOC2007
-    # 11-point metric of PascalVOCDetectionEvaluator.
+    # 11-point metric of PascalVOCDetectionEvaluator. evaluator_type "coco": the plugin evaluates
+    # every dataset with COCOEvaluator (difficult objects as crowd regions), and detectron2's
+    # tools (plain_train_net.py) choose their evaluator by it.
     MetadataCatalog.get(name).set(
-        thing_classes=class_names, dirname=voc_dir, year=2012, split=split
+        thing_classes=class_names, dirname=voc_dir, year=2012, split=split, evaluator_type="coco"
     )
     logger.info(
         "Registered VOC dataset %r: %s split %r, classes %s", name, voc_dir, split, class_names

@@ -140,6 +140,13 @@ class Trainer(DefaultTrainer):
             ) from e
 
     @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        # This trainer honours the keys the model would warn about under detectron2's trainer.
+        model.trainer_only_settings = []
+        return model
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """detectron2's COCOEvaluator with the COCOeval of TEST.COCO_EVAL_BACKEND."""
         if output_folder is None:

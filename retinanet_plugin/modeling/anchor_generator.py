@@ -1,5 +1,6 @@
 """RetinaNet's anchors: several octave scales and aspect ratios per pyramid level."""
 
+from collections import abc
 from typing import List, Sequence
 
 from detectron2.config import configurable
@@ -30,7 +31,8 @@ def octave_scaled_sizes(
         Per level, ``len(base_sizes[level]) * scales_per_octave`` sizes, grouped by base size
         (a single level when ``base_sizes`` is flat or has one level).
     """
-    if base_sizes and not isinstance(base_sizes[0], (list, tuple)):
+    # Any sequence, e.g. the omegaconf ListConfig a LazyConfig passes, as detectron2 accepts.
+    if base_sizes and not isinstance(base_sizes[0], abc.Sequence):
         base_sizes = [base_sizes]  # one flat list: the same sizes on every level
     check_options(ANCHOR_GENERATOR_RULES, scales_per_octave=scales_per_octave)
     return [

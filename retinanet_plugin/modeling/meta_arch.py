@@ -7,6 +7,7 @@ OHEM, Table 1d), the choice of loss normalizer, bfloat16 inference, and a batche
 post-processing that gives detectron2's detections faster.
 """
 
+import logging
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -26,6 +27,7 @@ from detectron2.utils.events import get_event_storage
 from ..compat.private_api import dense_box_regression_loss, ema_update
 from ..config.option_rules import META_ARCH_RULES, OHEM_NO_RATIO
 from ..config.rules import OptionError, check_options
+from ..config.trainer_keys import trainer_only_settings
 from ..errors import UserError
 from .head import build_retinanet_head
 from .losses.focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
@@ -33,6 +35,8 @@ from .losses.ohem import ohem_cross_entropy
 from .postprocessing import batched_detections
 
 __all__ = ["FocalLossRetinaNet"]
+
+logger = logging.getLogger(__name__)
 
 
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -70,6 +74,7 @@ class FocalLossRetinaNet(RetinaNet):
         loss_normalizer_momentum: float = 0.9,
         loss_normalizer_init: float = 100.0,
         inference_dtype: str = "float32",
+        trainer_only_settings: Sequence[str] = (),
         **retinanet_options,
     ):
         """
@@ -85,6 +90,9 @@ class FocalLossRetinaNet(RetinaNet):
             loss_normalizer_momentum, loss_normalizer_init: of the "ema" normalizer.
             inference_dtype: "float32", or "bfloat16" to run backbone and head under bfloat16
                 autocast at inference (box decoding, scores and NMS stay float32).
+            trainer_only_settings: "KEY = value" of the config's keys that only the plugin's
+                Trainer honours (``config.trainer_keys``), warned about at the first training
+                step unless the plugin's Trainer, which clears them, trains the model.
             retinanet_options: detectron2's ``RetinaNet`` arguments (backbone, head,
                 head_in_features, anchor_generator, box2box_transform, anchor_matcher,
                 num_classes, focal_loss_alpha, focal_loss_gamma, smooth_l1_beta,
@@ -113,6 +121,7 @@ class FocalLossRetinaNet(RetinaNet):
         self.loss_normalizer_momentum = loss_normalizer_momentum
         self.loss_normalizer_init = loss_normalizer_init
         self.inference_dtype = INFERENCE_DTYPES[inference_dtype]
+        self.trainer_only_settings = list(trainer_only_settings)
 
     @classmethod
     def from_config(cls, cfg):
@@ -160,11 +169,20 @@ class FocalLossRetinaNet(RetinaNet):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "vis_period": cfg.VIS_PERIOD,
             "input_format": cfg.INPUT.FORMAT,
+            "trainer_only_settings": trainer_only_settings(cfg),
         }
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """detectron2's ``RetinaNet.forward``; at inference with ``inference_dtype`` bfloat16,
         backbone and head run under autocast."""
+        if self.training and self.trainer_only_settings:
+            logger.warning(
+                "Training with another trainer than retinanet_plugin's, which ignores %s: only "
+                "the plugin's Trainer (train_net.py) honours these keys "
+                "(docs/detectron2_tools.md)",
+                ", ".join(self.trainer_only_settings),
+            )
+            self.trainer_only_settings = []  # once
         if self.training or self.inference_dtype == torch.float32:
             return super().forward(batched_inputs)
         with torch.autocast(device_type=self.device.type, dtype=self.inference_dtype):
