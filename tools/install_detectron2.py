@@ -157,6 +157,16 @@ SOURCE_FIXES = [
         ),
     ),
     SourceFix(
+        "detectron2.export imports without caffe2 (TracingAdapter, scripting_with_instances); "
+        "its caffe2 exporter only where caffe2 is installed (upstream d29378aa)",
+        ["export/__init__.py"],
+        _replace(
+            "from .api import *\n",
+            "try:\n    from caffe2.proto import caffe2_pb2 as _tmp  # noqa: F401\n"
+            "except ImportError:  # caffe2 is optional\n    pass\nelse:\n    from .api import *\n",
+        ),
+    ),
+    SourceFix(
         "MapDataset's retry samples from a list, not a set (random.sample, Python >= 3.11; "
         "upstream 400a49c1)",
         ["data/common.py"],
