@@ -30,12 +30,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 try:  # detectron2 0.6's export package needs caffe2 unless built by tools/install_detectron2.py
     from detectron2.export import TracingAdapter, scripting_with_instances
+
+    EXPORT_ERROR = None
 except ImportError as e:
-    TracingAdapter = scripting_with_instances = None
-    _EXPORT_MISSING = f"detectron2.export does not import here ({e})"
-needs_export = pytest.mark.skipif(
-    TracingAdapter is None, reason=globals().get("_EXPORT_MISSING", "")
-)
+    EXPORT_ERROR = (
+        f"detectron2.export does not import here ({e}); tools/install_detectron2.py fixes it"
+    )
+needs_export = pytest.mark.skipif(EXPORT_ERROR is not None, reason=str(EXPORT_ERROR))
 
 ZOO_CONFIG = "COCO-Detection/retinanet_R_50_FPN_1x.yaml"
 
@@ -284,6 +285,21 @@ def test_anchor_generator_constructor_defaults_are_detectron2s():
     assert anchors[4].tolist() == [-30.0, -30.0, 34.0, 34.0]  # size 64, ratio 1
     assert anchors[6].tolist() == [-26.0, -6.0, 38.0, 10.0]  # next location: x + 4
     assert torch.equal(torch.jit.script(ours)([feature])[0].tensor, anchors)
+
+
+def test_anchor_generator_from_a_detectron2_config_is_detectron2s():
+    """Built from a detectron2 config without the plugin's keys (upstream's
+    test_default_anchor_generator), the sizes are used as they are: detectron2's anchors, with
+    the config's offset 0.0; hand-computed rows of that test."""
+    cfg = get_cfg()
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32, 64]]
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.25, 1, 4]]
+    feature = torch.zeros(2, 8, 1, 2)
+    anchors = RetinaNetAnchorGenerator(cfg, [ShapeSpec(stride=4)])([feature])[0].tensor
+    expected = DefaultAnchorGenerator(cfg, [ShapeSpec(stride=4)])([feature])[0].tensor
+    assert torch.equal(anchors, expected)
+    assert anchors[0].tolist() == [-32.0, -8.0, 32.0, 8.0]  # center (0, 0): w 64, h 16
+    assert anchors[6].tolist() == [-28.0, -8.0, 36.0, 8.0]  # next location: x + 4
 
 
 def test_model_zoo_sizes_with_octave_scales_are_refused():

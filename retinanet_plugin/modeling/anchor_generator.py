@@ -90,7 +90,8 @@ class RetinaNetAnchorGenerator(DefaultAnchorGenerator):
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
         return {
             "sizes": cfg.MODEL.ANCHOR_GENERATOR.SIZES,
-            "scales_per_octave": cfg.MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE,
+            # A detectron2 config without the plugin's keys: its SIZES as they are.
+            "scales_per_octave": cfg.MODEL.ANCHOR_GENERATOR.get("SCALES_PER_OCTAVE", 1),
             "aspect_ratios": cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
             "strides": [x.stride for x in input_shape],
             "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
