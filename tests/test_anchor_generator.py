@@ -280,10 +280,10 @@ def test_config_reproduces_model_zoo_config(ours, zoo):
 def test_flat_size_list_is_used_on_every_level():
     """Like detectron2's DefaultAnchorGenerator, a flat SIZES list applies to every level."""
     flat = RetinaNetAnchorGenerator(
-        sizes=[32, 64], scales_per_octave=2, aspect_ratios=[1.0], strides=[8, 16]
+        sizes=[32], scales_per_octave=2, aspect_ratios=[0.5, 1.0], strides=[8, 16]
     )
     nested = RetinaNetAnchorGenerator(
-        sizes=[[32, 64], [32, 64]], scales_per_octave=2, aspect_ratios=[1.0], strides=[8, 16]
+        sizes=[[32], [32]], scales_per_octave=2, aspect_ratios=[0.5, 1.0], strides=[8, 16]
     )
     assert flat.num_cell_anchors == [4, 4]
     for a, b in zip(flat.cell_anchors, nested.cell_anchors):

@@ -92,6 +92,12 @@ with tempfile.TemporaryDirectory() as voc:
         found["voc_one_id_boxes"] = [a["bbox"] for r in records for a in r["annotations"]]
     except Exception as e:
         found["voc_one_id_boxes"] = f"{type(e).__name__}: {e}"
+try:  # detectron2's own deployment tools (caffe2 optional after the fix)
+    from detectron2.export import TracingAdapter, scripting_with_instances
+
+    found["export_imports"] = True
+except ImportError as e:
+    found["export_imports"] = f"{type(e).__name__}: {e}"
 print(json.dumps(found))
 """
 
@@ -107,6 +113,8 @@ def test_detectron2_works_without_the_plugin():
     if any("VOC split file with a single id" in fix for fix in _built_fixes()):
         # VOC boxes are 1-based: detectron2 subtracts 1 from xmin and ymin.
         assert found["voc_one_id_boxes"] == [[1.0, 2.0, 8.0, 9.0]]
+    if any("detectron2.export imports without caffe2" in fix for fix in _built_fixes()):
+        assert found["export_imports"] is True
 
 
 _COCO_EVALUATION = r"""

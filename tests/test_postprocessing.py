@@ -9,7 +9,7 @@ from torchvision.ops import batched_nms
 from conftest import detectron2_cfg, plugin_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
-from retinanet_plugin.modeling.postprocessing import grouped_nms
+from retinanet_plugin.modeling.postprocessing import grouped_nms, image_detections
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,6 +94,39 @@ def test_inference_thresholds_follow_the_config(models):
     _assert_same_detections(ours, theirs)
     assert all(len(x) == 30 for x in ours)
     assert all((x.scores > 0.2).all() for x in ours)
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["python", "scripted"])
+def test_image_detections_equal_detectron2(models, scripted):
+    """The per-image version that scripts and traces (image_detections) gives detectron2's
+    detections: an image over the top-k cap on every level, one with ~1000 candidates on P3,
+    one with none; also compiled by torch.jit.script."""
+    plugin, reference = models
+    images, features, (logits, deltas) = _head_outputs(
+        [(320, 416), (256, 320), (320, 384)], [-0.9, -6.0, -30.0]
+    )
+    detect = torch.jit.script(image_detections) if scripted else image_detections
+    with torch.no_grad():
+        theirs = reference.forward_inference(
+            images, features, ([x.clone() for x in logits], [x.clone() for x in deltas])
+        )
+        anchors = [a.tensor for a in plugin.anchor_generator(features)]
+        for i, expected in enumerate(theirs):
+            boxes, scores, classes = detect(
+                anchors,
+                [x[i] for x in logits],
+                [x[i] for x in deltas],
+                plugin.box2box_transform,
+                80,
+                0.05,
+                1000,
+                0.5,
+                100,
+            )
+            assert torch.equal(classes, expected.pred_classes)
+            assert torch.equal(scores, expected.scores)
+            assert torch.equal(boxes, expected.pred_boxes.tensor)
+    assert [len(x) for x in theirs][::2] == [100, 0]
 
 
 @pytest.mark.parametrize("num_boxes, num_groups", [(0, 1), (1, 1), (800, 5), (3000, 40)])

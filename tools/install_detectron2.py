@@ -157,14 +157,13 @@ SOURCE_FIXES = [
         ),
     ),
     SourceFix(
-        "detectron2.export imports without caffe2 (not in torch since 2.0): its caffe2 API "
-        "only where caffe2 is, so tools/analyze_model.py runs (upstream 48b598b4)",
+        "detectron2.export imports without caffe2 (TracingAdapter, scripting_with_instances); "
+        "its caffe2 exporter only where caffe2 is installed (upstream d29378aa)",
         ["export/__init__.py"],
         _replace(
             "from .api import *\n",
             "try:\n    from caffe2.proto import caffe2_pb2 as _tmp  # noqa: F401\n"
-            "except ImportError:  # caffe2 is optional\n    pass\nelse:\n"
-            "    from .api import *\n",
+            "except ImportError:  # caffe2 is optional\n    pass\nelse:\n    from .api import *\n",
         ),
     ),
     SourceFix(

@@ -11,7 +11,7 @@ from detectron2.modeling.anchor_generator import (
 )
 
 from ..config.option_rules import ANCHOR_GENERATOR_RULES
-from ..config.rules import check_options
+from ..config.rules import OptionError, check_options
 
 __all__ = ["RetinaNetAnchorGenerator", "octave_scaled_sizes"]
 
@@ -31,13 +31,10 @@ def octave_scaled_sizes(
         Per level, ``len(base_sizes[level]) * scales_per_octave`` sizes, grouped by base size
         (a single level when ``base_sizes`` is flat or has one level).
     """
-    # Any sequence, e.g. the omegaconf ListConfig a LazyConfig passes, as detectron2 accepts.
-    if base_sizes and not isinstance(base_sizes[0], abc.Sequence):
-        base_sizes = [base_sizes]  # one flat list: the same sizes on every level
     check_options(ANCHOR_GENERATOR_RULES, scales_per_octave=scales_per_octave)
     return [
         [size * 2 ** (i / scales_per_octave) for size in level for i in range(scales_per_octave)]
-        for level in base_sizes
+        for level in _levels(base_sizes)
     ]
 
 
@@ -62,21 +59,26 @@ class RetinaNetAnchorGenerator(DefaultAnchorGenerator):
         self,
         *,
         sizes: Sequence[Sequence[float]],
-        scales_per_octave: int,
         aspect_ratios: Sequence[Sequence[float]],
         strides: Sequence[int],
-        offset: float = 0.0,
+        scales_per_octave: int = 1,
+        offset: float = 0.5,
     ):
         """
         Args:
             sizes: base anchor sizes per level (or one list broadcast to all levels), each
-                expanded by :func:`octave_scaled_sizes`.
-            scales_per_octave: number of octave scales per base size.
+                expanded by :func:`octave_scaled_sizes`. With several octave scales, one base
+                size per level.
             aspect_ratios: aspect ratios (height / width) per level, or one list for all.
             strides: stride of each input feature map.
+            scales_per_octave: number of octave scales per base size (1: ``sizes`` as they
+                are, as detectron2's ``DefaultAnchorGenerator``).
             offset: relative offset of the first anchor center from the top-left corner, in
-                [0, 1) (detectron2's RetinaNet: 0.0).
+                [0, 1). The defaults are ``DefaultAnchorGenerator``'s, so the same arguments
+                give the same anchors; a config gives ``MODEL.ANCHOR_GENERATOR.OFFSET``
+                (detectron2's RetinaNet: 0.0) and ``SCALES_PER_OCTAVE`` (the paper: 3).
         """
+        _check_one_base_size_per_level(sizes, scales_per_octave, aspect_ratios)
         super().__init__(
             sizes=octave_scaled_sizes(sizes, scales_per_octave),
             aspect_ratios=aspect_ratios,
@@ -89,8 +91,38 @@ class RetinaNetAnchorGenerator(DefaultAnchorGenerator):
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
         return {
             "sizes": cfg.MODEL.ANCHOR_GENERATOR.SIZES,
-            "scales_per_octave": cfg.MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE,
+            # A detectron2 config without the plugin's keys: its SIZES as they are.
+            "scales_per_octave": cfg.MODEL.ANCHOR_GENERATOR.get("SCALES_PER_OCTAVE", 1),
             "aspect_ratios": cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
             "strides": [x.stride for x in input_shape],
             "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
         }
+
+
+def _check_one_base_size_per_level(
+    sizes: Sequence[Sequence[float]], scales_per_octave: int, aspect_ratios: Sequence
+) -> None:
+    """Refuses several base sizes per level with several octave scales: sizes listed per scale
+    already (detectron2's model-zoo RetinaNet lists 3 per level) would each be expanded again,
+    silently giving ``scales_per_octave`` times the anchors that SIZES and ASPECT_RATIOS imply
+    (27 instead of 9 per location)."""
+    sizes_per_level = max(len(level) for level in _levels(sizes))
+    if scales_per_octave <= 1 or sizes_per_level <= 1:
+        return
+    implied = sizes_per_level * max(len(level) for level in _levels(aspect_ratios))
+    raise OptionError(
+        f"MODEL.ANCHOR_GENERATOR.SIZES has {sizes_per_level} sizes per level ({implied} anchors "
+        f"per location with ASPECT_RATIOS), but MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE "
+        f"{scales_per_octave} expands each to {scales_per_octave} octave scales "
+        f"({implied * scales_per_octave} anchors per location): set SCALES_PER_OCTAVE 1 to use "
+        "SIZES as they are, or give one base size per level, e.g. [[32], [64], [128], [256], "
+        "[512]], to expand"
+    )
+
+
+def _levels(values: Sequence) -> List[Sequence]:
+    """detectron2's per-level lists: a list of lists, or one flat list for every level. Any
+    sequence counts as a list, e.g. the omegaconf ListConfig a LazyConfig passes."""
+    if values and isinstance(values[0], abc.Sequence):
+        return list(values)
+    return [values]

@@ -4,14 +4,17 @@
 pre-processing, visualization) with the plugin's registered head and anchor generator, and only
 these parts of its own: the classification loss (a fused focal loss, the appendix's FL*, or
 OHEM, Table 1d), the choice of loss normalizer, bfloat16 inference, and a batched inference
-post-processing that gives detectron2's detections faster.
+post-processing that gives detectron2's detections faster. As detectron2's, the model scripts
+(``detectron2.export.scripting_with_instances``) and traces (``TracingAdapter``, also for ONNX)
+for inference; it then post-processes with a version whose candidate counts stay
+data-dependent.
 """
 
 import logging
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
@@ -32,7 +35,7 @@ from ..errors import UserError
 from .head import build_retinanet_head
 from .losses.focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .losses.ohem import ohem_cross_entropy
-from .postprocessing import batched_detections
+from .postprocessing import batched_detections, image_detections
 
 __all__ = ["FocalLossRetinaNet"]
 
@@ -122,6 +125,8 @@ class FocalLossRetinaNet(RetinaNet):
         self.loss_normalizer_init = loss_normalizer_init
         self.inference_dtype = INFERENCE_DTYPES[inference_dtype]
         self.trainer_only_settings = list(trainer_only_settings)
+        if self.inference_dtype != torch.float32:
+            self.backbone.register_forward_pre_hook(_channels_last_at_inference)
 
     @classmethod
     def from_config(cls, cfg):
@@ -172,32 +177,36 @@ class FocalLossRetinaNet(RetinaNet):
             "trainer_only_settings": trainer_only_settings(cfg),
         }
 
+    @torch.jit.unused
+    def _warn_trainer_only_settings(self):
+        logger.warning(
+            "Training with another trainer than retinanet_plugin's, which ignores %s: only "
+            "the plugin's Trainer (train_net.py) honours these keys (docs/detectron2_tools.md)",
+            ", ".join(self.trainer_only_settings),
+        )
+        self.trainer_only_settings = []  # once
+
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """detectron2's ``RetinaNet.forward``; at inference with ``inference_dtype`` bfloat16,
-        backbone and head run under autocast."""
+        backbone and head run under autocast.
+
+        As detectron2's, it compiles with ``torch.jit.script`` for inference (after detectron2's
+        ``scripting_with_instances``); the scripted model returns the ``Instances`` at the
+        network's input size, not resized to the inputs' "height" and "width"."""
+        if torch.jit.is_scripting():
+            images = self.preprocess_image(batched_inputs)
+            features = self.backbone(images.tensor)
+            features = [features[f] for f in self.head_in_features]
+            return self.forward_inference(images, features, self.head(features))
+        channels = self.pixel_mean.shape[0]
+        for i, item in enumerate(batched_inputs):
+            _check_image_layout(i, item["image"], channels)
         if self.training and self.trainer_only_settings:
-            logger.warning(
-                "Training with another trainer than retinanet_plugin's, which ignores %s: only "
-                "the plugin's Trainer (train_net.py) honours these keys "
-                "(docs/detectron2_tools.md)",
-                ", ".join(self.trainer_only_settings),
-            )
-            self.trainer_only_settings = []  # once
+            self._warn_trainer_only_settings()
         if self.training or self.inference_dtype == torch.float32:
             return super().forward(batched_inputs)
         with torch.autocast(device_type=self.device.type, dtype=self.inference_dtype):
             return super().forward(batched_inputs)
-
-    def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
-        channels = self.pixel_mean.shape[0]
-        for i, item in enumerate(batched_inputs):
-            _check_image_layout(i, item["image"], channels)
-        images = super().preprocess_image(batched_inputs)
-        if not self.training and self.inference_dtype != torch.float32:
-            # oneDNN's bfloat16 convolutions are fastest on channels-last tensors (measured in
-            # docs/performance.md); convolutions keep the layout of their input.
-            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
-        return images
 
     # ---------------------------------------------------------------- training
     def losses(
@@ -326,7 +335,8 @@ class FocalLossRetinaNet(RetinaNet):
     ) -> List[Instances]:
         """Detections of every image of the batch, all images and levels processed together
         (:func:`retinanet_plugin.modeling.postprocessing.batched_detections`; the same result as
-        detectron2's per-image ``RetinaNet.inference_single_image``).
+        detectron2's per-image ``RetinaNet.inference_single_image``). When scripted or traced,
+        image by image with :func:`~retinanet_plugin.modeling.postprocessing.image_detections`.
 
         Args:
             images: the batch; only ``image_sizes`` is used.
@@ -334,14 +344,25 @@ class FocalLossRetinaNet(RetinaNet):
             predictions: per level, (N, A*K, Hi, Wi) logits and (N, A*4, Hi, Wi) deltas.
 
         Returns:
-            per image, ``Instances`` with ``pred_boxes`` (D, 4), ``scores`` (D,) and
+            per image, ``Instances`` with ``pred_boxes`` (D, 4) float32, ``scores`` (D,) and
             ``pred_classes`` (D,), sorted by decreasing score, D <= max_detections_per_image.
+            Scores have the head's dtype under a caller's autocast (as detectron2's), float32
+            with ``inference_dtype`` bfloat16.
         """
         logits, deltas = predictions
-        # Post-processing in float32 even when the head ran under bfloat16 autocast.
+        if self.inference_dtype != torch.float32:
+            # MODEL.INFERENCE_DTYPE: the detections of a float32 model given these head outputs
+            # (under a caller's autocast the scores keep the head's dtype, as detectron2's).
+            logits = [x.float() for x in logits]
+        anchors = [anchors_i.tensor for anchors_i in self.anchor_generator(features)]
+        if torch.jit.is_scripting():
+            return self._traceable_inference(images.image_sizes, anchors, logits, deltas)
+        if torch.jit.is_tracing():
+            return self._traceable_inference(images.image_sizes, anchors, logits, deltas)
+        # Without autocast: boxes are decoded in float32 even when the head ran under autocast.
         with torch.autocast(device_type=self.device.type, enabled=False):
             return batched_detections(
-                [anchors.tensor for anchors in self.anchor_generator(features)],
+                anchors,
                 logits,
                 deltas,
                 images.image_sizes,
@@ -352,6 +373,50 @@ class FocalLossRetinaNet(RetinaNet):
                 nms_thresh=self.test_nms_thresh,
                 max_detections_per_image=self.max_detections_per_image,
             )
+
+    def _traceable_inference(
+        self,
+        image_sizes: List[Tuple[int, int]],
+        anchors: List[Tensor],
+        logits: List[Tensor],
+        deltas: List[Tensor],
+    ) -> List[Instances]:
+        """:meth:`forward_inference` image by image with
+        :func:`~retinanet_plugin.modeling.postprocessing.image_detections`, which scripts, and
+        traces without fixing the candidate counts (the batched version's Python counts)."""
+        results: List[Instances] = []
+        for i, image_size in enumerate(image_sizes):
+            boxes, scores, classes = image_detections(
+                anchors,
+                [x[i] for x in logits],
+                [x[i] for x in deltas],
+                self.box2box_transform,
+                self.num_classes,
+                self.test_score_thresh,
+                self.test_topk_candidates,
+                self.test_nms_thresh,
+                self.max_detections_per_image,
+            )
+            result = Instances(image_size)
+            result.pred_boxes = Boxes(boxes)
+            result.scores = scores
+            result.pred_classes = classes
+            results.append(result)
+        return results
+
+
+def _channels_last_at_inference(backbone: nn.Module, inputs: Tuple[Tensor]) -> Tuple[Tensor]:
+    """Backbone pre-hook of ``inference_dtype`` bfloat16: oneDNN's bfloat16 convolutions are
+    fastest on channels-last tensors (measured in docs/performance.md), and convolutions keep
+    the layout of their input. (A hook, not an override of ``preprocess_image``, so that the
+    model stays scriptable.)
+
+    Args:
+        inputs: the backbone's (N, C, H, W) input.
+    """
+    if backbone.training:
+        return inputs
+    return (inputs[0].contiguous(memory_format=torch.channels_last),)
 
 
 class ImageLayoutError(UserError, ValueError):

@@ -1,11 +1,17 @@
-"""RetinaNet's inference post-processing for a whole batch at once.
+"""RetinaNet's inference post-processing: a fast batched version, and one that exports.
 
-:func:`batched_detections` gives the detections of detectron2's per-image, per-level
+Both give the detections of detectron2's per-image, per-level
 ``RetinaNet.inference_single_image`` (score threshold, top-k candidates per level and image,
-class-wise NMS, top detections per image), but applies the threshold to the logits in the
-head's own (N, A*K, H, W) layout, so neither the sigmoid nor the (N, H*W*A, K) transpose of the
-full logit maps is computed: both run on the few candidates only. One NMS call covers all
-images (:func:`grouped_nms`).
+class-wise NMS, top detections per image), with scores in the logits' dtype and boxes in float32
+as detectron2's.
+
+* :func:`batched_detections` (eager mode) applies the threshold to the logits in the head's own
+  (N, A*K, H, W) layout, so neither the sigmoid nor the (N, H*W*A, K) transpose of the full logit
+  maps is computed: both run on the few candidates only. One NMS call covers all images
+  (:func:`grouped_nms`). Its per-image counts are Python numbers, which a trace would freeze.
+* :func:`image_detections` (TorchScript scripting, tracing and ONNX export) processes one image
+  with tensor operations only: the candidate counts stay data-dependent in a trace, and it
+  compiles with ``torch.jit.script``.
 """
 
 import math
@@ -19,7 +25,7 @@ from detectron2.layers import cat
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 
-__all__ = ["batched_detections", "grouped_nms"]
+__all__ = ["batched_detections", "grouped_nms", "image_detections"]
 
 
 def batched_detections(
@@ -50,8 +56,9 @@ def batched_detections(
         max_detections_per_image: detections kept per image (highest scores).
 
     Returns:
-        per image, ``Instances`` with ``pred_boxes`` (D, 4), ``scores`` (D,) and
-        ``pred_classes`` (D,), sorted by decreasing score, D <= max_detections_per_image.
+        per image, ``Instances`` with ``pred_boxes`` (D, 4) float32, ``scores`` (D,) in the
+        logits' dtype and ``pred_classes`` (D,), sorted by decreasing score,
+        D <= max_detections_per_image.
     """
     num_images = len(image_sizes)
     candidates = [
@@ -68,7 +75,7 @@ def batched_detections(
     ]
     boxes, scores, classes, image_ids = (cat(list(x)) for x in zip(*candidates))
     # One class-wise NMS for the whole batch: groups are (image, class) pairs.
-    keep = grouped_nms(boxes, scores, image_ids * num_classes + classes, nms_thresh)
+    keep = grouped_nms(boxes, scores.float(), image_ids * num_classes + classes, nms_thresh)
     keep = keep[_first_k_per_image(image_ids[keep], num_images, max_detections_per_image)]
     counts = torch.bincount(image_ids[keep], minlength=num_images).tolist()
     # Indexing with each image's slice of ``keep``, not splitting the kept tensors: split's views
@@ -103,12 +110,9 @@ def _level_candidates(
     """
     num_images, _, height, width = logits.shape
     num_anchors = logits.shape[1] // num_classes
-    # float32 (a no-op unless the head ran in bfloat16): the threshold is compared exactly.
-    flat_logits = logits.reshape(num_images, -1).float()
-    # sigmoid is increasing, so thresholding logits at logit(thresh) selects the same ones.
-    above = flat_logits > _logit(score_thresh)
+    flat_logits = logits.reshape(num_images, -1)
     # Row-major: candidates come grouped by image.
-    image_ids, flat_idxs = above.nonzero(as_tuple=True)
+    image_ids, flat_idxs = _above_threshold(flat_logits, score_thresh).nonzero(as_tuple=True)
     candidate_logits = flat_logits[image_ids, flat_idxs]
     keep = _top_k_per_image(candidate_logits, image_ids, num_images, topk_candidates)
     if keep is not None:
@@ -159,6 +163,65 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
         start += count
     keep = cat(kept)
     return keep[scores[keep].argsort(descending=True)]
+
+
+def image_detections(
+    anchors: List[Tensor],
+    logits: List[Tensor],
+    deltas: List[Tensor],
+    box2box_transform: Box2BoxTransform,
+    num_classes: int,
+    score_thresh: float,
+    topk_candidates: int,
+    nms_thresh: float,
+    max_detections_per_image: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Detections of one image with tensor operations only: the same as
+    :func:`batched_detections`, and also right in a trace (``torch.jit.trace``, ONNX export) for
+    inputs of other sizes and candidate counts than the traced one; compiles with
+    ``torch.jit.script``.
+
+    Args:
+        anchors: per level, (Hi*Wi*A, 4) anchors, location-major (detectron2's order).
+        logits: per level, (A*K, Hi, Wi) class logits of the image.
+        deltas: per level, (A*4, Hi, Wi) box deltas of the image.
+        box2box_transform, num_classes, score_thresh, topk_candidates, nms_thresh,
+        max_detections_per_image: as :func:`batched_detections`.
+
+    Returns:
+        boxes (D, 4) float32, scores (D,) in the logits' dtype, classes (D,) int64, sorted by
+        decreasing score, D <= max_detections_per_image.
+    """
+    all_boxes, all_scores, all_classes = [], [], []
+    for anchors_i, logits_i, deltas_i in zip(anchors, logits, deltas):
+        # detectron2's (Hi*Wi*A*K) layout: flat index = anchor index * K + class.
+        flat_logits = logits_i.view(-1, num_classes, logits_i.shape[-2], logits_i.shape[-1])
+        flat_logits = flat_logits.permute(2, 3, 0, 1).reshape(-1)
+        candidates = _above_threshold(flat_logits, score_thresh).nonzero()[:, 0]
+        candidate_logits = flat_logits[candidates]
+        num_candidates = candidates.shape[0]
+        if isinstance(num_candidates, Tensor):  # a traced size: k follows the input's count
+            num_topk = torch.clamp(num_candidates, max=topk_candidates)
+        else:
+            num_topk = min(num_candidates, topk_candidates)
+        candidate_logits, order = candidate_logits.topk(num_topk)
+        candidates = candidates[order]
+        anchor_idxs = candidates // num_classes
+        box_deltas = deltas_i.view(-1, 4, deltas_i.shape[-2], deltas_i.shape[-1])
+        box_deltas = box_deltas.permute(2, 3, 0, 1).reshape(-1, 4)[anchor_idxs]
+        all_boxes.append(box2box_transform.apply_deltas(box_deltas.float(), anchors_i[anchor_idxs]))
+        all_scores.append(candidate_logits.sigmoid())
+        all_classes.append(candidates % num_classes)
+    boxes, scores, classes = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_classes)
+    keep = batched_nms(boxes, scores.float(), classes, nms_thresh)[:max_detections_per_image]
+    return boxes[keep], scores[keep], classes[keep]
+
+
+def _above_threshold(logits: Tensor, score_thresh: float) -> Tensor:
+    """Where sigmoid(logits) > ``score_thresh``, compared in float32 (exact for bfloat16 and
+    float16 logits): as sigmoid is increasing, this thresholds the logits at logit(thresh),
+    without computing the sigmoid of all of them."""
+    return logits.float() > _logit(score_thresh)
 
 
 def _logit(probability: float) -> float:
