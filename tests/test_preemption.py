@@ -1,0 +1,164 @@
+"""A stop signal (SIGTERM, SIGUSR1, Ctrl-C's SIGINT) ends training after an iteration that every
+process agrees on, with a checkpoint of it and exit status 75; --resume, or a restart by the
+launcher, then continues to the same weights as a run that nothing stopped."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from distributed_runs import (
+    Run,
+    assert_equal_weights,
+    final_weights,
+    reference_weights,
+    train_args,
+)
+from train_runs import run
+
+from retinanet_plugin.engine import preemption
+from retinanet_plugin.engine.preemption import PREEMPTED_EXIT_STATUS, stop_on_signals
+
+MAX_ITER = 8
+ONE_PROCESS = ("SOLVER.IMS_PER_BATCH", "2")
+
+
+def _checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _stop_checkpoint(output_dir):
+    """The checkpoint last_checkpoint names, which must be the only one."""
+    names = sorted(n for n in os.listdir(output_dir) if n.endswith(".pth"))
+    last = open(os.path.join(output_dir, "last_checkpoint")).read()
+    assert names == [last], names
+    return last, _checkpoint(os.path.join(output_dir, last))
+
+
+def test_stop_signals_set_a_flag_inside_the_block_only():
+    """Inside ``stop_on_signals`` SIGUSR1 and SIGTERM to this process set the flag (the first
+    one's name is kept) instead of ending it; the earlier handlers come back after it."""
+    before = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
+    with stop_on_signals():
+        assert preemption._received is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in this thread between bytecodes
+        assert preemption._received == "SIGUSR1"
+    assert {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS} == before
+    assert preemption._received is None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_dataset, tmp_path_factory, single_thread):
+    """Final weights of one process's run of MAX_ITER iterations that nothing stopped."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    run("train_net.py", *train_args(output_dir, shapes_dataset, MAX_ITER, *ONE_PROCESS))
+    return final_weights(output_dir)
+
+
+def _signal_at(output_dir, iteration: int, signum) -> threading.Thread:
+    """Sends ``signum`` to this process once metrics.json reaches ``iteration``, if training
+    (its stop handler) is still on."""
+
+    def send():
+        metrics = os.path.join(output_dir, "metrics.json")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if os.path.exists(metrics) and f'"iteration": {iteration},' in open(metrics).read():
+                if signal.getsignal(signum) is preemption._note:
+                    os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def _resume_and_compare(shapes_dataset, output_dir, stopped_at, uninterrupted, *flags):
+    _, log = run(
+        "train_net.py",
+        *flags,
+        *train_args(output_dir, shapes_dataset, MAX_ITER, *ONE_PROCESS),
+    )
+    assert f"Starting training from iteration {stopped_at + 1}" in log
+    assert _checkpoint(os.path.join(output_dir, "model_final.pth"))["iteration"] == MAX_ITER - 1
+    assert_equal_weights(final_weights(output_dir), uninterrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["SIGINT", "SIGUSR1"])
+def test_signal_in_one_process_then_resume_equals_the_uninterrupted_run(
+    signum, shapes_dataset, uninterrupted, tmp_path, single_thread
+):
+    """Ctrl-C (SIGINT) or SLURM's warning signal (SIGUSR1) at iteration 2 of 8: exit status
+    75, a checkpoint of the iteration it stopped at (the only one: no periodic checkpoint is
+    due), and --resume ends with bit-identical weights to the uninterrupted run."""
+    output_dir = str(tmp_path / "out")
+    sender = _signal_at(output_dir, 2, signum)
+    code, log = run(
+        "train_net.py",
+        *train_args(output_dir, shapes_dataset, MAX_ITER, *ONE_PROCESS),
+        expect_ok=False,
+    )
+    sender.join(timeout=10)
+    assert code == PREEMPTED_EXIT_STATUS, log[-5000:]
+    name, checkpoint = _stop_checkpoint(output_dir)
+    stopped_at = checkpoint["iteration"]
+    assert 2 <= stopped_at < MAX_ITER - 1 and name == f"model_{stopped_at:07d}.pth"
+    assert f"Stopping after iteration {stopped_at}: {signal.Signals(signum).name}" in log
+    assert "Traceback" not in log and "Exception during training" not in log
+    assert not os.path.exists(os.path.join(output_dir, "model_final.pth"))
+    _resume_and_compare(shapes_dataset, output_dir, stopped_at, uninterrupted, "--resume")
+
+
+def test_sigterm_to_a_training_process_then_resume_equals_the_uninterrupted_run(
+    shapes_dataset, uninterrupted, tmp_path, single_thread
+):
+    """SIGTERM, as SLURM and Kubernetes send before they kill a job, to a train_net.py process
+    at iteration 2: exit status 75 with the checkpoint of the iteration it stopped at;
+    --resume ends with bit-identical weights to the uninterrupted run."""
+    output_dir = tmp_path / "out"
+    argv = train_args(output_dir, shapes_dataset, MAX_ITER, *ONE_PROCESS)
+    stopped = Run("one", output_dir, argv)
+    stopped.wait_for_iteration(2)
+    stopped.signal(0, signal.SIGTERM)
+    assert stopped.finish() == [PREEMPTED_EXIT_STATUS], stopped.output()
+    _, checkpoint = _stop_checkpoint(output_dir)
+    stopped_at = checkpoint["iteration"]
+    assert stopped_at >= 2
+    assert "Training stopped by a signal after iteration" in stopped.output()
+    _resume_and_compare(shapes_dataset, output_dir, stopped_at, uninterrupted, "--resume")
+
+
+def test_sigterm_to_one_of_two_srun_tasks_stops_both_and_the_requeued_job_continues_exactly(
+    shapes_dataset, tmp_path_factory, tmp_path
+):
+    """Two srun tasks (a SLURM-like environment, gloo on the loopback); SIGTERM to rank 1 only
+    at iteration 1: both tasks stop after the same iteration with exit status 75, rank 0 having
+    written its checkpoint with both ranks' training state. The job started again
+    (SLURM_RESTART_COUNT=1, the same command without --resume) continues that checkpoint and
+    ends with the weights of an uninterrupted ``--num-gpus 2`` run."""
+    reference = reference_weights(tmp_path_factory, shapes_dataset, MAX_ITER)
+    output_dir = tmp_path / "out"
+    argv = train_args(output_dir, shapes_dataset, MAX_ITER)
+    stopped = Run("srun", output_dir, argv)
+    stopped.wait_for_iteration(1)
+    stopped.signal(1, signal.SIGTERM)
+    assert stopped.finish() == [PREEMPTED_EXIT_STATUS] * 2, stopped.output()
+    _, checkpoint = _stop_checkpoint(output_dir)
+    stopped_at = checkpoint["iteration"]
+    assert 1 <= stopped_at < MAX_ITER - 1
+    assert len(checkpoint["trainer"]["resume"]["per_rank"]) == 2
+    logs = stopped.output() + (output_dir / "log.txt.rank1").read_text()
+    assert f"Stopping after iteration {stopped_at}: SIGTERM received" in logs  # rank 1
+    assert f"Stopping after iteration {stopped_at}: another process received" in logs  # rank 0
+
+    requeued = Run("srun", output_dir, argv, restart=1)
+    assert requeued.finish() == [0, 0], requeued.output()
+    logs = requeued.output()
+    assert "SLURM_RESTART_COUNT=1: the launcher started this run again" in logs
+    assert f"Starting training from iteration {stopped_at + 1}" in logs
+    assert_equal_weights(final_weights(output_dir), reference)
