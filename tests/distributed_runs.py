@@ -123,11 +123,12 @@ class Run:
                 if p.poll() is None:
                     p.kill()
 
-    def output(self) -> str:
+    def output(self, tail: int = 4000) -> str:
+        """The last ``tail`` characters of every process's output (None: all of it)."""
         text = ""
         for log in self.logs:
             with open(log, errors="replace") as f:
-                text += f"----- {log}\n" + f.read()[-4000:]
+                text += f"----- {log}\n" + f.read()[-tail if tail else 0 :]
         return text
 
 

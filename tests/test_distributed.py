@@ -262,7 +262,7 @@ def test_two_machines_meet_on_loopback(monkeypatch):
     met = {}
 
     def machine(rank):
-        store = launch_module._meet(url, 2, rank)
+        store = launch_module._meet(url, 2, rank, launch_module._Meeting.of_machines(url, 2))
         met[rank] = (time.monotonic(), store.add("retinanet_plugin/machines_joined", 0), store)
 
     first = threading.Thread(target=machine, args=(0,))
@@ -325,7 +325,7 @@ def test_cluster_starts_train_the_same_as_num_gpus_2(
     final = torch.load(output_dir / "model_final.pth", weights_only=True)
     assert len(final["trainer"]["resume"]["per_rank"]) == 2
     if kind != "machines":
-        assert f"Started by {kind}: {kind} process 0 of 2 (machine 0 of 1" in started.output()
+        assert f"Started by {kind}: {kind} process 0 of 2 (machine 0 of 1" in started.output(None)
 
 
 def _torchrun_variables(**changed):

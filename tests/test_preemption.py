@@ -16,7 +16,7 @@ from distributed_runs import (
     reference_weights,
     train_args,
 )
-from train_runs import run
+from train_runs import REPO, run
 
 from retinanet_plugin.engine import preemption
 from retinanet_plugin.engine.preemption import PREEMPTED_EXIT_STATUS, stop_on_signals
@@ -129,7 +129,7 @@ def test_sigterm_to_a_training_process_then_resume_equals_the_uninterrupted_run(
     _, checkpoint = _stop_checkpoint(output_dir)
     stopped_at = checkpoint["iteration"]
     assert stopped_at >= 2
-    assert "Training stopped by a signal after iteration" in stopped.output()
+    assert "Training stopped by a signal after iteration" in stopped.output(None)
     _resume_and_compare(shapes_dataset, output_dir, stopped_at, uninterrupted, "--resume")
 
 
@@ -152,13 +152,95 @@ def test_sigterm_to_one_of_two_srun_tasks_stops_both_and_the_requeued_job_contin
     stopped_at = checkpoint["iteration"]
     assert 1 <= stopped_at < MAX_ITER - 1
     assert len(checkpoint["trainer"]["resume"]["per_rank"]) == 2
-    logs = stopped.output() + (output_dir / "log.txt.rank1").read_text()
+    logs = stopped.output(None) + (output_dir / "log.txt.rank1").read_text()
     assert f"Stopping after iteration {stopped_at}: SIGTERM received" in logs  # rank 1
     assert f"Stopping after iteration {stopped_at}: another process received" in logs  # rank 0
 
     requeued = Run("srun", output_dir, argv, restart=1)
     assert requeued.finish() == [0, 0], requeued.output()
-    logs = requeued.output()
+    logs = requeued.output(None)
     assert "SLURM_RESTART_COUNT=1: the launcher started this run again" in logs
     assert f"Starting training from iteration {stopped_at + 1}" in logs
     assert_equal_weights(final_weights(output_dir), reference)
+
+
+def _fake_slurm(tmp_path, srun_status: int, srun_seconds: float = 0.0):
+    """A PATH with an ``srun`` that records its arguments and MASTER_ADDR and exits with
+    ``srun_status`` after ``srun_seconds``, and an ``scontrol`` that lists two nodes and records
+    requeues."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/sh\n"
+        f'echo "$MASTER_ADDR $*" > {tmp_path}/srun.log\n'
+        f"sleep {srun_seconds}\n"
+        f"exit {srun_status}\n"
+    )
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = show ]; then printf "node1\\nnode2\\n"; exit 0; fi\n'
+        f'echo "$*" >> {tmp_path}/scontrol.log\n'
+    )
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    return dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="node[1-2]",
+    )
+
+
+@pytest.mark.parametrize("srun_status, requeued", [(75, True), (0, False), (1, False)])
+def test_slurm_script_requeues_the_job_only_when_training_stopped_with_a_checkpoint(
+    srun_status, requeued, tmp_path
+):
+    """examples/slurm_train.sbatch (with stand-ins for srun and scontrol): the rendezvous on the
+    first node, train_net.py with the config and OUTPUT_DIR, the tasks' exit status as its own,
+    and a requeue of the job exactly when they stopped at a signal (status 75)."""
+    import subprocess
+
+    script = os.path.join(REPO, "examples", "slurm_train.sbatch")
+    environ = _fake_slurm(tmp_path, srun_status)
+    result = subprocess.run(
+        ["bash", script, "configs/x.yaml", "out/x", "SOLVER.MAX_ITER", "9"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == srun_status, result.stdout + result.stderr
+    srun_line = (tmp_path / "srun.log").read_text()
+    assert srun_line.startswith("node1 --distribution=block")
+    assert (
+        "python train_net.py --config-file configs/x.yaml SOLVER.MAX_ITER 9 OUTPUT_DIR out/x"
+        in srun_line
+    )
+    requeues = (tmp_path / "scontrol.log").read_text() if requeued else ""
+    assert os.path.exists(tmp_path / "scontrol.log") == requeued
+    assert requeues == ("requeue 77\n" if requeued else "")
+
+
+def test_slurm_script_outlives_sigterm_until_the_tasks_have_stopped(tmp_path):
+    """SIGTERM to the batch script (as a preemption sends to every process of the job) while
+    the tasks still write their checkpoint: the script waits for them, then requeues."""
+    import subprocess
+
+    script = os.path.join(REPO, "examples", "slurm_train.sbatch")
+    environ = _fake_slurm(tmp_path, PREEMPTED_EXIT_STATUS, srun_seconds=3)
+    batch = subprocess.Popen(
+        ["bash", script, "configs/x.yaml", "out/x"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun.log").exists():
+        assert time.monotonic() < deadline and batch.poll() is None
+        time.sleep(0.05)
+    batch.send_signal(signal.SIGTERM)
+    output, _ = batch.communicate(timeout=60)
+    assert batch.returncode == PREEMPTED_EXIT_STATUS, output
+    assert "SIGTERM: waiting for the tasks" in output
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
