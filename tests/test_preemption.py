@@ -164,6 +164,26 @@ def test_sigterm_to_one_of_two_srun_tasks_stops_both_and_the_requeued_job_contin
     assert_equal_weights(final_weights(output_dir), reference)
 
 
+def test_sigterm_to_train_net_num_gpus_2_reaches_its_processes(shapes_dataset, tmp_path):
+    """SIGTERM to ``train_net.py --num-gpus 2`` only (the process a scheduler started, not the
+    training processes it started): it passes the signal on, both processes stop after the same
+    iteration with a checkpoint of both ranks' state, and it exits with status 75."""
+    output_dir = tmp_path / "out"
+    stopped = Run("spawn", output_dir, train_args(output_dir, shapes_dataset, MAX_ITER))
+    stopped.wait_for_iteration(1)
+    stopped.signal(0, signal.SIGTERM)
+    assert stopped.finish() == [PREEMPTED_EXIT_STATUS], stopped.output()
+    _, checkpoint = _stop_checkpoint(output_dir)
+    stopped_at = checkpoint["iteration"]
+    assert 1 <= stopped_at < MAX_ITER - 1
+    assert len(checkpoint["trainer"]["resume"]["per_rank"]) == 2
+    for log in ("log.txt", "log.txt.rank1"):  # each training process got it
+        assert (
+            f"Stopping after iteration {stopped_at}: SIGTERM received"
+            in (output_dir / log).read_text()
+        )
+
+
 def _fake_slurm(tmp_path, srun_status: int, srun_seconds: float = 0.0):
     """A PATH with an ``srun`` that records its arguments and MASTER_ADDR and exits with
     ``srun_status`` after ``srun_seconds``, and an ``scontrol`` that lists two nodes and records
