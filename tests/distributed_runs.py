@@ -15,6 +15,8 @@ import pytest
 import torch
 from train_runs import REPO, coco_args, train_net_argv
 
+# The iterations of the two-process runs (one uninterrupted reference serves both test modules).
+ITERATIONS = 6
 # Seconds a run of a few iterations may take on a loaded 2-core machine.
 TIMEOUT = 240
 # Variables of a launcher in the test's own environment (a test run under torchrun or SLURM).
@@ -137,12 +139,12 @@ def final_weights(output_dir) -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def reference_weights(tmp_path_factory, shapes_dataset, max_iter: int) -> Dict[str, torch.Tensor]:
-    """Final weights of an uninterrupted ``--num-gpus 2`` run of ``max_iter`` iterations, run
-    once per pytest process."""
-    output_dir = tmp_path_factory.getbasetemp() / f"two_processes_{max_iter}"
+def reference_weights(tmp_path_factory, shapes_dataset) -> Dict[str, torch.Tensor]:
+    """Final weights of an uninterrupted ``--num-gpus 2`` run of :data:`ITERATIONS`, run once
+    per pytest process."""
+    output_dir = tmp_path_factory.getbasetemp() / "two_processes"
     if not (output_dir / "model_final.pth").exists():
-        run = Run("spawn", str(output_dir), train_args(output_dir, shapes_dataset, max_iter))
+        run = Run("spawn", str(output_dir), train_args(output_dir, shapes_dataset, ITERATIONS))
         assert run.finish() == [0], run.output()
     return final_weights(output_dir)
 

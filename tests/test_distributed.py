@@ -297,9 +297,6 @@ def test_machine_rank_1_without_machine_0_is_named_within_the_timeout(
 
 
 # ------------------------------------------------- starts by cluster launchers, on the loopback
-STARTS_MAX_ITER = 4
-
-
 @pytest.mark.parametrize("kind", ["machines", "torchrun", "srun"])
 def test_cluster_starts_train_the_same_as_num_gpus_2(
     kind, shapes_dataset, tmp_path_factory, tmp_path
@@ -310,6 +307,7 @@ def test_cluster_starts_train_the_same_as_num_gpus_2(
     ``--num-gpus 2`` (the same ranks, data shards and gradient averaging), with each rank's
     training state in the final checkpoint."""
     from distributed_runs import (
+        ITERATIONS,
         Run,
         assert_equal_weights,
         final_weights,
@@ -317,9 +315,9 @@ def test_cluster_starts_train_the_same_as_num_gpus_2(
         train_args,
     )
 
-    reference = reference_weights(tmp_path_factory, shapes_dataset, STARTS_MAX_ITER)
+    reference = reference_weights(tmp_path_factory, shapes_dataset)
     output_dir = tmp_path / "out"
-    started = Run(kind, output_dir, train_args(output_dir, shapes_dataset, STARTS_MAX_ITER))
+    started = Run(kind, output_dir, train_args(output_dir, shapes_dataset, ITERATIONS))
     assert set(started.finish()) == {0}, started.output()
     assert_equal_weights(final_weights(output_dir), reference)
     final = torch.load(output_dir / "model_final.pth", weights_only=True)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from distributed_runs import (
+    ITERATIONS,
     Run,
     assert_equal_weights,
     final_weights,
@@ -141,16 +142,16 @@ def test_sigterm_to_one_of_two_srun_tasks_stops_both_and_the_requeued_job_contin
     written its checkpoint with both ranks' training state. The job started again
     (SLURM_RESTART_COUNT=1, the same command without --resume) continues that checkpoint and
     ends with the weights of an uninterrupted ``--num-gpus 2`` run."""
-    reference = reference_weights(tmp_path_factory, shapes_dataset, MAX_ITER)
+    reference = reference_weights(tmp_path_factory, shapes_dataset)
     output_dir = tmp_path / "out"
-    argv = train_args(output_dir, shapes_dataset, MAX_ITER)
+    argv = train_args(output_dir, shapes_dataset, ITERATIONS)
     stopped = Run("srun", output_dir, argv)
     stopped.wait_for_iteration(1)
     stopped.signal(1, signal.SIGTERM)
     assert stopped.finish() == [PREEMPTED_EXIT_STATUS] * 2, stopped.output()
     _, checkpoint = _stop_checkpoint(output_dir)
     stopped_at = checkpoint["iteration"]
-    assert 1 <= stopped_at < MAX_ITER - 1
+    assert 1 <= stopped_at < ITERATIONS - 1
     assert len(checkpoint["trainer"]["resume"]["per_rank"]) == 2
     logs = stopped.output(None) + (output_dir / "log.txt.rank1").read_text()
     assert f"Stopping after iteration {stopped_at}: SIGTERM received" in logs  # rank 1
@@ -169,13 +170,13 @@ def test_sigterm_to_train_net_num_gpus_2_reaches_its_processes(shapes_dataset, t
     training processes it started): it passes the signal on, both processes stop after the same
     iteration with a checkpoint of both ranks' state, and it exits with status 75."""
     output_dir = tmp_path / "out"
-    stopped = Run("spawn", output_dir, train_args(output_dir, shapes_dataset, MAX_ITER))
+    stopped = Run("spawn", output_dir, train_args(output_dir, shapes_dataset, ITERATIONS))
     stopped.wait_for_iteration(1)
     stopped.signal(0, signal.SIGTERM)
     assert stopped.finish() == [PREEMPTED_EXIT_STATUS], stopped.output()
     _, checkpoint = _stop_checkpoint(output_dir)
     stopped_at = checkpoint["iteration"]
-    assert 1 <= stopped_at < MAX_ITER - 1
+    assert 1 <= stopped_at < ITERATIONS - 1
     assert len(checkpoint["trainer"]["resume"]["per_rank"]) == 2
     for log in ("log.txt", "log.txt.rank1"):  # each training process got it
         assert (
