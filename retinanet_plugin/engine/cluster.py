@@ -8,9 +8,8 @@ srun), checks it, and returns a :class:`ClusterProcess`; ``None`` means the usua
 
 * torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
   ``MASTER_PORT`` (``GROUP_RANK``, the machine's rank, when set). Its agent hosts the
-  rendezvous store. Recognized by ``LOCAL_RANK``: ``RANK`` and ``WORLD_SIZE`` alone (as set
-  per pod by some Kubernetes operators) describe machines, which ``--num-machines`` and
-  ``--machine-rank`` say.
+  rendezvous store. Recognized by ``LOCAL_RANK``: ``RANK`` and ``WORLD_SIZE`` without it (as
+  some Kubernetes operators set them per pod, for torchrun to read) are not a torchrun start.
 * srun: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` (more than 1), ``SLURM_LOCALID``,
   ``SLURM_NODEID``, ``SLURM_STEP_TASKS_PER_NODE``; the rendezvous is at ``MASTER_ADDR``
   (default: the step's first node, from ``SLURM_STEP_NODELIST``) and ``MASTER_PORT`` (default:
@@ -125,9 +124,9 @@ def _check_layout(process: ClusterProcess, variables: str, machine: Optional[int
             f"{variables}: {process.world_size} processes do not fill machines of "
             f"{process.local_world_size}; start the same number of processes on every machine"
         )
-    expected = (process.machine_rank if machine is None else machine) * process.local_world_size
-    if process.rank != expected + process.local_rank or (
-        machine is not None and machine >= process.num_machines
+    machine = process.machine_rank if machine is None else machine
+    if machine >= process.num_machines or process.rank != (
+        machine * process.local_world_size + process.local_rank
     ):
         raise ClusterEnvironmentError(
             f"{variables}: rank {process.rank} is not local rank {process.local_rank} of machine "
