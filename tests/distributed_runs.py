@@ -35,7 +35,8 @@ def free_port() -> int:
 
 def _environment(**variables: str) -> Dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
-    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO, **variables)
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), REPO) if p)
+    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=path, **variables)
     return environ
 
 
