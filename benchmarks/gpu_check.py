@@ -13,11 +13,14 @@ another fails:
 2. ``train``: ``tools/demo.py`` on the GPU with ``SOLVER.AMP.ENABLED`` (detectron2's
    AMPTrainer, through ``train_net.py`` with ``--num-gpus 1``): seconds per iteration (median of
    detectron2's ``time`` metric), data time, wall time and the validation AP.
-3. ``bench``: ``python -m benchmarks.run --devices cuda`` (every case; on CUDA the training
+3. ``dist``: two training processes started by torchrun (``--nproc-per-node 2``, NCCL on two
+   GPUs; on a machine with one GPU they run on its CPU with gloo, as NCCL needs a GPU per
+   process): SIGTERM to torchrun at iteration 3 (it passes it on), the checkpoint of the
+   iteration the processes agreed on, then the same command with ``--resume`` to the end.
+4. ``bench``: ``python -m benchmarks.run --devices cuda`` (every case; on CUDA the training
    step is timed with and without AMP), which writes ``<gpu>.json`` and ``<gpu>.md``.
 
-This script then adds its ``gpu_check`` record (the three steps) to ``<gpu>.json``. More than
-one process per GPU is not checked: detectron2's ``launch`` (NCCL) needs one GPU per process.
+This script then adds its ``gpu_check`` record (the steps) to ``<gpu>.json``.
 An offline GPU machine needs the packages of ``requirements.txt`` that it lacks and a detectron2
 (``tools/install_detectron2.py --wheel-dir DIR`` builds a wheel to carry); see docs/testing.md.
 """
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,20 +161,101 @@ def run_bench(device: str, quick: bool, cases: str, output_dir: str, timeout_s: 
     return result
 
 
+def _wait_for_iteration(proc: subprocess.Popen, metrics: str, iteration: int, deadline: float):
+    """Whether metrics.json reached ``iteration`` while ``proc`` runs, before ``deadline``."""
+    while proc.poll() is None and time.perf_counter() < deadline:
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                if f'"iteration": {iteration},' in f.read():
+                    return True
+        time.sleep(0.1)
+    return False
+
+
+def run_two_processes(device: str, quick: bool, timeout_s: float) -> Dict:
+    """The ``dist`` step: torchrun's 2 processes, stopped by SIGTERM, then resumed."""
+    from retinanet_plugin.compat.private_api import find_free_port
+    from retinanet_plugin.data import make_shapes_dataset
+
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    on = "cuda" if gpus >= 2 else "cpu"
+    work = tempfile.mkdtemp(prefix="gpu_check_dist_")
+    train_json, train_root = make_shapes_dataset(
+        os.path.join(work, "data"), num_train=16, num_val=2, image_size=128, seed=0
+    )["train"]
+    output = os.path.join(work, "out")
+    max_iter = 8 if quick else 40
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
+    command += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    command += ["--master-port", str(find_free_port()), "train_net.py"]
+    command += ["--config-file", os.path.join("configs", "retinanet_R18_GN_tiny.yaml")]
+    command += ["--register-coco", "shapes_train", train_json, train_root]
+    command += ["DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()", "MODEL.DEVICE", on]
+    command += ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(max_iter)]
+    command += ["SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.MIN_SIZE_TRAIN", "(128,)"]
+    command += ["DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", output]
+    result: Dict = {"device": on, "gpus": gpus, "max_iter": max_iter}
+    deadline = time.perf_counter() + timeout_s
+    print(f"[gpu_check] dist: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    stopped_log = os.path.join(work, "stopped.log")
+    with open(stopped_log, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        reached = _wait_for_iteration(proc, os.path.join(output, "metrics.json"), 3, deadline)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    with open(stopped_log, errors="replace") as f:
+        stopped_output = f.read()
+    pointer = os.path.join(output, "last_checkpoint")
+    checkpoint = open(pointer).read().strip() if os.path.exists(pointer) else ""
+    result["stopped"] = {
+        "reached_iteration_3": reached,
+        "torchrun_returncode": proc.returncode,
+        "checkpoint": checkpoint,
+        "seconds": round(time.perf_counter() - start, 1),
+        "output_tail": stopped_output[-2000:],
+    }
+    resumed = _run("dist", [*command, "--resume"], max(1.0, deadline - time.perf_counter()))
+    result["resumed"] = resumed
+    final = os.path.join(output, "model_final.pth")
+    if os.path.exists(final):
+        state = torch.load(final, map_location="cpu", weights_only=True)
+        result["final_iteration"] = state["iteration"]
+    stopped_at = re.fullmatch(r"model_(\d+)\.pth", checkpoint)
+    log_path = os.path.join(output, "log.txt")
+    log_text = open(log_path, errors="replace").read() if os.path.exists(log_path) else ""
+    ok = (
+        reached
+        and stopped_at is not None
+        and f"Starting training from iteration {int(stopped_at.group(1)) + 1}" in log_text
+        and resumed["returncode"] == 0
+        and result.get("final_iteration") == max_iter - 1
+    )
+    result["returncode"] = 0 if ok else 1
+    if not ok:
+        print(stopped_output[-3000:], flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--cases", default="", help="benchmark cases (default: all)")
-    parser.add_argument("--steps", default="tests,train,bench", help="comma-separated steps")
+    parser.add_argument("--steps", default="tests,train,dist,bench", help="comma-separated steps")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--time-limit", type=float, default=480, help="seconds for all steps")
     args = parser.parse_args(argv)
     steps = [s for s in args.steps.split(",") if s]
-    unknown = sorted(set(steps) - {"tests", "train", "bench"})
+    unknown = sorted(set(steps) - {"tests", "train", "dist", "bench"})
     if unknown:
         print(
-            f"error: --steps {','.join(unknown)}: unknown; choose from tests, train, bench",
+            f"error: --steps {','.join(unknown)}: unknown; choose from tests, train, dist, bench",
             file=sys.stderr,
         )
         return 2
@@ -195,6 +280,8 @@ def main(argv=None) -> int:
             record["steps"][step] = run_tests(left)
         elif step == "train":
             record["steps"][step] = run_training(args.device, args.quick, left)
+        elif step == "dist":
+            record["steps"][step] = run_two_processes(args.device, args.quick, left)
         else:
             record["steps"][step] = run_bench(
                 args.device, args.quick, args.cases, args.output_dir, left

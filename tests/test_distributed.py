@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 from conftest import isolated_process_state
@@ -261,7 +262,7 @@ def test_two_machines_meet_on_loopback(monkeypatch):
     met = {}
 
     def machine(rank):
-        store = launch_module._meet(url, 2, rank)
+        store = launch_module._meet(url, 2, rank, launch_module._Meeting.of_machines(url, 2))
         met[rank] = (time.monotonic(), store.add("retinanet_plugin/machines_joined", 0), store)
 
     first = threading.Thread(target=machine, args=(0,))
@@ -293,3 +294,212 @@ def test_machine_rank_1_without_machine_0_is_named_within_the_timeout(
     assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
     assert f"--dist-url {url}: machine rank 0 did not answer within 1 s" in errors[0]
     assert f"Machine rank 1: joining machine rank 0 at {url}" in log
+
+
+# ------------------------------------------------- starts by cluster launchers, on the loopback
+@pytest.mark.parametrize("kind", ["machines", "torchrun", "srun"])
+def test_cluster_starts_train_the_same_as_num_gpus_2(
+    kind, shapes_dataset, tmp_path_factory, tmp_path
+):
+    """Two processes started as two "machines" of one process each (--num-machines 2
+    --machine-rank 0/1 --dist-url tcp://127.0.0.1:PORT), by torchrun (--nproc-per-node 2), or
+    as two srun tasks (a SLURM-like environment) end with bit-identical weights to
+    ``--num-gpus 2`` (the same ranks, data shards and gradient averaging), with each rank's
+    training state in the final checkpoint."""
+    from distributed_runs import (
+        ITERATIONS,
+        Run,
+        assert_equal_weights,
+        final_weights,
+        reference_weights,
+        train_args,
+    )
+
+    reference = reference_weights(tmp_path_factory, shapes_dataset)
+    output_dir = tmp_path / "out"
+    started = Run(kind, output_dir, train_args(output_dir, shapes_dataset, ITERATIONS))
+    assert set(started.finish()) == {0}, started.output()
+    assert_equal_weights(final_weights(output_dir), reference)
+    final = torch.load(output_dir / "model_final.pth", weights_only=True)
+    assert len(final["trainer"]["resume"]["per_rank"]) == 2
+    if kind != "machines":
+        assert f"Started by {kind}: {kind} process 0 of 2 (machine 0 of 1" in started.output(None)
+
+
+def _torchrun_variables(**changed):
+    variables = dict(
+        RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="2",
+        GROUP_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29500",
+        TORCHELASTIC_USE_AGENT_STORE="True",
+    )
+    variables.update(changed)
+    return {k: v for k, v in variables.items() if v is not None}
+
+
+def _srun_variables(**changed):
+    variables = dict(
+        SLURM_JOB_ID="123456",
+        SLURM_PROCID="5",
+        SLURM_LOCALID="1",
+        SLURM_NODEID="1",
+        SLURM_STEP_NUM_TASKS="8",
+        SLURM_STEP_TASKS_PER_NODE="4(x2)",
+        SLURM_STEP_NODELIST="gpu[07-08]",
+    )
+    variables.update(changed)
+    return {k: v for k, v in variables.items() if v is not None}
+
+
+def test_launcher_environments_are_read():
+    """torchrun's and srun's variables give the process's place; srun's rendezvous defaults to
+    the step's first node and a port from the job id; one srun task, or none, is no cluster
+    start; torchrun's variables win inside srun."""
+    from retinanet_plugin.engine.cluster import cluster_process, first_host, restart_count
+
+    torchrun = cluster_process(
+        _torchrun_variables(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", GROUP_RANK="1")
+    )
+    assert torchrun == ("torchrun", 3, 4, 1, 2, "127.0.0.1", 29500, True)
+    assert (torchrun.num_machines, torchrun.machine_rank) == (2, 1)
+    srun = cluster_process(_srun_variables())
+    assert srun == ("srun", 5, 8, 1, 4, "gpu07", 10000 + 123456 % 20000, False)
+    assert (srun.num_machines, srun.machine_rank) == (2, 1)
+    assert cluster_process(_srun_variables(MASTER_ADDR="10.0.0.1", MASTER_PORT="7000"))[5:7] == (
+        "10.0.0.1",
+        7000,
+    )
+    both = {**_srun_variables(), **_torchrun_variables()}
+    assert cluster_process(both).launcher == "torchrun"
+    one_task = _srun_variables(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="1", SLURM_LOCALID="0")
+    assert cluster_process(one_task) is None
+    assert cluster_process({"RANK": "1", "WORLD_SIZE": "2"}) is None  # machines, not processes
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert first_host("node-a,node-b") == "node-a"
+    assert first_host("rack[2-3]-n[010-012]") == "rack2-n010"
+    assert restart_count({"SLURM_RESTART_COUNT": "0"}) == ("", 0)
+    assert restart_count({"TORCHELASTIC_RESTART_COUNT": "2"}) == ("TORCHELASTIC_RESTART_COUNT", 2)
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        (_torchrun_variables(RANK="2"), ["RANK=2 WORLD_SIZE=2", "not one of the 2 processes"]),
+        (_torchrun_variables(LOCAL_RANK="2"), ["local rank 2 is not one of the 2"]),
+        (_torchrun_variables(WORLD_SIZE="3"), ["3 processes do not fill machines of 2"]),
+        (_torchrun_variables(MASTER_PORT=None), ["LOCAL_RANK is set but MASTER_PORT not"]),
+        (_torchrun_variables(RANK="one"), ["RANK='one'", "whole number"]),
+        (
+            _torchrun_variables(RANK="1", GROUP_RANK="1"),
+            ["rank 1 is not local rank 0 of machine 1"],
+        ),
+        (_srun_variables(SLURM_PROCID="2"), ["SLURM_PROCID=2", "--distribution=block"]),
+        (
+            _srun_variables(SLURM_STEP_TASKS_PER_NODE="5,3"),
+            ["different numbers of tasks", "--ntasks-per-node"],
+        ),
+        (
+            _srun_variables(SLURM_STEP_TASKS_PER_NODE="4(x3)"),
+            ["SLURM_STEP_NUM_TASKS=8", "adds up to 12"],
+        ),
+        (_srun_variables(SLURM_STEP_NODELIST=None), ["MASTER_ADDR"]),
+    ],
+    ids=[
+        "rank-out-of-range",
+        "local-rank-out-of-range",
+        "world-not-whole-machines",
+        "master-port-missing",
+        "rank-not-a-number",
+        "rank-not-of-its-machine",
+        "srun-cyclic-distribution",
+        "srun-uneven-tasks",
+        "srun-task-counts-disagree",
+        "srun-no-address",
+    ],
+)
+def test_inconsistent_launcher_environments_are_refused(environ, expected):
+    from retinanet_plugin.engine.cluster import ClusterEnvironmentError, cluster_process
+
+    with pytest.raises(ClusterEnvironmentError) as error:
+        cluster_process(environ)
+    for fragment in expected:
+        assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--num-gpus", "4"], ["--num-gpus 4", "torchrun process 0 of 2", "leave --num-gpus out"]),
+        (["--num-machines", "2"], ["--num-machines 2", "num machines is 1"]),
+        (
+            ["--dist-url", "tcp://10.0.0.1:1234"],
+            ["--dist-url tcp://10.0.0.1:1234", "tcp://127.0.0.1:29500"],
+        ),
+        (
+            ["SOLVER.IMS_PER_BATCH", "3"],
+            ["SOLVER.IMS_PER_BATCH = 3", "2 processes torchrun started"],
+        ),
+    ],
+    ids=["num-gpus", "num-machines", "dist-url", "batch"],
+)
+def test_options_that_contradict_torchrun_are_refused_before_anything_starts(
+    options, expected, shapes_dataset, tmp_path, monkeypatch
+):
+    """Under torchrun (its variables in the environment), an option that says otherwise, or a
+    batch the processes cannot share, is one error line, before any process group or file."""
+    from bad_input_env import Env
+
+    from conftest import run_main
+    from retinanet_plugin.cli import train
+
+    for name, value in _torchrun_variables().items():
+        monkeypatch.setenv(name, value)
+    env = Env(tmp_path, shapes_dataset, "torchrun_options")
+    code, log = run_main(train.main, env.train(*options))
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    for fragment in expected:
+        assert fragment in errors[0]
+    assert not os.path.exists(env.out)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_srun_task_alone_is_named_within_the_rendezvous_timeout(
+    rank, shapes_dataset, tmp_path, monkeypatch
+):
+    """One of two srun tasks started (the other never comes, or rank 0 is unreachable): after
+    the rendezvous timeout one line says what was waited for, instead of a silent hang."""
+    from bad_input_env import Env
+    from distributed_runs import srun_variables
+
+    from conftest import run_main
+    from retinanet_plugin.cli import train
+    from retinanet_plugin.engine.launch import RENDEZVOUS_TIMEOUT_ENV
+
+    port = _free_port()
+    for name, value in srun_variables(rank, port).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(RENDEZVOUS_TIMEOUT_ENV, "1")
+    env = Env(tmp_path, shapes_dataset, f"srun_alone{rank}")
+    code, log = run_main(train.main, env.train())
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    address = f"tcp://127.0.0.1:{port}"
+    if rank:
+        assert (
+            f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}: process rank 0 did not answer within 1 s"
+            in errors[0]
+        )
+        assert f"Process rank 1: joining process rank 0 at {address}" in log
+    else:
+        assert (
+            f"2 srun processes: waiting for 1 more process(es) at {address}; none joined within 1 s"
+            in errors[0]
+        )
+        assert f"Process rank 0: waiting for 1 more process(es) to join at {address}" in log

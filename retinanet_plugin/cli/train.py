@@ -17,13 +17,18 @@ MODEL.RETINANET.NUM_CLASSES follows the training dataset unless set. With MODEL.
 --num-gpus N starts N CPU processes (gloo). Weight files (MODEL.WEIGHTS, checkpoints to resume
 from) may only hold arrays, numbers, strings and containers unless --trust-weights is given.
 With --num-machines N the machines wait for each other at --dist-url for up to
-$RETINANET_PLUGIN_RENDEZVOUS_TIMEOUT seconds (default 600). One run at a time writes into an
-OUTPUT_DIR (a second is refused while the first runs); --eval-only records its config and log
-in OUTPUT_DIR/inference, beside its results.
+$RETINANET_PLUGIN_RENDEZVOUS_TIMEOUT seconds (default 600). Started by torchrun or by srun (one
+task per GPU), each process joins the others as the launcher's environment says, without
+--num-gpus/--num-machines/--dist-url. SIGTERM, SIGUSR1 or Ctrl-C stop training on every process
+after the current iteration, with a checkpoint of it, and exit with status 75; --resume
+continues it exactly (automatically when SLURM requeued the job or torchrun restarted it). One
+run at a time writes into an OUTPUT_DIR (a second is refused while the first runs); --eval-only
+records its config and log in OUTPUT_DIR/inference, beside its results.
 """
 
 import contextlib
 import logging
+import os
 import sys
 
 from torch.multiprocessing import ProcessExitedException
@@ -43,10 +48,13 @@ from ..checkpoint.metadata import (
 )
 from ..config.loading import load_config
 from ..data import add_dataset_arguments, register_datasets_from_args, resolve_num_classes
+from ..engine.cluster import check_cluster_run, cluster_process, restart_count
 from ..engine.cpu_memory import keep_freed_memory
 from ..engine.launch import launch
+from ..engine.preemption import PREEMPTED_EXIT_STATUS, TrainingPreempted, stop_on_signals
 from ..engine.run_checks import (
     check_datasets,
+    check_device,
     check_device_and_processes,
     check_weights,
     evaluation_dir,
@@ -121,7 +129,8 @@ def setup(args):
 def train_or_evaluate(args):
     """What every process runs: train (or evaluate) as the options say. With several processes,
     bad input found in them (e.g. in a dataset's records) is printed once, as ``error: ...`` by
-    the first process, and every process exits with status 2."""
+    the first process, and every process exits with status 2; training stopped by a signal
+    exits every process with :data:`PREEMPTED_EXIT_STATUS`."""
     try:
         return _train_or_evaluate(args)
     except UserError as e:
@@ -130,6 +139,18 @@ def train_or_evaluate(args):
         if comm.get_rank() == 0:
             print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingPreempted as e:
+        if comm.is_main_process():
+            logger.warning(
+                "Training stopped by a signal after iteration %d, checkpoint %s; --resume "
+                "continues it (exit status %d)",
+                e.iteration,
+                e.checkpoint,
+                PREEMPTED_EXIT_STATUS,
+            )
+        if comm.get_world_size() == 1:
+            raise  # main returns the status
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 def _train_or_evaluate(args):
@@ -149,8 +170,9 @@ def _train_or_evaluate(args):
     trainer = Trainer(cfg, trust_weights=args.trust_weights)
     # --resume-from: continued as --resume continues OUTPUT_DIR's last checkpoint.
     trainer.checkpointer.resume_from = args.resume_from
-    trainer.resume_or_load(resume=args.resume or bool(args.resume_from))
-    return trainer.train()
+    with stop_on_signals():
+        trainer.resume_or_load(resume=args.resume or bool(args.resume_from))
+        return trainer.train()
 
 
 def argument_parser():
@@ -176,18 +198,53 @@ def argument_parser():
     return parser
 
 
+def _resume_a_restart(args, output_dir: str) -> None:
+    """A run that the launcher started again (SLURM requeued the job, torchrun restarted its
+    workers) continues OUTPUT_DIR's last checkpoint, as --resume does (or starts from
+    MODEL.WEIGHTS, or --resume-from, if it wrote none)."""
+    variable, count = restart_count(os.environ)
+    if not count or args.eval_only or args.resume:
+        return
+    if args.resume_from and not os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+        return  # the first start wrote no checkpoint: --resume-from again
+    logger.warning(
+        "%s=%d: the launcher started this run again; continuing OUTPUT_DIR's last checkpoint, "
+        "as --resume does",
+        variable,
+        count,
+    )
+    args.resume, args.resume_from = True, ""
+
+
+def _check_processes(cfg, args, cluster) -> None:
+    if cluster is None:
+        check_device_and_processes(cfg, args.num_gpus, args.num_machines, args.machine_rank)
+        return
+    parser = argument_parser()
+    options = {
+        f"--{name.replace('_', '-')}": (getattr(args, name), parser.get_default(name))
+        for name in ("num_gpus", "num_machines", "machine_rank", "dist_url")
+    }
+    check_cluster_run(cluster, options, cfg.SOLVER.IMS_PER_BATCH, check_device(cfg))
+
+
 def main(argv=None) -> int:
     """Checks the command (config, datasets, devices, weights, output folder), then trains or
-    evaluates in ``--num-gpus`` processes per machine."""
+    evaluates in ``--num-gpus`` processes per machine, or in this process when torchrun or srun
+    started it. Returns the exit status (:data:`PREEMPTED_EXIT_STATUS` when stopped by a
+    signal)."""
     args = cli.parse(argument_parser(), argv)
+    cluster = cluster_process(os.environ)
     register_datasets_from_args(args)
     cfg = build_config(args)
-    check_device_and_processes(cfg, args.num_gpus, args.num_machines, args.machine_rank)
+    _check_processes(cfg, args, cluster)
+    _resume_a_restart(args, cfg.OUTPUT_DIR)
     check_datasets(cfg, args.eval_only)
     check_weights(cfg, args.resume, args.eval_only)
-    # Every machine refuses an earlier run's folder; machine rank 0 (the one writing the
-    # checkpoints and metrics) holds the folder for the whole run and clears it on --overwrite.
-    first = args.machine_rank == 0
+    # Every machine refuses an earlier run's folder; rank 0 (the process, or the launching
+    # process of the machine, writing the checkpoints and metrics) holds the folder for the
+    # whole run and clears it on --overwrite.
+    first = cluster.rank == 0 if cluster else args.machine_rank == 0
     with lock_output_dir(cfg.OUTPUT_DIR) if first else contextlib.nullcontext():
         check_resume(cfg, args)  # before prepare_output_dir may delete files
         if not args.eval_only:
@@ -195,6 +252,8 @@ def main(argv=None) -> int:
                 cfg.OUTPUT_DIR, args.resume, args.overwrite, cfg.MODEL.WEIGHTS, remove=first
             )
         print("Command Line Args:", args)
+        if cluster:
+            print(f"Started by {cluster.launcher}: {cluster.describe()}")
         try:
             launch(
                 train_or_evaluate,
@@ -204,9 +263,13 @@ def main(argv=None) -> int:
                 dist_url=args.dist_url,
                 args=(args,),
                 device=cfg.MODEL.DEVICE,
+                cluster=cluster,
             )
+        except TrainingPreempted:
+            return PREEMPTED_EXIT_STATUS
         except ProcessExitedException as e:
-            if e.exit_code == 2:  # a process reported bad input (see run)
-                return 2
+            # A process reported bad input (see train_or_evaluate), or all stopped at a signal.
+            if e.exit_code in (2, PREEMPTED_EXIT_STATUS):
+                return e.exit_code
             raise
     return 0

@@ -8,6 +8,10 @@ for and giving up after :data:`RENDEZVOUS_TIMEOUT_ENV` seconds with one clear li
 starts its processes (gloo on CPU, NCCL on CUDA), which join one process group through that
 store and set up detectron2's ``comm`` state the way detectron2 does. One process in all runs
 ``main_func`` directly, as detectron2's ``launch`` does.
+
+A process that torchrun or srun started (see :mod:`.cluster`) is already one of the processes:
+it joins the others (torchrun: through its agent's store; srun: at a store that rank 0 hosts,
+met the same time-limited way as machines meet) and runs ``main_func`` itself.
 """
 
 import logging
@@ -15,7 +19,7 @@ import os
 import socket
 import time
 from datetime import timedelta
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -27,6 +31,8 @@ from detectron2.utils import comm
 
 from ..compat.private_api import find_free_port, set_local_process_group
 from ..errors import UserError
+from .cluster import ClusterProcess
+from .preemption import forward_stop_signals
 
 __all__ = ["RENDEZVOUS_TIMEOUT_ENV", "RendezvousError", "launch"]
 
@@ -38,6 +44,46 @@ RENDEZVOUS_TIMEOUT_ENV = "RETINANET_PLUGIN_RENDEZVOUS_TIMEOUT"
 _DEFAULT_RENDEZVOUS_TIMEOUT = 600.0
 _REPORT_EVERY = 30.0  # seconds between "still waiting" lines
 _JOINED_KEY = "retinanet_plugin/machines_joined"
+# A worker that fails brings the others down after this many seconds; those that end by
+# themselves within it (all ranks leave together at a stop signal) end cleanly.
+_GRACE_PERIOD = 10.0
+
+
+class _Meeting(NamedTuple):
+    """Who meets at the rendezvous, in the words of the messages."""
+
+    what: str  # "machine" or "process"
+    whats: str  # "machine(s)" or "process(es)"
+    total: str  # how the user gave their number, e.g. "--num-machines 2"
+    address: str  # how the user gave the address, e.g. "--dist-url tcp://127.0.0.1:50152"
+    start_first: str  # what to do when rank 0 does not answer
+    come: str  # what to do when others do not come
+
+    @classmethod
+    def of_machines(cls, dist_url: str, num_machines: int) -> "_Meeting":
+        ranks = "1" if num_machines == 2 else f"1 to {num_machines - 1}"
+        return cls(
+            "machine",
+            "machine(s)",
+            f"--num-machines {num_machines}",
+            f"--dist-url {dist_url}",
+            "start machine rank 0 first, with the same --dist-url and --num-machines",
+            f"Start train_net.py on the other machine(s) with --machine-rank {ranks} and "
+            f"--dist-url {dist_url}, or use --num-machines 1",
+        )
+
+    @classmethod
+    def of_cluster(cls, process: ClusterProcess) -> "_Meeting":
+        return cls(
+            "process",
+            "process(es)",
+            f"{process.world_size} {process.launcher} processes",
+            f"MASTER_ADDR:MASTER_PORT {process.master_addr}:{process.master_port}",
+            "rank 0 runs on the first node; check that MASTER_ADDR is its address and "
+            "MASTER_PORT a free port there",
+            f"Check that {process.launcher} started all {process.world_size} tasks (one per GPU) "
+            "and that they can reach MASTER_ADDR",
+        )
 
 
 class RendezvousError(UserError, RuntimeError):
@@ -82,24 +128,27 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
-def _meet(dist_url: str, num_machines: int, machine_rank: int) -> dist.TCPStore:
-    """Waits until the launching processes of all ``num_machines`` machines have reached the TCP
-    store at ``dist_url`` (hosted here on machine rank 0), logging what it waits for.
+def _meet(dist_url: str, parties: int, rank: int, meeting: _Meeting) -> dist.TCPStore:
+    """Waits until all ``parties`` (the launching processes of the machines, or the processes of
+    a cluster run) have reached the TCP store at ``dist_url``, which rank 0 hosts, logging what
+    it waits for.
 
     Returns:
-        The store (machine rank 0: the server, which must live as long as the processes).
+        The store (rank 0: the server, which must live as long as the processes).
 
     Raises:
-        RendezvousError: the store cannot be hosted or reached, or a machine did not come within
+        RendezvousError: the store cannot be hosted or reached, or a party did not come within
             the timeout.
     """
     host, port = _host_port(dist_url)
     timeout = _rendezvous_timeout()
     start = time.monotonic()
-    if machine_rank:
+    who = f"{meeting.what.capitalize()} rank {rank}"
+    if rank:
         logger.warning(
-            "Machine rank %d: joining machine rank 0 at %s (waiting up to %g s)",
-            machine_rank,
+            "%s: joining %s rank 0 at %s (waiting up to %g s)",
+            who,
+            meeting.what,
             dist_url,
             timeout,
         )
@@ -107,10 +156,9 @@ def _meet(dist_url: str, num_machines: int, machine_rank: int) -> dist.TCPStore:
         while not _listening(host, port):
             if time.monotonic() - start >= timeout:
                 raise RendezvousError(
-                    f"--dist-url {dist_url}: machine rank 0 did not answer within {timeout:g} s; "
-                    "start machine rank 0 first, with the same --dist-url and --num-machines, "
-                    f"and check that this machine can reach that address (the limit is "
-                    f"{RENDEZVOUS_TIMEOUT_ENV})"
+                    f"{meeting.address}: {meeting.what} rank 0 did not answer within "
+                    f"{timeout:g} s; {meeting.start_first}, and check that this machine can "
+                    f"reach that address (the limit is {RENDEZVOUS_TIMEOUT_ENV})"
                 )
             time.sleep(0.5)
     try:
@@ -118,35 +166,33 @@ def _meet(dist_url: str, num_machines: int, machine_rank: int) -> dist.TCPStore:
             host,
             port,
             world_size=None,
-            is_master=machine_rank == 0,
+            is_master=rank == 0,
             timeout=timedelta(seconds=timeout),
             wait_for_workers=False,
         )
     except (RuntimeError, OSError) as e:  # DistNetworkError is a RuntimeError
-        what = "cannot listen there" if machine_rank == 0 else "cannot join machine rank 0 there"
+        what = "cannot listen there" if rank == 0 else f"cannot join {meeting.what} rank 0 there"
         raise RendezvousError(
-            f"--dist-url {dist_url}: {what} ({(str(e) or repr(e)).splitlines()[0]}); "
-            + ("choose a free port" if machine_rank == 0 else "check the address")
+            f"{meeting.address}: {what} ({(str(e) or repr(e)).splitlines()[0]}); "
+            + ("choose a free port" if rank == 0 else "check the address")
         ) from e
     joined = store.add(_JOINED_KEY, 1)
     reported = None
-    while joined < num_machines:
+    while joined < parties:
         waited = time.monotonic() - start
-        missing = num_machines - joined
+        missing = parties - joined
         if waited >= timeout:
-            ranks = "1" if num_machines == 2 else f"1 to {num_machines - 1}"
             raise RendezvousError(
-                f"--num-machines {num_machines}: waiting for {missing} more machine(s) at "
-                f"{dist_url}; {'none' if joined == 1 else f'only {joined - 1}'} joined within "
-                f"{timeout:g} s. Start train_net.py on the other machine(s) with --machine-rank "
-                f"{ranks} and --dist-url {dist_url}, or use --num-machines 1 (the limit is "
-                f"{RENDEZVOUS_TIMEOUT_ENV})"
+                f"{meeting.total}: waiting for {missing} more {meeting.whats} at {dist_url}; "
+                f"{'none' if joined == 1 else f'only {joined - 1}'} joined within {timeout:g} "
+                f"s. {meeting.come} (the limit is {RENDEZVOUS_TIMEOUT_ENV})"
             )
         if reported is None or waited - reported >= _REPORT_EVERY:
             logger.warning(
-                "Machine rank %d: waiting for %d more machine(s) to join at %s (%.0f s of %g s)",
-                machine_rank,
+                "%s: waiting for %d more %s to join at %s (%.0f s of %g s)",
+                who,
                 missing,
+                meeting.whats,
                 dist_url,
                 waited,
                 timeout,
@@ -155,13 +201,14 @@ def _meet(dist_url: str, num_machines: int, machine_rank: int) -> dist.TCPStore:
         time.sleep(0.2)
         try:
             joined = store.add(_JOINED_KEY, 0)
-        except RuntimeError as e:  # DistNetworkError: machine rank 0 gave up waiting
+        except RuntimeError as e:  # DistNetworkError: rank 0 gave up waiting
             raise RendezvousError(
-                f"--dist-url {dist_url}: machine rank 0 stopped before all {num_machines} "
-                "machines joined (see its messages)"
+                f"{meeting.address}: {meeting.what} rank 0 stopped before all {parties} "
+                f"{meeting.whats} joined (see its messages)"
             ) from e
-    if num_machines > 1:
-        logger.warning("All %d machines joined at %s", num_machines, dist_url)
+    if parties > 1:
+        logger.warning("All %d %s joined at %s", parties, meeting.whats, dist_url)
+    store.set_timeout(DEFAULT_TIMEOUT)  # from now on, the processes' own collectives' limit
     return store
 
 
@@ -173,6 +220,7 @@ def launch(
     dist_url: str = None,
     args=(),
     device: str = "cuda",
+    cluster: Optional[ClusterProcess] = None,
 ):
     """Runs ``main_func(*args)`` in ``num_processes_per_machine`` processes on each machine.
 
@@ -184,10 +232,15 @@ def launch(
         args: arguments of ``main_func``.
         device: ``MODEL.DEVICE``: "cpu" runs gloo CPU processes, otherwise one NCCL process per
             GPU.
+        cluster: this process's place in a run that torchrun or srun started (the other
+            arguments but ``main_func``, ``args`` and ``device`` are then not used): it joins
+            the run's process group and runs ``main_func`` itself.
 
     Raises:
         RendezvousError: see :func:`_meet`.
     """
+    if cluster is not None:
+        return _run_in_cluster(main_func, cluster, args, device == "cpu")
     world_size = num_machines * num_processes_per_machine
     if world_size == 1:
         return detectron2_launch(main_func, 1, args=args)
@@ -197,8 +250,10 @@ def launch(
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     store = None
     if not dist_url.startswith("file://"):
-        store = _meet(dist_url, num_machines, machine_rank)
-    mp.start_processes(
+        store = _meet(
+            dist_url, num_machines, machine_rank, _Meeting.of_machines(dist_url, num_machines)
+        )
+    context = mp.start_processes(
         _worker,
         nprocs=num_processes_per_machine,
         args=(
@@ -212,8 +267,30 @@ def launch(
         ),
         daemon=False,
         start_method="spawn",
+        join=False,
     )
+    with forward_stop_signals(context.processes):
+        while not context.join(grace_period=_GRACE_PERIOD):
+            pass
     del store  # machine rank 0's server lived until here: the processes met through it
+
+
+def _run_in_cluster(main_func, process: ClusterProcess, args, cpu: bool):
+    if process.agent_store:  # torchrun's agent hosts the store, and reads its own variables
+        store = None
+    else:
+        url = process.dist_url
+        store = _meet(url, process.world_size, process.rank, _Meeting.of_cluster(process))
+    _join(
+        process.rank,
+        process.world_size,
+        process.local_rank,
+        process.local_world_size,
+        dist.PrefixStore("default_pg", store) if store else None,
+        "env://",
+        cpu,
+    )
+    return main_func(*args)  # rank 0's store server (``store``) lives until the run ends
 
 
 def _create_local_process_group(num_processes_per_machine: int) -> None:
@@ -230,6 +307,34 @@ def _create_local_process_group(num_processes_per_machine: int) -> None:
             set_local_process_group(group)
 
 
+def _join(
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    local_world_size: int,
+    store: Optional[dist.Store],
+    init_method: str,
+    cpu: bool,
+) -> None:
+    """Joins this process to the run's process group (through ``store``, else ``init_method``)
+    and sets up detectron2's ``comm`` (the group of this machine's processes)."""
+    if not cpu:  # srun may show each task only its own GPU
+        torch.cuda.set_device(local_rank if torch.cuda.device_count() > 1 else 0)
+    dist.init_process_group(
+        backend="gloo" if cpu else "nccl",
+        init_method=None if store else init_method,
+        store=store,
+        world_size=world_size,
+        rank=rank,
+        timeout=DEFAULT_TIMEOUT,
+    )
+    _create_local_process_group(local_world_size)
+    if cpu and not os.environ.get("OMP_NUM_THREADS"):
+        # Share the machine's cores instead of every process using all of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    comm.synchronize()
+
+
 def _worker(
     local_rank,
     main_func,
@@ -240,24 +345,11 @@ def _worker(
     args,
     cpu,
 ):
-    rank = machine_rank * num_processes_per_machine + local_rank
-    if not cpu:
-        torch.cuda.set_device(local_rank)
     store: Optional[dist.Store] = None
     if not dist_url.startswith("file://"):
         host, port = _host_port(dist_url)
         client = dist.TCPStore(host, port, is_master=False, timeout=DEFAULT_TIMEOUT)
         store = dist.PrefixStore("default_pg", client)
-    dist.init_process_group(
-        backend="gloo" if cpu else "nccl",
-        init_method=None if store else dist_url,
-        store=store,
-        world_size=world_size,
-        rank=rank,
-        timeout=DEFAULT_TIMEOUT,
-    )
-    _create_local_process_group(num_processes_per_machine)
-    if cpu:  # share the machine's cores instead of every process using all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes_per_machine))
-    comm.synchronize()
+    rank = machine_rank * num_processes_per_machine + local_rank
+    _join(rank, world_size, local_rank, num_processes_per_machine, store, dist_url, cpu)
     main_func(*args)

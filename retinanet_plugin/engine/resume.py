@@ -109,8 +109,13 @@ class GatherTrainingState(HookBase):
         iteration = self.trainer.iter
         if (iteration + 1) % self.checkpoint_period and iteration < self.trainer.max_iter - 1:
             return
+        self.gather()
+
+    def gather(self):
+        """Collects every rank's state now, for a checkpoint of this iteration (every rank
+        calls it)."""
         state = training_state(self.trainer.model, self.trainer.data_loader)
-        self.gathered = iteration, comm.all_gather(state)  # every rank calls it
+        self.gathered = self.trainer.iter, comm.all_gather(state)
 
 
 def checkpoint_training_state(trainer, gather: Optional[GatherTrainingState]) -> Dict[str, Any]:

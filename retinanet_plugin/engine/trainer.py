@@ -23,6 +23,7 @@ from ..data import build_test_loader, build_train_loader
 from ..data.resumable import ResumableTrainLoader
 from ..errors import UserError
 from ..evaluation.coco_evaluation import build_coco_evaluator
+from .preemption import StopOnSignal
 from .resume import GatherTrainingState, checkpoint_training_state, load_training_state
 from .run_checks import checkpoint_bytes
 from .solver import build_lr_scheduler, build_optimizer
@@ -183,4 +184,10 @@ class Trainer(DefaultTrainer):
         # (which follows the LR scheduler's hook; the other ranks have none) writes it.
         after = next(i for i, h in enumerate(trainer_hooks) if isinstance(h, hooks.LRScheduler))
         trainer_hooks.insert(after + 1, self._gather_training_state)
+        # A stop signal ends the run after this iteration's checkpoint (see preemption): after
+        # the hooks that change the training state, before the metrics writer (which writes
+        # this iteration's metrics when training ends; writing them twice fails in detectron2).
+        stop = StopOnSignal(self._gather_training_state, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        writer = [i for i, h in enumerate(trainer_hooks) if isinstance(h, hooks.PeriodicWriter)]
+        trainer_hooks.insert(writer[0] if writer else len(trainer_hooks), stop)
         return trainer_hooks
