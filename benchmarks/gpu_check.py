@@ -14,7 +14,8 @@ another fails:
    AMPTrainer, through ``train_net.py`` with ``--num-gpus 1``): seconds per iteration (median of
    detectron2's ``time`` metric), data time, wall time and the validation AP.
 3. ``bench``: ``python -m benchmarks.run --devices cuda`` (every case; on CUDA the training
-   step is timed with and without AMP), which writes ``<gpu>.json`` and ``<gpu>.md``.
+   steps are timed with and without AMP, and ``inference_contributions`` times the compiled
+   backbone and head, its compile time included), which writes ``<gpu>.json`` and ``<gpu>.md``.
 
 This script then adds its ``gpu_check`` record (the three steps) to ``<gpu>.json``. More than
 one process per GPU is not checked: detectron2's ``launch`` (NCCL) needs one GPU per process.
