@@ -79,8 +79,9 @@ def test_inference_case_models_share_calibrated_weights_and_detections():
     (a,), (b,) = ours, theirs
     a, b = a["instances"], b["instances"]
     assert len(a) == len(b) > 10
-    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
-    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=2e-3, rtol=0)
+    # The tolerances of tests/test_inference_optimization.py.
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=5e-3, rtol=0)
 
 
 def test_contributions_and_stage_tables():
