@@ -8,6 +8,8 @@ Ratios are implementation / reference, so below 1 is faster or leaner than the r
     python -m benchmarks.run                      # every case on CPU (and CUDA if present)
     python -m benchmarks.run --cases focal_loss,postprocess --reps 9
     python -m benchmarks.run --quick              # tiny sizes: checks that everything runs
+    python -m benchmarks.run --cases train_step,inference_latency,inference_contributions,\
+        train_contributions                       # the speed-ups and what each contributes
 """
 
 import argparse

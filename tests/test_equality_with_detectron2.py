@@ -84,8 +84,12 @@ def test_inference_equal(name, grad_enabled):
         assert len(a) > 0 and len(a) == len(b)
         order_a = torch.argsort(a.scores, descending=True, stable=True)
         order_b = torch.argsort(b.scores, descending=True, stable=True)
-        torch.testing.assert_close(a.scores[order_a], b.scores[order_b])
-        torch.testing.assert_close(a.pred_boxes.tensor[order_a], b.pred_boxes.tensor[order_b])
+        # The inference speed-ups (on by default) change the rounding: the tolerances of
+        # tests/test_inference_optimization.py.
+        torch.testing.assert_close(a.scores[order_a], b.scores[order_b], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            a.pred_boxes.tensor[order_a], b.pred_boxes.tensor[order_b], atol=5e-3, rtol=0
+        )
         assert torch.equal(a.pred_classes[order_a], b.pred_classes[order_b])
 
 

@@ -25,10 +25,6 @@ from retinanet_plugin.modeling.inference_optimization import (
 # up to 2.5e-5 and boxes by 4e-4 px (benchmarks, --quick size).
 SCORE_ATOL = 1e-4
 BOX_ATOL = 5e-3  # pixels, on boxes of up to 400 px
-# Channels-last convolutions and GroupNorm sum in another order; through a random ResNet's
-# backward pass the rounding reaches 2e-3 of a gradient's largest entry (within 1e-4 in the plain
-# layout, tests/test_equality_with_detectron2.py).
-GRAD_TOL_CHANNELS_LAST = 5e-3
 # ResNet-18 with FrozenBN (detectron2's R50 config at depth 18): the folding at a third of the cost.
 R18_FROZEN_BN = ("MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64")
 OFF = (
@@ -175,14 +171,20 @@ def test_weights_changed_after_inference_are_used(how):
 
 @pytest.mark.parametrize("name", ["R50_FPN_1x", "R18_GN_tiny"])
 def test_training_channels_last_losses_and_gradients_equal_detectron2(name):
-    """MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST: losses within 1e-5 (relative) of detectron2's,
-    gradients within GRAD_TOL_CHANNELS_LAST of each gradient's scale."""
+    """MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST: backbone and head run channels-last, and the
+    losses and gradients equal those of detectron2's RetinaNet fed the same channels-last images
+    (rtol 1e-5 for the losses, 1e-4 of each gradient's largest entry: the plain equality test's
+    tolerances). Against detectron2 in the plain layout the gradients of a random ResNet differ
+    by up to about 1e-2 of their largest entry (other summation order, through every layer)."""
     plugin, reference = _pair(name, "MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST", "True")
     assert plugin.training_channels_last
     plugin.train()
     reference.train()
     features = {}
     plugin.backbone.register_forward_hook(lambda m, i, o: features.update(o))
+    reference.backbone.register_forward_pre_hook(
+        lambda m, i: (i[0].contiguous(memory_format=torch.channels_last),)
+    )
     batch = make_batch(plugin.num_classes)
     with EventStorage():
         ours = plugin(copy.deepcopy(batch))
@@ -196,7 +198,7 @@ def test_training_channels_last_losses_and_gradients_equal_detectron2(name):
         assert (a.grad is None) == (b.grad is None), k
         if a.grad is not None:
             scale = b.grad.abs().max().item()
-            assert (a.grad - b.grad).abs().max().item() <= GRAD_TOL_CHANNELS_LAST * scale + 1e-12, k
+            assert (a.grad - b.grad).abs().max().item() <= 1e-4 * scale + 1e-12, k
 
 
 def test_plain_path_when_off_and_while_tracing():
@@ -236,11 +238,14 @@ def test_compiled_inference_equals_eager_without_recompiling_per_size():
     2 cores, over 10 on busy ones (`make test-slow`)."""
     torch._dynamo.reset()
     plugin, reference = _scored_pair("R18_GN_tiny", "MODEL.INFERENCE_OPTIMIZATION.COMPILE", "True")
-    batches = [make_batch(plugin.num_classes)[:1], make_batch(plugin.num_classes)[1:2]]
+    first, second = make_batch(plugin.num_classes)[:2]  # 192x256 and 224x160
+    graphs = torch._dynamo.utils.counters["stats"]
     with torch.no_grad():
-        for batch in batches:
-            _assert_detections_close(plugin(batch), reference(batch))
-    compiled = plugin.inference_runner._runner
-    # One compiled graph for both sizes.
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert hasattr(compiled, "_orig_mod") and frames == 1
+        _assert_detections_close(plugin([first]), reference([first]))
+        compiled = plugin.inference_runner._runner
+        assert hasattr(compiled, "_orig_mod")
+        graphs_after_first_size = graphs["unique_graphs"]
+        _assert_detections_close(plugin([second]), reference([second]))
+    # The second size ran the graphs compiled for the first.
+    assert plugin.inference_runner._runner is compiled
+    assert graphs["unique_graphs"] == graphs_after_first_size > 0
