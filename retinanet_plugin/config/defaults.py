@@ -69,9 +69,9 @@ def add_retinanet_config(cfg: CN) -> None:
     _C.MODEL.INFERENCE_OPTIMIZATION.FOLD_FROZEN_BN = True
     # Run backbone and head on channels-last tensors (the layout oneDNN and cuDNN prefer).
     _C.MODEL.INFERENCE_OPTIMIZATION.CHANNELS_LAST = True
-    # torch.compile backbone and head (inductor; CPU: with weight freezing), with dynamic shapes
-    # so that a new image size does not compile again. The first call compiles (minutes on a
-    # few CPU cores), and so does the first call after a weight changes.
+    # torch.compile backbone and head (inductor; CPU: with weight freezing), with dynamic shapes:
+    # images of new sizes reuse the compiled graphs instead of compiling per size. The first call
+    # compiles (minutes on a few CPU cores), and so does the first call after a weight changes.
     _C.MODEL.INFERENCE_OPTIMIZATION.COMPILE = False
     # Speed-ups of training; losses and gradients equal the plain model's up to float rounding.
     _C.MODEL.TRAINING_OPTIMIZATION = CN()

@@ -12,9 +12,10 @@
   memory order; convolutions keep the layout of their input, so the whole backbone and head run
   in the layout oneDNN and cuDNN prefer.
 - **torch.compile** of backbone and head (inductor, with weight freezing on CPU) with
-  ``dynamic=True``: sizes are symbolic, so an image of a new size does not compile again (the
-  alternative, padding images to a few size buckets, would change the detections near the
-  bottom and right borders).
+  ``dynamic=True``: sizes are symbolic, so images of new sizes reuse the compiled graphs (only
+  a guard of the convolution's kernel choice on the feature map's size may add a graph) instead
+  of compiling per size; padding images to a few size buckets instead would change the
+  detections near the bottom and right borders.
 
 The copy (and its compiled version) is built at the first inference call and rebuilt whenever a
 weight or buffer of backbone or head changed since (in place, by ``load_state_dict`` or an
