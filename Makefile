@@ -31,7 +31,8 @@ $(STAMP): $(INSTALL_INPUTS)
 test: install
 	$(PY) -m pytest -n auto --dist loadfile tests $(PYTEST_ARGS)
 
-# Fault-injection test: random SIGKILLs during training and checkpoint writes (~1 min).
+# Slow tests: random SIGKILLs during training and checkpoint writes (~1 min); compiled inference
+# against eager (inductor compiles for minutes on 2 cores).
 test-slow: install
 	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 

@@ -2,13 +2,20 @@
 
 A case maps implementation names to factories ``factory(args, device) -> fn``; ``fn()`` is one
 timed call. Factories build only their own implementation, so a memory run (one process per
-implementation) loads nothing else.
+implementation) loads nothing else. An inference ``fn`` also carries ``fn.stages`` (per-stage
+times and candidate counts, :mod:`benchmarks.stages`) and ``fn.setup_s`` (its first call, which
+compiles where torch.compile is on).
+
+Every R50-FPN model gets the same calibrated weights (:mod:`benchmarks.calibration`): activations
+and score distribution as a trained model's, ``--calibrated-fraction`` of the (anchor, class)
+scores above the 0.05 threshold.
 """
 
 import contextlib
 import io
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
@@ -16,6 +23,8 @@ import torch
 from torch.nn import functional as F
 
 import retinanet_plugin  # noqa: F401  (registers the plugin's components)
+from benchmarks.calibration import calibrate
+from benchmarks.stages import stage_timer
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -30,7 +39,22 @@ from retinanet_plugin.evaluation.coco_evaluation import coco_eval_class
 DETECTRON2 = "detectron2 RetinaNet"
 PLUGIN = "plugin"
 PLUGIN_BF16 = "plugin, bfloat16"
-TORCHVISION = "torchvision retinanet_resnet50_fpn"
+# Each inference speed-up alone and together (the contributions cases): name -> config options.
+_SPEEDUPS = "MODEL.INFERENCE_OPTIMIZATION."
+_NO_SPEEDUPS = (_SPEEDUPS + "FOLD_FROZEN_BN", False, _SPEEDUPS + "CHANNELS_LAST", False)
+PLUGIN_PLAIN = "plugin, no speed-ups"
+INFERENCE_VARIANTS = {
+    PLUGIN_PLAIN: _NO_SPEEDUPS,
+    "plugin + FrozenBN folding": (_SPEEDUPS + "CHANNELS_LAST", False),
+    "plugin + channels-last": (_SPEEDUPS + "FOLD_FROZEN_BN", False),
+    "plugin + folding + channels-last (default)": (),
+    "plugin + compile": (*_NO_SPEEDUPS, _SPEEDUPS + "COMPILE", True),
+    "plugin + folding + channels-last + compile": (_SPEEDUPS + "COMPILE", True),
+}
+TRAINING_VARIANTS = {
+    PLUGIN_PLAIN: (),
+    "plugin + channels-last": ("MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST", True),
+}
 STRIDES = (8, 16, 32, 64, 128)
 
 Factory = Callable[[object, torch.device], Callable[[], object]]
@@ -47,6 +71,7 @@ class Case:
         images_per_call: images one call processes (for throughput), from the arguments.
         slow: calls take many seconds at the default sizes: at most 3 timed repetitions, and
             one call (not two) for the peak memory.
+        memory: whether peak memory is measured (one process per implementation).
     """
 
     description: str
@@ -54,6 +79,7 @@ class Case:
     impls: Dict[str, Factory]
     images_per_call: Callable[[object], int] = field(default=lambda args: 1)
     slow: bool = False
+    memory: bool = True
 
 
 # ---------------------------------------------------------------------------- models
@@ -74,9 +100,28 @@ def _common(cfg, args, device):
     return cfg
 
 
-def _build(cfg):
+def _build(cfg, args=None):
+    """The model of ``cfg``; with ``args``, with the calibrated R50-FPN weights."""
     torch.manual_seed(0)
-    return build_model(cfg)
+    model = build_model(cfg)
+    if args is not None:
+        model.load_state_dict(calibrated_weights(args, model.device))
+    return model
+
+
+_CALIBRATED: Dict[tuple, dict] = {}
+
+
+def calibrated_weights(args, device) -> dict:
+    """The R50-FPN state_dict calibrated on the inference image (see module docstring); the same
+    for detectron2's model and the plugin's, computed once per process."""
+    key = (str(device), args.infer_height, args.infer_width, args.calibrated_fraction)
+    if key not in _CALIBRATED:
+        model = _build(_detectron2_cfg(args, device))
+        _CALIBRATED[key] = calibrate(
+            model, _inference_images(args, device, 1), args.calibrated_fraction
+        )
+    return _CALIBRATED[key]
 
 
 def _training_batch(args, device) -> List[dict]:
@@ -113,10 +158,10 @@ def _train_step(model, optimizer, batch, amp: bool):
     return step
 
 
-def _train_impl(build_cfg, build_optimizer, amp: bool) -> Factory:
+def _train_impl(build_cfg, build_optimizer, amp: bool, *opts) -> Factory:
     def factory(args, device):
-        cfg = build_cfg(args, device)
-        model = _build(cfg)
+        cfg = build_cfg(args, device, *opts)
+        model = _build(cfg, args)
         return _train_step(model, build_optimizer(cfg, model), _training_batch(args, device), amp)
 
     return factory
@@ -131,7 +176,9 @@ def _inference_images(args, device, batch: int) -> List[torch.Tensor]:
     ]
 
 
-def _detectron2_style_inference(model, images):
+def _detectron2_style_inference(model, images, device):
+    """``model(inputs)`` under no_grad, as detectron2's predictor; its first call (compiling
+    where compile is on) is made and timed here, as ``infer.setup_s``."""
     model.eval()
     inputs = [{"image": x, "height": x.shape[1], "width": x.shape[2]} for x in images]
 
@@ -139,40 +186,39 @@ def _detectron2_style_inference(model, images):
         with torch.no_grad():
             return model(inputs)
 
+    start = time.perf_counter()
+    infer()
+    infer.setup_s = time.perf_counter() - start
+    infer.stages = stage_timer(model, inputs, device)
     return infer
 
 
+def _plugin_inference_impl(batch_of, *opts) -> Factory:
+    def factory(args, device):
+        model = _build(_plugin_cfg(args, device, *opts), args)
+        return _detectron2_style_inference(
+            model, _inference_images(args, device, batch_of(args)), device
+        )
+
+    return factory
+
+
+def _detectron2_inference_impl(batch_of) -> Factory:
+    def factory(args, device):
+        model = _build(_detectron2_cfg(args, device), args)
+        return _detectron2_style_inference(
+            model, _inference_images(args, device, batch_of(args)), device
+        )
+
+    return factory
+
+
 def _inference_impls(batch_of: Callable[[object], int], device: torch.device) -> Dict[str, Factory]:
-    def detectron2_factory(args, device):
-        model = _build(_detectron2_cfg(args, device))
-        return _detectron2_style_inference(model, _inference_images(args, device, batch_of(args)))
-
     def plugin_factory(dtype):
-        def factory(args, device):
-            model = _build(_plugin_cfg(args, device, "MODEL.INFERENCE_DTYPE", dtype))
-            return _detectron2_style_inference(
-                model, _inference_images(args, device, batch_of(args))
-            )
-
-        return factory
-
-    def torchvision_factory(args, device):
-        from torchvision.models.detection import retinanet_resnet50_fpn
-
-        torch.manual_seed(0)
-        model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80)
-        model.to(device).eval()
-        images = [x.float() / 255 for x in _inference_images(args, device, batch_of(args))]
-
-        def infer():
-            with torch.no_grad():
-                return model(images)
-
-        return infer
+        return _plugin_inference_impl(batch_of, "MODEL.INFERENCE_DTYPE", dtype)
 
     impls = {
-        DETECTRON2: detectron2_factory,
-        TORCHVISION: torchvision_factory,
+        DETECTRON2: _detectron2_inference_impl(batch_of),
         PLUGIN: plugin_factory("float32"),
     }
     if bf16_inference_supported(device):
@@ -256,7 +302,7 @@ def head_outputs(args, device, batch: int):
 
 def _postprocess_impl(build_cfg, batch_of) -> Factory:
     def factory(args, device):
-        model = _build(build_cfg(args, device)).eval()
+        model = _build(build_cfg(args, device)).eval()  # synthetic head outputs: any weights
         images, features, predictions = head_outputs(args, device, batch_of(args))
 
         def postprocess():
@@ -359,6 +405,20 @@ def build_cases(device: torch.device) -> Dict[str, Case]:
         train_impls[PLUGIN + suffix] = _train_impl(_plugin_cfg, build_plugin_optimizer, amp)
     inference_impls = _inference_impls(lambda args: 1, device)
     throughput_impls = _inference_impls(lambda args: args.throughput_batch, device)
+    one_image = lambda args: 1  # noqa: E731
+    inference_variants = {DETECTRON2: _detectron2_inference_impl(one_image)}
+    for name, opts in INFERENCE_VARIANTS.items():
+        inference_variants[name] = _plugin_inference_impl(one_image, *opts)
+    training_variants = {}
+    for amp in (False, True) if cuda else (False,):
+        suffix = ", AMP" if amp else ""
+        training_variants[DETECTRON2 + suffix] = _train_impl(
+            _detectron2_cfg, build_detectron2_optimizer, amp
+        )
+        for name, opts in TRAINING_VARIANTS.items():
+            training_variants[name + suffix] = _train_impl(
+                _plugin_cfg, build_plugin_optimizer, amp, *opts
+            )
     return {
         "train_step": Case(
             "training step (forward, backward, SGD step), R50-FPN, batch {train_batch} at "
@@ -377,6 +437,22 @@ def build_cases(device: torch.device) -> Dict[str, Case]:
             throughput_impls,
             images_per_call=lambda args: args.throughput_batch,
             slow=True,
+        ),
+        "inference_contributions": Case(
+            "inference, R50-FPN, 1 image at {infer_height}x{infer_width}: each speed-up of "
+            "MODEL.INFERENCE_OPTIMIZATION alone and together",
+            DETECTRON2,
+            inference_variants,
+            slow=True,
+            memory=False,
+        ),
+        "train_contributions": Case(
+            "training step as train_step: with and without MODEL.TRAINING_OPTIMIZATION"
+            ".CHANNELS_LAST",
+            DETECTRON2,
+            training_variants,
+            slow=True,
+            memory=False,
         ),
         "focal_loss": Case(
             "focal loss forward + backward, {loss_images} x {loss_anchors} anchors x "

@@ -18,7 +18,8 @@ another fails:
    process): SIGTERM to torchrun at iteration 3 (it passes it on), the checkpoint of the
    iteration the processes agreed on, then the same command with ``--resume`` to the end.
 4. ``bench``: ``python -m benchmarks.run --devices cuda`` (every case; on CUDA the training
-   step is timed with and without AMP), which writes ``<gpu>.json`` and ``<gpu>.md``.
+   steps are timed with and without AMP, and ``inference_contributions`` times the compiled
+   backbone and head, its compile time included), which writes ``<gpu>.json`` and ``<gpu>.md``.
 
 This script then adds its ``gpu_check`` record (the steps) to ``<gpu>.json``.
 An offline GPU machine needs the packages of ``requirements.txt`` that it lacks and a detectron2

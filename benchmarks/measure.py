@@ -48,6 +48,21 @@ def interleaved_times(
     return times
 
 
+def stage_medians(
+    stagers: Dict[str, Callable[[], Dict[str, float]]], reps: int
+) -> Dict[str, Dict[str, float]]:
+    """Median of every value ``stager()`` returns (per-stage seconds, candidate counts) over
+    ``reps`` calls of each, the stagers taking turns as in :func:`interleaved_times`."""
+    values: Dict[str, Dict[str, List[float]]] = {name: {} for name in stagers}
+    for _ in range(reps):
+        for name, stager in stagers.items():
+            for key, value in stager().items():
+                values[name].setdefault(key, []).append(value)
+    return {
+        name: {key: median(v) for key, v in per_key.items()} for name, per_key in values.items()
+    }
+
+
 def median(values: List[float]) -> float:
     return statistics.median(values)
 

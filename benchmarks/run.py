@@ -8,6 +8,8 @@ Ratios are implementation / reference, so below 1 is faster or leaner than the r
     python -m benchmarks.run                      # every case on CPU (and CUDA if present)
     python -m benchmarks.run --cases focal_loss,postprocess --reps 9
     python -m benchmarks.run --quick              # tiny sizes: checks that everything runs
+    python -m benchmarks.run --cases train_step,inference_latency,inference_contributions,\
+        train_contributions                       # the speed-ups and what each contributes
 """
 
 import argparse
@@ -37,6 +39,11 @@ SIZES = {
     "loss_anchors": (100000, 2000, "anchors per image in the focal-loss case"),
     "num_classes": (80, 80, "classes of the focal-loss and post-processing cases"),
     "candidate_fraction": (1e-3, 1e-3, "fraction of post-processing scores above 0.05"),
+    "calibrated_fraction": (
+        2e-4,
+        2e-4,
+        "fraction of the calibrated R50-FPN's (anchor, class) scores above 0.05",
+    ),
     "eval_images": (2000, 50, "images of the COCO-evaluation case"),
     "reps": (5, 2, "timed repetitions per implementation (at most 3 for the slow cases)"),
     "warmup": (1, 1, "untimed calls per implementation first"),
@@ -85,7 +92,7 @@ def size_arguments(args: argparse.Namespace) -> List[str]:
 # ---------------------------------------------------------------------------- worker
 def run_worker(args: argparse.Namespace) -> None:
     from benchmarks.cases import build_cases
-    from benchmarks.measure import interleaved_times, peak_memory_mib
+    from benchmarks.measure import interleaved_times, peak_memory_mib, stage_medians
 
     device = torch.device(args.device)
     case = build_cases(device)[args.worker]
@@ -93,6 +100,10 @@ def run_worker(args: argparse.Namespace) -> None:
         fns = {name: factory(args, device) for name, factory in case.impls.items()}
         reps = min(args.reps, 3) if case.slow else args.reps
         result = {"times_s": interleaved_times(fns, device, args.warmup, reps)}
+        stagers = {name: fn.stages for name, fn in fns.items() if hasattr(fn, "stages")}
+        if stagers:
+            result["stages"] = stage_medians(stagers, reps)
+            result["setup_s"] = {name: fn.setup_s for name, fn in fns.items()}
     else:
         fn = case.impls[args.impl](args, device)
         result = {"peak_mib": peak_memory_mib(fn, device, calls=1 if case.slow else 2)}
@@ -122,7 +133,9 @@ def run_case(args, device: str, name: str, case) -> dict:
     else:
         for impl, times in timing["times_s"].items():
             results[impl].update(times_s=times, median_s=median(times))
-    for impl in case.impls:
+        for impl, stages in timing.get("stages", {}).items():
+            results[impl].update(stages=stages, first_call_s=timing["setup_s"][impl])
+    for impl in case.impls if case.memory else ():
         print(f"[{device}] {name}: peak memory of {impl}", flush=True)
         memory = _run_subprocess(
             args, "--worker", name, "--mode", "memory", "--impl", impl, "--device", device
@@ -180,6 +193,7 @@ def markdown_table(report: dict) -> str:
             lines.append(
                 f"| {name} | {impl} | {time_ratio} | {memory_ratio} | {time_text} | {memory_text} |"
             )
+    lines += stage_table(report) + contributions_table(report)
     lines.append("")
     lines.append(
         "Cases: "
@@ -187,6 +201,61 @@ def markdown_table(report: dict) -> str:
         + "."
     )
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("preprocess", "backbone", "head", "backbone + head", "post-processing")
+COUNTS = ("above_threshold", "after_topk", "detections")
+
+
+def stage_table(report: dict) -> List[str]:
+    """Per-stage median seconds and candidates per image of the cases that record them."""
+    lines = [
+        "",
+        "Per stage (median seconds; candidates per image: scores above the threshold, after the "
+        "per-level top-k; detections per image; first call: the untimed first inference, which "
+        "compiles where compile is on):",
+        "",
+        "| Case | Implementation | " + " | ".join(STAGES) + " | candidates | after top-k "
+        "| detections | first call |",
+        "|---|---|" + "---|" * (len(STAGES) + 4),
+    ]
+    rows = 0
+    for name, case in report["cases"].items():
+        for impl, r in case["results"].items():
+            if "stages" not in r:
+                continue
+            stages = r["stages"]
+            cells = [_fmt(stages.get(s), "{:.3f}") for s in STAGES]
+            cells += [_fmt(stages.get(c), "{:.0f}") for c in COUNTS]
+            cells.append(_fmt(r.get("first_call_s"), "{:.1f} s"))
+            lines.append(f"| {name} | {impl} | " + " | ".join(cells) + " |")
+            rows += 1
+    return lines if rows else []
+
+
+def contributions_table(report: dict) -> List[str]:
+    """What each speed-up contributes: its time ratio against detectron2 at inference and in
+    training (the inference_contributions and train_contributions cases)."""
+    cases = report["cases"]
+    inference = cases.get("inference_contributions", {}).get("results", {})
+    training = cases.get("train_contributions", {}).get("results", {})
+    changes = [name for name in list(inference) + list(training) if name != "detectron2 RetinaNet"]
+    if not changes:
+        return []
+    lines = [
+        "",
+        "Contributions (time / detectron2's RetinaNet's, same weights and inputs, same run):",
+        "",
+        "| Change | Inference ratio | Training ratio |",
+        "|---|---|---|",
+    ]
+    for name in dict.fromkeys(changes):
+        cells = [
+            _fmt(results.get(name, {}).get("time_ratio"), "{:.2f}x")
+            for results in (inference, training)
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def _fmt(value: Optional[float], pattern: str) -> str:

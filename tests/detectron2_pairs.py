@@ -67,3 +67,24 @@ def make_batch(num_classes, with_empty_image=False):
         image = torch.randint(0, 256, (3, h, w), generator=generator).float()
         batch.append({"image": image, "instances": instances, "height": h, "width": w})
     return batch
+
+
+def assert_detections_match(ours, theirs, score_atol: float, box_atol: float):
+    """Per image, the same number of detections, and each of ours has a twin among theirs and
+    each of theirs among ours: same class, score within ``score_atol``, box coordinates within
+    ``box_atol`` pixels. Matching instead of comparing in score order: where two scores are
+    closer than the rounding differences, their order may differ."""
+    for a, b in zip(ours, theirs):
+        a, b = a["instances"], b["instances"]
+        assert len(a) > 0 and len(a) == len(b)
+        same = (
+            (a.pred_classes[:, None] == b.pred_classes[None, :])
+            & ((a.scores[:, None] - b.scores[None, :]).abs() <= score_atol)
+            & (
+                (a.pred_boxes.tensor[:, None, :] - b.pred_boxes.tensor[None, :, :])
+                .abs()
+                .amax(dim=2)
+                <= box_atol
+            )
+        )
+        assert same.any(dim=1).all() and same.any(dim=0).all()

@@ -1,6 +1,7 @@
 """The benchmark suite runs, compares like with like, and writes its report (no timing here)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -55,6 +56,70 @@ def test_postprocess_case_gives_detectron2_detections():
     for a, b in zip(ours, theirs):
         assert torch.equal(a.pred_classes, b.pred_classes)
         assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+def test_inference_case_models_share_calibrated_weights_and_detections():
+    """detectron2's model and the plugin's (speed-ups on) in the inference case get the same
+    calibrated weights: about --calibrated-fraction of the (anchor, class) scores pass the 0.05
+    threshold, counted here from the anchors of the image size, and the detections agree."""
+    args = _quick_args()
+    case = bench_cases.build_cases(CPU)["inference_latency"]
+    fns = {
+        name: case.impls[name](args, CPU) for name in (bench_cases.DETECTRON2, bench_cases.PLUGIN)
+    }
+    theirs, ours = fns[bench_cases.DETECTRON2](), fns[bench_cases.PLUGIN]()
+    locations = sum(
+        math.ceil(args.infer_height / s) * math.ceil(args.infer_width / s)
+        for s in bench_cases.STRIDES
+    )
+    expected = locations * 9 * 80 * args.calibrated_fraction
+    counts = {name: fn.stages() for name, fn in fns.items()}
+    assert counts[bench_cases.DETECTRON2]["above_threshold"] == pytest.approx(expected, rel=0.1)
+    assert counts[bench_cases.PLUGIN]["above_threshold"] == pytest.approx(expected, rel=0.1)
+    (a,), (b,) = ours, theirs
+    a, b = a["instances"], b["instances"]
+    assert len(a) == len(b) > 10
+    # The tolerances of tests/test_inference_optimization.py.
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=5e-3, rtol=0)
+
+
+def test_contributions_and_stage_tables():
+    def result(ratio, **extra):
+        return {"median_s": ratio, "time_ratio": ratio, **extra}
+
+    stages = {"preprocess": 0.1, "backbone": 1.5, "head": 0.5, "post-processing": 0.25}
+    stages.update(above_threshold=2900.4, after_topk=2100.0, detections=100.0)
+    report = {
+        "device": "cpu-test",
+        "date": "2026-01-01",
+        "versions": {"torch": "t", "detectron2": "d", "torch_threads": 2},
+        "cases": {
+            "inference_contributions": {
+                "description": "d",
+                "reference": "detectron2 RetinaNet",
+                "images_per_call": 1,
+                "results": {
+                    "detectron2 RetinaNet": result(1.0),
+                    "plugin + compile": result(0.7, stages=stages, first_call_s=120.04),
+                },
+            },
+            "train_contributions": {
+                "description": "d",
+                "reference": "detectron2 RetinaNet",
+                "images_per_call": 1,
+                "results": {
+                    "detectron2 RetinaNet": result(1.0),
+                    "plugin + channels-last": result(0.9),
+                },
+            },
+        },
+    }
+    table = markdown_table(report)
+    assert "| plugin + compile | 0.70x | n/a |" in table
+    assert "| plugin + channels-last | n/a | 0.90x |" in table
+    row = "| inference_contributions | plugin + compile | 0.100 | 1.500 | 0.500 | n/a | 0.250 "
+    assert row + "| 2900 | 2100 | 100 | 120.0 s |" in table
 
 
 def test_coco_eval_case_backends_agree():

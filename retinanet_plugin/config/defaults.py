@@ -56,9 +56,29 @@ def add_retinanet_config(cfg: CN) -> None:
     _C.MODEL.ANCHOR_GENERATOR.SCALES_PER_OCTAVE = 3
 
     # Precision of the backbone and head at inference: "float32", or "bfloat16" (autocast on CPUs
-    # with bf16 support, e.g. avx512_bf16 / AMX, and on GPUs). Box decoding, scores and NMS stay
-    # in float32. Training is unaffected (see SOLVER.AMP for mixed-precision training on GPU).
+    # with bf16 support, e.g. avx512_bf16 / AMX, and on GPUs), or "auto": bfloat16 where
+    # MODEL.DEVICE computes it natively (those CPUs, GPUs), else float32. Box decoding, scores and
+    # NMS stay in float32. Training is unaffected (see SOLVER.AMP for mixed-precision training).
     _C.MODEL.INFERENCE_DTYPE = "float32"
+    # Speed-ups of backbone and head at inference (retinanet_plugin.modeling
+    # .inference_optimization); the detections equal the plain float32 model's up to float
+    # rounding. state_dict, checkpoints and training are unaffected; skipped while the model is
+    # scripted, traced (export) or compiled as a whole.
+    _C.MODEL.INFERENCE_OPTIMIZATION = CN()
+    # Fold each FrozenBatchNorm2d into the convolution before it (in a copy of the backbone that
+    # shares all other weights, rebuilt when a weight changes).
+    _C.MODEL.INFERENCE_OPTIMIZATION.FOLD_FROZEN_BN = True
+    # Run backbone and head on channels-last tensors (the layout oneDNN and cuDNN prefer).
+    _C.MODEL.INFERENCE_OPTIMIZATION.CHANNELS_LAST = True
+    # torch.compile backbone and head (inductor; CPU: with weight freezing), with dynamic shapes:
+    # images of new sizes reuse the compiled graphs instead of compiling per size. The first call
+    # compiles (minutes on a few CPU cores), and so does the first call after a weight changes.
+    _C.MODEL.INFERENCE_OPTIMIZATION.COMPILE = False
+    # Speed-ups of training; losses and gradients equal the plain model's up to float rounding.
+    _C.MODEL.TRAINING_OPTIMIZATION = CN()
+    # Run backbone and head on channels-last tensors in training (the images are converted; the
+    # weights and checkpoints keep their layout).
+    _C.MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST = False
 
     # Optimizer: "SGD" (detectron2's, with SOLVER.MOMENTUM) or "AdamW" (SOLVER.ADAMW_BETAS,
     # no weight decay on norm and bias parameters). BASE_LR and WEIGHT_DECAY apply to both.

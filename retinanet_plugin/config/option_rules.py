@@ -33,7 +33,7 @@ CLS_LOSS_TYPES = ("focal", "focal_star", "ohem")
 # Those of detectron2's _dense_box_regression_loss ("smooth_l1" with beta 0 is the L1 loss).
 BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
 LOSS_NORMALIZERS = ("ema", "batch")
-INFERENCE_DTYPE_NAMES = ("float32", "bfloat16")
+INFERENCE_DTYPE_NAMES = ("float32", "bfloat16", "auto")
 # OHEM_POSITIVE_FRACTION meaning "no ratio": the hardest examples whatever their class.
 OHEM_NO_RATIO = -1.0
 

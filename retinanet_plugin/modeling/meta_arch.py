@@ -3,7 +3,8 @@
 :class:`FocalLossRetinaNet` is detectron2's ``RetinaNet`` (anchor labeling, training forward,
 pre-processing, visualization) with the plugin's registered head and anchor generator, and only
 these parts of its own: the classification loss (a fused focal loss, the appendix's FL*, or
-OHEM, Table 1d), the choice of loss normalizer, bfloat16 inference, and a batched inference
+OHEM, Table 1d), the choice of loss normalizer, bfloat16 inference, a faster backbone and head at
+inference (:mod:`retinanet_plugin.modeling.inference_optimization`), and a batched inference
 post-processing that gives detectron2's detections faster. As detectron2's, the model scripts
 (``detectron2.export.scripting_with_instances``) and traces (``TracingAdapter``, also for ONNX)
 for inference; it then post-processes with a version whose candidate counts stay
@@ -24,6 +25,7 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
@@ -33,6 +35,7 @@ from ..config.rules import OptionError, check_options
 from ..config.trainer_keys import trainer_only_settings
 from ..errors import UserError
 from .head import build_retinanet_head
+from .inference_optimization import INFERENCE_DTYPES, InferenceRunner, resolve_inference_dtype
 from .losses.focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .losses.ohem import ohem_cross_entropy
 from .postprocessing import batched_detections, image_detections
@@ -40,9 +43,6 @@ from .postprocessing import batched_detections, image_detections
 __all__ = ["FocalLossRetinaNet"]
 
 logger = logging.getLogger(__name__)
-
-
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @META_ARCH_REGISTRY.register()
@@ -78,6 +78,10 @@ class FocalLossRetinaNet(RetinaNet):
         loss_normalizer_init: float = 100.0,
         inference_dtype: str = "float32",
         trainer_only_settings: Sequence[str] = (),
+        fold_frozen_bn: bool = True,
+        channels_last: bool = True,
+        compile_backbone_and_head: bool = False,
+        training_channels_last: bool = False,
         **retinanet_options,
     ):
         """
@@ -92,7 +96,11 @@ class FocalLossRetinaNet(RetinaNet):
                 detectron2) or "batch" (this batch's count, as the paper).
             loss_normalizer_momentum, loss_normalizer_init: of the "ema" normalizer.
             inference_dtype: "float32", or "bfloat16" to run backbone and head under bfloat16
-                autocast at inference (box decoding, scores and NMS stay float32).
+                autocast at inference (box decoding, scores and NMS stay float32), or "auto":
+                bfloat16 where the model's device computes it natively, else float32.
+            fold_frozen_bn, channels_last, compile_backbone_and_head: the inference speed-ups
+                of :class:`~retinanet_plugin.modeling.inference_optimization.InferenceRunner`.
+            training_channels_last: run backbone and head on channels-last tensors in training.
             trainer_only_settings: "KEY = value" of the config's keys that only the plugin's
                 Trainer honours (``config.trainer_keys``), warned about at the first training
                 step unless the plugin's Trainer, which clears them, trains the model.
@@ -123,10 +131,17 @@ class FocalLossRetinaNet(RetinaNet):
         self.loss_normalizer_type = loss_normalizer
         self.loss_normalizer_momentum = loss_normalizer_momentum
         self.loss_normalizer_init = loss_normalizer_init
-        self.inference_dtype = INFERENCE_DTYPES[inference_dtype]
+        self.inference_dtype = INFERENCE_DTYPES[resolve_inference_dtype(inference_dtype, "cpu")]
         self.trainer_only_settings = list(trainer_only_settings)
+        self.inference_runner = InferenceRunner(
+            fold_frozen_bn, channels_last, compile_backbone_and_head
+        )
+        self.training_channels_last = training_channels_last
+        # Hooks, not an override of preprocess_image, so that the model stays scriptable.
         if self.inference_dtype != torch.float32:
             self.backbone.register_forward_pre_hook(_channels_last_at_inference)
+        if training_channels_last:
+            self.backbone.register_forward_pre_hook(_channels_last_in_training)
 
     @classmethod
     def from_config(cls, cfg):
@@ -169,7 +184,11 @@ class FocalLossRetinaNet(RetinaNet):
             "test_topk_candidates": retinanet.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": retinanet.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "inference_dtype": cfg.MODEL.INFERENCE_DTYPE,
+            "inference_dtype": resolve_inference_dtype(cfg.MODEL.INFERENCE_DTYPE, cfg.MODEL.DEVICE),
+            "fold_frozen_bn": cfg.MODEL.INFERENCE_OPTIMIZATION.FOLD_FROZEN_BN,
+            "channels_last": cfg.MODEL.INFERENCE_OPTIMIZATION.CHANNELS_LAST,
+            "compile_backbone_and_head": cfg.MODEL.INFERENCE_OPTIMIZATION.COMPILE,
+            "training_channels_last": cfg.MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "vis_period": cfg.VIS_PERIOD,
@@ -187,8 +206,9 @@ class FocalLossRetinaNet(RetinaNet):
         self.trainer_only_settings = []  # once
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        """detectron2's ``RetinaNet.forward``; at inference with ``inference_dtype`` bfloat16,
-        backbone and head run under autocast.
+        """detectron2's ``RetinaNet.forward``; at inference, backbone and head run through the
+        :attr:`inference_runner` (when it is enabled), and with ``inference_dtype`` bfloat16
+        under autocast.
 
         As detectron2's, it compiles with ``torch.jit.script`` for inference (after detectron2's
         ``scripting_with_instances``); the scripted model returns the ``Instances`` at the
@@ -203,10 +223,40 @@ class FocalLossRetinaNet(RetinaNet):
             _check_image_layout(i, item["image"], channels)
         if self.training and self.trainer_only_settings:
             self._warn_trainer_only_settings()
+        optimized = not self.training and self.inference_runner.enabled
+        if optimized and self.inference_runner.applies():
+            forward = self._optimized_inference
+        else:
+            forward = super().forward
         if self.training or self.inference_dtype == torch.float32:
-            return super().forward(batched_inputs)
+            return forward(batched_inputs)
         with torch.autocast(device_type=self.device.type, dtype=self.inference_dtype):
-            return super().forward(batched_inputs)
+            return forward(batched_inputs)
+
+    @torch.jit.unused
+    def _optimized_inference(self, batched_inputs: List[Dict[str, Tensor]]) -> List[dict]:
+        """detectron2's inference forward with backbone and head run by the inference runner."""
+        images = self.preprocess_image(batched_inputs)
+        features, predictions = self.inference_runner(
+            self.backbone, self.head, self.head_in_features, images.tensor
+        )
+        results = self.forward_inference(images, features, predictions)
+        processed_results = []
+        for results_per_image, inputs, image_size in zip(
+            results, batched_inputs, images.image_sizes
+        ):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            processed_results.append(
+                {"instances": detector_postprocess(results_per_image, height, width)}
+            )
+        return processed_results
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; entering training drops the inference runner's copies."""
+        if mode:
+            self.inference_runner.clear()
+        return super().train(mode)
 
     # ---------------------------------------------------------------- training
     def losses(
@@ -403,6 +453,18 @@ class FocalLossRetinaNet(RetinaNet):
             result.pred_classes = classes
             results.append(result)
         return results
+
+
+def _channels_last_in_training(backbone: nn.Module, inputs: Tuple[Tensor]) -> Tuple[Tensor]:
+    """Backbone pre-hook of ``training_channels_last``: backbone and head train on channels-last
+    tensors (convolutions keep the layout of their input).
+
+    Args:
+        inputs: the backbone's (N, C, H, W) input.
+    """
+    if not backbone.training:
+        return inputs
+    return (inputs[0].contiguous(memory_format=torch.channels_last),)
 
 
 def _channels_last_at_inference(backbone: nn.Module, inputs: Tuple[Tensor]) -> Tuple[Tensor]:
