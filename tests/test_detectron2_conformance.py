@@ -62,14 +62,20 @@ def _detections(model, *images):
         return [out["instances"] for out in model([{"image": image} for image in images])]
 
 
-def _assert_same_detections(actual: Instances, expected: Instances, atol=1e-4, some=True):
-    """Equal detections; with ``some``, at least one (so that the comparison compares)."""
+def _assert_same_detections(
+    actual: Instances, expected: Instances, atol=1e-4, some=True, box_atol=None
+):
+    """Equal detections (scores within ``atol``, boxes within ``box_atol`` pixels, by default
+    ``atol``); with ``some``, at least one (so that the comparison compares)."""
     assert actual.image_size == expected.image_size
     assert len(actual) == len(expected) >= int(some)
     assert torch.equal(actual.pred_classes, expected.pred_classes)
     torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=atol)
     torch.testing.assert_close(
-        actual.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=0, atol=atol
+        actual.pred_boxes.tensor,
+        expected.pred_boxes.tensor,
+        rtol=0,
+        atol=atol if box_atol is None else box_atol,
     )
 
 
@@ -99,7 +105,9 @@ def test_scripted_model_gives_eager_detections(pair):
     for image, ours_scripted, ours, d2 in zip(images, scripted_out, eager, theirs):
         resized = detector_postprocess(convert_scripted_instances(ours_scripted), *image.shape[1:])
         _assert_same_detections(resized, ours)
-        _assert_same_detections(ours, d2, atol=0)
+        # Eager inference folds FrozenBN and runs channels-last (on by default), which changes
+        # the rounding: the tolerances of tests/test_inference_optimization.py.
+        _assert_same_detections(ours, d2, atol=1e-4, box_atol=5e-3)
 
 
 def _trace(model, sample_images):
@@ -210,7 +218,7 @@ def test_empty_data():
             sum(loss.values()).backward()
         losses.append(loss)
     for ours, theirs in zip(*detections):
-        _assert_same_detections(ours, theirs, atol=0, some=False)
+        _assert_same_detections(ours, theirs, atol=1e-4, some=False, box_atol=5e-3)
     ours, theirs = losses
     assert ours.keys() == theirs.keys()
     assert ours["loss_box_reg"] == theirs["loss_box_reg"] == 0
@@ -243,14 +251,16 @@ def _record_dtypes(module, seen):
     ],
 )
 def test_autocast_dtypes_are_detectron2s(pair, device, dtype):
-    """Under a caller's autocast, backbone and head compute in the autocast dtype, boxes are
-    float32 and scores have the autocast dtype: what detectron2's RetinaNet returns."""
+    """Under a caller's autocast, backbone and head compute in the autocast dtype (the head's
+    inputs are the backbone's outputs; the plugin's backbone at inference is a folded copy, which
+    a hook on ``model.backbone`` would not see), boxes are float32 and scores have the autocast
+    dtype: what detectron2's RetinaNet returns."""
     image = _image(64, 64, 0).to(device)
     results = {}
     for model in pair:
         model.to(device)
         seen = []
-        hooks = [_record_dtypes(m, seen) for m in (model.backbone, model.head)]
+        hooks = [_record_dtypes(model.head, seen)]
         try:
             with torch.autocast(device, dtype=dtype):
                 (out,) = _detections(model, image)
@@ -258,7 +268,7 @@ def test_autocast_dtypes_are_detectron2s(pair, device, dtype):
             for hook in hooks:
                 hook.remove()
             model.to("cpu")
-        assert seen == [({torch.float32}, {dtype}), ({dtype}, {dtype})]
+        assert seen == [({dtype}, {dtype})]
         assert len(out) > 0
         results[type(model).__name__] = (out.pred_boxes.tensor.dtype, out.scores.dtype)
     assert results["FocalLossRetinaNet"] == results["RetinaNet"] == (torch.float32, dtype)
