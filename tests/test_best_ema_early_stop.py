@@ -188,3 +188,18 @@ def test_weights_files_load_in_detectron2_and_evaluate_alone(straight, shapes_da
     results = [line for line in log.splitlines() if "copypaste: " in line]
     ap = float(results[-1].split("copypaste: ")[1].split(",")[0])
     assert ap == pytest.approx(_evaluations(straight)[-1]["ema/bbox/AP"], abs=1e-4)
+
+
+def test_predict_from_the_final_weights_alone(straight, shapes_dataset, tmp_path):
+    """predict with model_final_weights.pth alone gives the detections of predict with the
+    run's config and model_final.pth (the same weights in the resumable checkpoint)."""
+    images = ["--input", shapes_dataset["val"][1], "--score-threshold", "0"]
+    full = ["--config-file", str(straight / "config.yaml")]
+    full += ["MODEL.WEIGHTS", str(straight / "model_final.pth")]
+    alone = ["MODEL.WEIGHTS", str(straight / "model_final_weights.pth")]
+    for name, args in (("full", full), ("alone", alone)):
+        run("-m", "retinanet_plugin.predict", *images, "--output", str(tmp_path / name), *args)
+    expected, got = (
+        json.loads((tmp_path / n / "coco_results.json").read_text()) for n in ("full", "alone")
+    )
+    assert expected and got == expected

@@ -78,6 +78,7 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self._ema = self._best_model = None  # MODEL_EMA's and model_best's hooks, if built
         self.register_hooks(self.build_hooks())
         if comm.is_main_process():
             # Room for a checkpoint (weights plus optimizer state: ~2x the weights with SGD,
