@@ -92,7 +92,9 @@ class BestModelHook(HookBase):
         storage = self.trainer.storage
         found = storage.latest().get(self.metric)
         if found is not None and found[1] == storage.iter:
-            return float(found[0]), found[1]
+            # The iteration of the weights, as checkpoints count it (metrics.json records the
+            # evaluation after the last iteration at MAX_ITER, one more).
+            return float(found[0]), min(found[1], self.trainer.max_iter - 1)
         reported = sorted(
             k for k, (_, it) in storage.latest().items() if it == storage.iter and "AP" in k
         )
