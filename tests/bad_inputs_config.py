@@ -166,6 +166,8 @@ _VALUES = [
     ("SOLVER.MAX_ITER", "0", ">= 1"),
     ("TEST.EVAL_PERIOD", "-1", ">= 0"),
     ("TEST.DETECTIONS_PER_IMAGE", "0", ">= 1"),
+    ("TEST.EARLY_STOPPING_PATIENCE", "-1", ">= 0"),
+    ("MODEL_EMA.DECAY", "1.0", "[0, 1)"),
     ("INPUT.MAX_SIZE_TRAIN", "200", "largest INPUT.MIN_SIZE_TRAIN (224)"),
     ("INPUT.MAX_SIZE_TEST", "100", "largest INPUT.MIN_SIZE_TEST (192)"),
     ("DATALOADER.REPEAT_THRESHOLD", "-1.0", ">= 0"),
@@ -227,6 +229,24 @@ CASES.update(
             ),
             ["short.yaml", "SOLVER.WARMUP_ITERS = 100", "SOLVER.MAX_ITER = 50"],
             keep=_config_file("short.yaml"),
+        ),
+        "config-best-metric-unknown": Case(
+            "train_net.py",
+            "`TEST.BEST_METRIC bbox/mAP` (no such metric)",
+            lambda e: e.train("TEST.BEST_METRIC", "bbox/mAP"),
+            ["TEST.BEST_METRIC = 'bbox/mAP'", "'bbox/<metric>'", "AP50", "AP-<class name>"],
+        ),
+        "config-best-metric-ema-off": Case(
+            "train_net.py",
+            "`TEST.BEST_METRIC ema/bbox/AP` without `MODEL_EMA.ENABLED`",
+            lambda e: e.train("TEST.BEST_METRIC", "ema/bbox/AP"),
+            ["TEST.BEST_METRIC = 'ema/bbox/AP'", "MODEL_EMA.ENABLED True"],
+        ),
+        "config-early-stopping-without-evaluations": Case(
+            "train_net.py",
+            "`TEST.EARLY_STOPPING_PATIENCE 3` with `TEST.EVAL_PERIOD 0`",
+            lambda e: e.train("TEST.EARLY_STOPPING_PATIENCE", "3"),
+            ["TEST.EARLY_STOPPING_PATIENCE = 3", "TEST.EVAL_PERIOD > 0"],
         ),
         "config-amp-on-cpu": Case(
             "train_net.py",

@@ -426,17 +426,48 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _CheckedLoading):
             data[METADATA_KEY] = self.metadata
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        self._write(save_file, data, pointer=basename)
+        self.run_checkpoints.append(save_file)
+
+    def save_weights(self, name: str, model: torch.nn.Module, **kwargs) -> None:
+        """Writes ``<save_dir>/<name>.pth`` with only ``model``'s weights (its ``state_dict`` as
+        ``"model"``), ``self.metadata`` and ``kwargs``: a file to share, predict, evaluate or
+        export with, or start another training from (MODEL.WEIGHTS), not to resume (no optimizer
+        or training state; ``last_checkpoint`` is left as it is). Written atomically as
+        :meth:`save` writes.
+
+        Args:
+            name: the file's name without ``.pth``.
+            model: the module whose weights to write (e.g. the EMA of the trained model's).
+            kwargs: more entries (numbers, strings, lists, dicts: the file stays loadable with
+                ``torch.load(weights_only=True)``).
+        """
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        data = {"model": model.state_dict(), **kwargs}
+        if self.metadata is not None:
+            data[METADATA_KEY] = self.metadata
+        save_file = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info(f"Saving weights to {save_file}")
+        self._write(save_file, data)
+
+    def _write(self, save_file: str, data: dict, pointer: str = "") -> None:
+        """``torch.save(data)`` to ``save_file`` atomically, then ``last_checkpoint`` set to
+        ``pointer`` if given; errors as :meth:`save` says."""
         previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
         kept = (
             f"The previous checkpoint {previous} is intact; --resume starts from it."
             if previous
             else "There is no earlier checkpoint in this directory."
         )
-        self.logger.info(f"Saving checkpoint to {save_file}")
         try:
             with atomic_write(save_file) as f:
                 torch.save(data, f)
-            self.tag_last_checkpoint(basename)
+            if pointer:
+                self.tag_last_checkpoint(pointer)
         except KeyboardInterrupt:
             self.logger.warning(f"Interrupted while writing {save_file}, which was removed. {kept}")
             raise
@@ -453,7 +484,6 @@ class RetinaNetCheckpointer(DetectionCheckpointer, _CheckedLoading):
             raise CheckpointWriteError(
                 f"Could not write checkpoint {save_file} ({reason}). {kept}"
             ) from e
-        self.run_checkpoints.append(save_file)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:

@@ -130,6 +130,24 @@ def add_retinanet_config(cfg: CN) -> None:
     if "REPEAT_SQRT" not in _C.DATALOADER:
         _C.DATALOADER.REPEAT_SQRT = True
 
+    # An exponential moving average (EMA) of the weights, updated after every training step:
+    # ema = DECAY * ema + (1 - DECAY) * weights (floating-point parameters and buffers). Each
+    # evaluation then also evaluates the EMA (metrics "ema/bbox/AP", ...), checkpoints hold it
+    # for --resume, and model_final_ema.pth holds its final weights. It starts from the weights
+    # at the first iteration, whose share after n iterations is DECAY^n: choose DECAY with
+    # DECAY^SOLVER.MAX_ITER small (0.999: 5e-5 after 10k iterations; 0.99 for ~1000 iterations).
+    if "MODEL_EMA" not in _C:  # the section of d2go's EMA, which detectron2 lacks
+        _C.MODEL_EMA = CN({"ENABLED": False, "DECAY": 0.999})
+    # The evaluation metric (its name in metrics.json) that picks model_best.pth: after every
+    # evaluation of TEST.EVAL_PERIOD > 0, the weights evaluated are written there if the metric
+    # is the highest so far. "bbox/AP" with one test dataset, "<dataset>/bbox/AP" with several,
+    # "ema/bbox/AP" for the EMA's weights, or another COCO metric (AP50, APs, "AP-<class>").
+    # "" = no model_best.pth.
+    _C.TEST.BEST_METRIC = "bbox/AP"
+    # Early stopping: training ends after this many evaluations in a row without a new best
+    # TEST.BEST_METRIC (writing model_final.pth and the final weights then). 0 = off.
+    _C.TEST.EARLY_STOPPING_PATIENCE = 0
+
     # Training augmentations beyond detectron2's resize and flip (retinanet_plugin.data
     # .augmentations and .mixing), all off by default (the paper's setting). Each section has
     # ENABLED and PROB: the probability of applying it to an image.

@@ -15,7 +15,7 @@ mixed precision).
 import functools
 import logging
 import os
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -127,6 +127,9 @@ KEY_RULES: Dict[str, Rule] = {
     _SOLVER + "CLIP_GRADIENTS.NORM_TYPE": above(0),
     "TEST.EVAL_PERIOD": at_least(0),  # 0: evaluate only after training
     "TEST.DETECTIONS_PER_IMAGE": at_least(1),
+    "TEST.EARLY_STOPPING_PATIENCE": at_least(0),  # 0: off
+    # 0: the EMA follows the weights; 1 would never move from the first iteration's.
+    "MODEL_EMA.DECAY": in_interval(0, 1, high_open=True),
     "DATALOADER.NUM_WORKERS": at_least(0),  # 0: load in the training process
     "DATALOADER.REPEAT_THRESHOLD": at_least(0),
     _INPUT + "FORMAT": one_of(tuple(INPUT_FORMATS)),
@@ -436,6 +439,52 @@ def validate_config(cfg: CfgNode, source: str) -> None:
     _raise(source, errors or list(_feature_errors(cfg)))
 
 
+# The COCO box metrics detectron2's COCOEvaluator reports, beside "AP-<class name>".
+_COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _model_selection_errors(cfg: CfgNode) -> List[str]:
+    """TEST.BEST_METRIC names a metric the training's evaluations report, and early stopping
+    has evaluations to count."""
+    metric, test_sets = cfg.TEST.BEST_METRIC, list(cfg.DATASETS.TEST)
+    errors = []
+    if cfg.TEST.EARLY_STOPPING_PATIENCE and not (cfg.TEST.EVAL_PERIOD and metric and test_sets):
+        errors.append(
+            f"TEST.EARLY_STOPPING_PATIENCE = {cfg.TEST.EARLY_STOPPING_PATIENCE}: early stopping "
+            "counts evaluations without a new best TEST.BEST_METRIC; it needs TEST.EVAL_PERIOD "
+            "> 0, a TEST.BEST_METRIC and DATASETS.TEST (or set it to 0)"
+        )
+    if not metric:
+        return errors
+    parts = metric.split("/")
+    ema = parts[0] == "ema"
+    if ema:
+        parts = parts[1:]
+    dataset_ok = len(test_sets) < 2 or (len(parts) == 3 and parts[0] in test_sets)
+    if len(test_sets) > 1:
+        parts = parts[1:]
+    if ema and not cfg.MODEL_EMA.ENABLED:
+        errors.append(
+            f"TEST.BEST_METRIC = {metric!r}: the EMA's metrics need MODEL_EMA.ENABLED True "
+            "(or name the model's metric, without 'ema/')"
+        )
+    elif not (
+        dataset_ok
+        and len(parts) == 2
+        and parts[0] == "bbox"
+        and (parts[1] in _COCO_METRICS or parts[1].startswith("AP-"))
+    ):
+        prefix = "<dataset>/" if len(test_sets) > 1 else ""
+        errors.append(
+            f"TEST.BEST_METRIC = {metric!r}: must be a box metric as metrics.json names it, "
+            f"'{prefix}bbox/<metric>' ('ema/{prefix}bbox/<metric>' for the EMA's), <metric> one "
+            f"of {', '.join(_COCO_METRICS)} or AP-<class name>"
+            + (f", <dataset> one of {test_sets}" if prefix else "")
+            + "; or '' for no model_best.pth"
+        )
+    return errors
+
+
 def validate_training(cfg: CfgNode, source: str, shortened_run: bool = False) -> None:
     """Checks what matters only when training starts from ``cfg`` (a valid config): a saved
     config of a short run can still be evaluated or exported.
@@ -463,6 +512,7 @@ def validate_training(cfg: CfgNode, source: str, shortened_run: bool = False) ->
             errors.append(f"{what}; set SOLVER.WARMUP_ITERS <= {solver_cfg.MAX_ITER}")
         else:
             logger.warning("%s: %s", source, what)
+    errors += _model_selection_errors(cfg)
     # detectron2's AMPTrainer (0.6 and main) autocasts and scales gradients on CUDA only.
     if solver_cfg.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
         errors.append(

@@ -23,6 +23,8 @@ from ..data import build_test_loader, build_train_loader
 from ..data.resumable import ResumableTrainLoader
 from ..errors import UserError
 from ..evaluation.coco_evaluation import build_coco_evaluator
+from .best_model import BestModelHook, EarlyStop
+from .ema import EMA_PREFIX, EMAHook
 from .preemption import StopOnSignal
 from .resume import GatherTrainingState, checkpoint_training_state, load_training_state
 from .run_checks import checkpoint_bytes
@@ -77,11 +79,15 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self._ema = self._best_model = None  # MODEL_EMA's and model_best's hooks, if built
         self.register_hooks(self.build_hooks())
         if comm.is_main_process():
             # Room for a checkpoint (weights plus optimizer state: ~2x the weights with SGD,
             # ~3x with AdamW), checked now rather than at the first checkpoint of the run.
             needed = checkpoint_bytes(self.model, self.optimizer)
+            if self._ema is not None:  # every checkpoint holds the EMA's weights too
+                weights = self._ema.ema.model.state_dict().values()
+                needed += sum(t.numel() * t.element_size() for t in weights)
             check_output_dir(cfg.OUTPUT_DIR, min_free_bytes=needed)
 
     def state_dict(self):
@@ -116,6 +122,54 @@ class Trainer(DefaultTrainer):
             # no step is left to run, so the periodic checkpointer would never write it.
             logger.info("All %d iterations were done; writing the missing %s", self.max_iter, final)
             self.checkpointer.save("model_final", iteration=self.iter)
+
+    def train(self):
+        """detectron2's training, ended early by early stopping (TEST.EARLY_STOPPING_PATIENCE),
+        then the weights-only files: ``model_final_weights.pth`` (and ``model_final_ema.pth``
+        with MODEL_EMA), the run's metadata beside the weights, no optimizer state."""
+        self._last_step = self.start_iter - 1
+        results = None
+        if self._best_model is not None and self._best_model.patience_exhausted:
+            logger.info(
+                "Early stopping ended this run at iteration %d; nothing to continue (raise "
+                "TEST.EARLY_STOPPING_PATIENCE, or set it to 0, to train on)",
+                self._last_step,
+            )
+        else:
+            try:
+                results = super().train()
+            except EarlyStop:
+                results = self._last_eval_results
+        if comm.is_main_process():
+            info = {"iteration": self._last_step}
+            self.checkpointer.save_weights("model_final_weights", self.model, weights_info=info)
+            if self._ema is not None:
+                ema = {**info, "ema_decay": self._ema.ema.decay}
+                self.checkpointer.save_weights(
+                    "model_final_ema", self._ema.ema.model, weights_info=ema
+                )
+        return results
+
+    def after_step(self):
+        super().after_step()
+        self._last_step = self.iter
+        if self._best_model is not None and self._best_model.patience_exhausted:
+            best = self._best_model
+            logger.info(
+                "Early stopping at iteration %d: %d evaluations without a new best %s (best %.4g "
+                "at iteration %d, in model_best.pth)",
+                self.iter,
+                best.evaluations_since_best,
+                best.metric,
+                best.best_value,
+                best.best_iteration,
+            )
+            if comm.is_main_process():
+                self.checkpointer.save("model_final", iteration=self.iter)
+            # One past the last iteration run, as detectron2's loop leaves the counter when it
+            # completes: its metric printer's last write in after_train counts on it.
+            self.iter += 1
+            raise EarlyStop()
 
     def run_step(self):
         try:
@@ -180,10 +234,17 @@ class Trainer(DefaultTrainer):
         for hook in trainer_hooks:
             if isinstance(hook, hooks.PeriodicWriter):
                 set_writer_period(hook, period)
-        # Every rank gathers its training state before the main process's PeriodicCheckpointer
-        # (which follows the LR scheduler's hook; the other ranks have none) writes it.
-        after = next(i for i, h in enumerate(trainer_hooks) if isinstance(h, hooks.LRScheduler))
-        trainer_hooks.insert(after + 1, self._gather_training_state)
+        # detectron2 evaluates after the checkpoint of the same iteration. Here the EMA update,
+        # the evaluation, the best-weights choice and every rank's training state (RNGs the
+        # evaluation drew from included) come before the main process's PeriodicCheckpointer
+        # (the other ranks have none), so that a checkpoint holds all its iteration did and
+        # --resume from it continues exactly.
+        trainer_hooks = [h for h in trainer_hooks if not isinstance(h, hooks.EvalHook)]
+        writers = (hooks.PeriodicCheckpointer, hooks.PeriodicWriter)
+        at = next(
+            (i for i, h in enumerate(trainer_hooks) if isinstance(h, writers)), len(trainer_hooks)
+        )
+        trainer_hooks[at:at] = [*self._evaluation_hooks(), self._gather_training_state]
         # A stop signal ends the run after this iteration's checkpoint (see preemption): after
         # the hooks that change the training state, before the metrics writer (which writes
         # this iteration's metrics when training ends; writing them twice fails in detectron2).
@@ -191,3 +252,45 @@ class Trainer(DefaultTrainer):
         writer = [i for i, h in enumerate(trainer_hooks) if isinstance(h, hooks.PeriodicWriter)]
         trainer_hooks.insert(writer[0] if writer else len(trainer_hooks), stop)
         return trainer_hooks
+
+    def _evaluation_hooks(self):
+        """MODEL_EMA's hook, detectron2's EvalHook evaluating the model (and the EMA), and the
+        hook of model_best.pth and early stopping."""
+        cfg = self.cfg
+        self._ema = EMAHook(self.model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+        self._best_model = None
+        evaluation = [hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate)]
+        if cfg.TEST.EVAL_PERIOD > 0 and cfg.TEST.BEST_METRIC and cfg.DATASETS.TEST:
+            ema = cfg.TEST.BEST_METRIC.startswith(EMA_PREFIX + "/")
+            self._best_model = BestModelHook(
+                cfg.TEST.EVAL_PERIOD,
+                self.checkpointer,
+                cfg.TEST.BEST_METRIC,
+                self._ema.ema.model if ema else self.model,
+                cfg.TEST.EARLY_STOPPING_PATIENCE,
+            )
+            evaluation.append(self._best_model)
+        return ([self._ema] if self._ema is not None else []) + evaluation
+
+    def _evaluate(self):
+        """The results of the model and, with MODEL_EMA, of the EMA's weights under "ema"
+        (metrics "ema/bbox/AP", ...; its evaluation files in inference/ema/<dataset>)."""
+        results = self.test(self.cfg, self.model)
+        if self._ema is not None:
+            logger.info(
+                "Evaluating the EMA of the weights (MODEL_EMA.DECAY %g, %d updates); its metrics "
+                "are named %s/<metric>",
+                self._ema.ema.decay,
+                self._ema.ema.updates,
+                EMA_PREFIX,
+            )
+            folder = os.path.join(self.cfg.OUTPUT_DIR, "inference", EMA_PREFIX)
+            evaluators = [
+                self.build_evaluator(self.cfg, name, os.path.join(folder, name))
+                for name in self.cfg.DATASETS.TEST
+            ]
+            ema_results = self.test(self.cfg, self._ema.ema.model, evaluators)
+            if ema_results:
+                results = {**results, EMA_PREFIX: ema_results}
+        self._last_eval_results = results
+        return results
