@@ -101,7 +101,7 @@ MESSAGES: Dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
-def test_bad_input_is_one_clear_line(case_id, tmp_path, shapes_dataset, capsys):
+def test_bad_input_is_one_clear_line(case_id, tmp_path, shapes_dataset, capsys, monkeypatch):
     case = CASES[case_id]
     if case_id in ("predict-device", "cuda-without-gpu") and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -109,6 +109,8 @@ def test_bad_input_is_one_clear_line(case_id, tmp_path, shapes_dataset, capsys):
     argv = case.argv(env)
     kept = {path: _content_digest(path) for path in case.keep(env)}
     capsys.readouterr()
+    # The program name argparse prints is the command's, not pytest's.
+    monkeypatch.setattr(sys, "argv", [case.entry, *argv])
     status = cli.run(_entry_main(case.entry), argv)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
