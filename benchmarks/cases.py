@@ -41,19 +41,35 @@ PLUGIN = "plugin"
 PLUGIN_BF16 = "plugin, bfloat16"
 # Each inference speed-up alone and together (the contributions cases): name -> config options.
 _SPEEDUPS = "MODEL.INFERENCE_OPTIMIZATION."
-_NO_SPEEDUPS = (_SPEEDUPS + "FOLD_FROZEN_BN", False, _SPEEDUPS + "CHANNELS_LAST", False)
+_NO_SPEEDUPS = (
+    _SPEEDUPS + "FOLD_FROZEN_BN",
+    False,
+    _SPEEDUPS + "CHANNELS_LAST",
+    False,
+    _SPEEDUPS + "WINOGRAD",
+    False,
+)
 PLUGIN_PLAIN = "plugin, no speed-ups"
 INFERENCE_VARIANTS = {
     PLUGIN_PLAIN: _NO_SPEEDUPS,
-    "plugin + FrozenBN folding": (_SPEEDUPS + "CHANNELS_LAST", False),
-    "plugin + channels-last": (_SPEEDUPS + "FOLD_FROZEN_BN", False),
-    "plugin + folding + channels-last (default)": (),
+    "plugin + FrozenBN folding": (*_NO_SPEEDUPS, _SPEEDUPS + "FOLD_FROZEN_BN", True),
+    "plugin + channels-last": (*_NO_SPEEDUPS, _SPEEDUPS + "CHANNELS_LAST", True),
+    "plugin + Winograd": (*_NO_SPEEDUPS, _SPEEDUPS + "WINOGRAD", True),
+    "plugin + folding + channels-last": (_SPEEDUPS + "WINOGRAD", False),
+    "plugin + folding + Winograd": (_SPEEDUPS + "CHANNELS_LAST", False),
+    "plugin + folding + channels-last + Winograd (default)": (),
     "plugin + compile": (*_NO_SPEEDUPS, _SPEEDUPS + "COMPILE", True),
     "plugin + folding + channels-last + compile": (_SPEEDUPS + "COMPILE", True),
 }
+_NO_TRAINING_WINOGRAD = ("MODEL.TRAINING_OPTIMIZATION.WINOGRAD", False)
 TRAINING_VARIANTS = {
-    PLUGIN_PLAIN: (),
-    "plugin + channels-last": ("MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST", True),
+    PLUGIN_PLAIN: _NO_TRAINING_WINOGRAD,
+    "plugin + channels-last": (
+        *_NO_TRAINING_WINOGRAD,
+        "MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST",
+        True,
+    ),
+    "plugin + Winograd (default)": (),
 }
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -447,8 +463,7 @@ def build_cases(device: torch.device) -> Dict[str, Case]:
             memory=False,
         ),
         "train_contributions": Case(
-            "training step as train_step: with and without MODEL.TRAINING_OPTIMIZATION"
-            ".CHANNELS_LAST",
+            "training step as train_step: each speed-up of MODEL.TRAINING_OPTIMIZATION alone",
             DETECTRON2,
             training_variants,
             slow=True,

@@ -48,24 +48,28 @@ def stage_timer(model, inputs: List[dict], device: torch.device) -> Callable[[],
             x = images.tensor
             backbone, head = model.backbone, model.head
             compiled = None
+            convolutions = contextlib.nullcontext()
+            contiguous_head_inputs = False
             if runner is not None and runner.enabled:
                 built = runner.built(backbone, head, model.head_in_features, x.device)
-                if runner.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x, convolutions, contiguous_head_inputs = runner.prepared(x)
                 if runner.compile:
                     compiled = built
                 else:
                     backbone, head = built.backbone, built.head
             lap("preprocess")
-            if compiled is not None:
-                features, logits, deltas = compiled(x)
-                lap("backbone + head")
-            else:
-                features = backbone(x)
-                features = [features[f] for f in model.head_in_features]
-                lap("backbone")
-                logits, deltas = head(features)
-                lap("head")
+            with convolutions:
+                if compiled is not None:
+                    features, logits, deltas = compiled(x, contiguous_head_inputs)
+                    lap("backbone + head")
+                else:
+                    features = backbone(x)
+                    features = [features[f] for f in model.head_in_features]
+                    if contiguous_head_inputs:
+                        features = [f.contiguous() for f in features]
+                    lap("backbone")
+                    logits, deltas = head(features)
+                    lap("head")
             results = model.forward_inference(images, features, (logits, deltas))
             results = [
                 detector_postprocess(r, x["image"].shape[1], x["image"].shape[2])

@@ -32,6 +32,8 @@ OFF = (
     "False",
     "MODEL.INFERENCE_OPTIMIZATION.CHANNELS_LAST",
     "False",
+    "MODEL.INFERENCE_OPTIMIZATION.WINOGRAD",
+    "False",
 )
 
 
@@ -193,7 +195,7 @@ def test_training_channels_last_losses_and_gradients_equal_detectron2(name):
 
 
 def test_plain_path_when_off_and_while_tracing():
-    """With both speed-ups off, or while the model is traced (export), the model's own modules
+    """With the speed-ups off, or while the model is traced (export), the model's own modules
     run and nothing is built."""
     plugin, _ = _scored_pair("R18_GN_tiny", *OFF)
     assert not plugin.inference_runner.enabled

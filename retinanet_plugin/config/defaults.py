@@ -68,8 +68,13 @@ def add_retinanet_config(cfg: CN) -> None:
     # Fold each FrozenBatchNorm2d into the convolution before it (in a copy of the backbone that
     # shares all other weights, rebuilt when a weight changes).
     _C.MODEL.INFERENCE_OPTIMIZATION.FOLD_FROZEN_BN = True
-    # Run backbone and head on channels-last tensors (the layout oneDNN and cuDNN prefer).
+    # Run backbone and head on channels-last tensors (the layout oneDNN and cuDNN prefer); where
+    # WINOGRAD applies (CPU, float32), whose convolutions need (N, C, H, W), only the backbone.
     _C.MODEL.INFERENCE_OPTIMIZATION.CHANNELS_LAST = True
+    # On CPU in float32: compute the 3x3 stride-1 convolutions on large feature maps (at least
+    # 56x56 positions and 128 channels) by NNPACK's Winograd algorithm, which ships with torch
+    # (retinanet_plugin.modeling.winograd). No effect on GPU, under bfloat16 or with COMPILE.
+    _C.MODEL.INFERENCE_OPTIMIZATION.WINOGRAD = True
     # torch.compile backbone and head (inductor; CPU: with weight freezing), with dynamic shapes:
     # images of new sizes reuse the compiled graphs instead of compiling per size. The first call
     # compiles (minutes on a few CPU cores), and so does the first call after a weight changes.
@@ -79,6 +84,10 @@ def add_retinanet_config(cfg: CN) -> None:
     # Run backbone and head on channels-last tensors in training (the images are converted; the
     # weights and checkpoints keep their layout).
     _C.MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST = False
+    # On CPU: the Winograd convolutions of INFERENCE_OPTIMIZATION.WINOGRAD in training (forward
+    # and the inputs' gradients; the kernels' gradients stay torch's). Needs the (N, C, H, W)
+    # layout: no effect with CHANNELS_LAST, on GPU or under autocast.
+    _C.MODEL.TRAINING_OPTIMIZATION.WINOGRAD = True
 
     # Optimizer: "SGD" (detectron2's, with SOLVER.MOMENTUM) or "AdamW" (SOLVER.ADAMW_BETAS,
     # no weight decay on norm and bias parameters). BASE_LR and WEIGHT_DECAY apply to both.

@@ -11,6 +11,10 @@
 - **channels-last**: the images enter the backbone as (N, C, H, W) tensors in channels-last
   memory order; convolutions keep the layout of their input, so the whole backbone and head run
   in the layout oneDNN and cuDNN prefer.
+- **Winograd convolutions** (:mod:`.winograd`): on CPU, in float32, the 3x3 convolutions on
+  large feature maps run NNPACK's Winograd algorithm. They need the (N, C, H, W) layout: with
+  channels-last on too, the backbone runs channels-last (where its 1x1 convolutions are
+  fastest) and the head, nearly all 3x3 convolutions, gets its inputs in (N, C, H, W).
 - **torch.compile** of backbone and head (inductor, with weight freezing on CPU) with
   ``dynamic=True``: sizes are symbolic, so images of new sizes reuse the compiled graphs (only
   a guard of the convolution's kernel choice on the feature map's size may add a graph) instead
@@ -25,10 +29,11 @@ detections up to float rounding (tests/test_inference_optimization.py). The runn
 the way while the model is scripted, traced (export), or compiled as a whole.
 """
 
+import contextlib
 import copy
 import itertools
 import re
-from typing import List, Tuple
+from typing import ContextManager, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +41,7 @@ from torch import Tensor, nn
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
 from ..config.validation import add_key_rule
+from .winograd import WinogradConvolutions, winograd_available
 
 __all__ = [
     "INFERENCE_DTYPES",
@@ -118,9 +124,13 @@ class _BackboneAndHead(nn.Module):
         self.head = head
         self.in_features = list(in_features)
 
-    def forward(self, images: Tensor) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    def forward(
+        self, images: Tensor, contiguous_head_inputs: bool = False
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         features = self.backbone(images)
         features = [features[f] for f in self.in_features]
+        if contiguous_head_inputs:
+            features = [x.contiguous() for x in features]
         logits, deltas = self.head(features)
         return features, logits, deltas
 
@@ -141,17 +151,23 @@ class InferenceRunner:
     copying the model (``copy.deepcopy``, pickling) gives a runner with nothing built.
     """
 
-    def __init__(self, fold_frozen_bn: bool, channels_last: bool, compile: bool):
+    def __init__(
+        self, fold_frozen_bn: bool, channels_last: bool, compile: bool, winograd: bool = False
+    ):
         """
         Args:
             fold_frozen_bn: fold each ``FrozenBatchNorm2d`` into its convolution.
-            channels_last: run backbone and head on channels-last tensors.
+            channels_last: run backbone and head on channels-last tensors (the head in
+                (N, C, H, W) where the Winograd convolutions apply).
             compile: ``torch.compile`` backbone and head (``dynamic=True``; CPU: inductor with
                 weight freezing). The first call compiles.
+            winograd: on CPU in float32, run the eligible 3x3 convolutions by NNPACK's Winograd
+                algorithm (:mod:`.winograd`); not with ``compile``, whose kernels replace them.
         """
         self.fold_frozen_bn = fold_frozen_bn
         self.channels_last = channels_last
         self.compile = compile
+        self.winograd = winograd
         self.clear()
 
     def clear(self) -> None:
@@ -162,7 +178,7 @@ class InferenceRunner:
     @property
     def enabled(self) -> bool:
         """Whether any speed-up is on."""
-        return self.fold_frozen_bn or self.channels_last or self.compile
+        return self.fold_frozen_bn or self.channels_last or self.compile or self.winograd
 
     @staticmethod
     def applies() -> bool:
@@ -187,10 +203,28 @@ class InferenceRunner:
             logits and (N, A*4, Hi, Wi) deltas, as ``head(backbone(images))``.
         """
         runner = self.built(backbone, head, in_features, images.device)
+        images, convolutions, contiguous_head_inputs = self.prepared(images)
+        with convolutions:
+            features, logits, deltas = runner(images, contiguous_head_inputs)
+        return features, (logits, deltas)
+
+    def prepared(self, images: Tensor) -> Tuple[Tensor, ContextManager, bool]:
+        """How backbone and head run ``images``: the images in the backbone's layout, the
+        context both run in (the Winograd convolutions where they apply, else nothing), and
+        whether the head's inputs are made contiguous (N, C, H, W) for the Winograd
+        convolutions. With both speed-ups, the backbone runs channels-last (its 1x1
+        convolutions are faster so) and the head, nearly all 3x3 convolutions, Winograd."""
+        winograd = (
+            self.winograd
+            and not self.compile
+            and images.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
+            and winograd_available()
+        )
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        features, logits, deltas = runner(images)
-        return features, (logits, deltas)
+        convolutions = WinogradConvolutions() if winograd else contextlib.nullcontext()
+        return images, convolutions, winograd
 
     def built(self, backbone: nn.Module, head: nn.Module, in_features: List[str], device):
         """The module that runs backbone and head (folded, compiled) for the current weights:
@@ -220,7 +254,7 @@ class InferenceRunner:
         return torch.compile(runner, dynamic=True, options=options)
 
     def __deepcopy__(self, memo) -> "InferenceRunner":
-        return InferenceRunner(self.fold_frozen_bn, self.channels_last, self.compile)
+        return InferenceRunner(self.fold_frozen_bn, self.channels_last, self.compile, self.winograd)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in vars(self).items() if k not in ("_runner", "_key")}

@@ -39,6 +39,7 @@ from .inference_optimization import INFERENCE_DTYPES, InferenceRunner, resolve_i
 from .losses.focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .losses.ohem import ohem_cross_entropy
 from .postprocessing import batched_detections, image_detections
+from .winograd import WinogradConvolutions, winograd_available
 
 __all__ = ["FocalLossRetinaNet"]
 
@@ -81,7 +82,9 @@ class FocalLossRetinaNet(RetinaNet):
         fold_frozen_bn: bool = True,
         channels_last: bool = True,
         compile_backbone_and_head: bool = False,
+        winograd: bool = True,
         training_channels_last: bool = False,
+        training_winograd: bool = True,
         **retinanet_options,
     ):
         """
@@ -98,9 +101,12 @@ class FocalLossRetinaNet(RetinaNet):
             inference_dtype: "float32", or "bfloat16" to run backbone and head under bfloat16
                 autocast at inference (box decoding, scores and NMS stay float32), or "auto":
                 bfloat16 where the model's device computes it natively, else float32.
-            fold_frozen_bn, channels_last, compile_backbone_and_head: the inference speed-ups
-                of :class:`~retinanet_plugin.modeling.inference_optimization.InferenceRunner`.
+            fold_frozen_bn, channels_last, compile_backbone_and_head, winograd: the inference
+                speed-ups of
+                :class:`~retinanet_plugin.modeling.inference_optimization.InferenceRunner`.
             training_channels_last: run backbone and head on channels-last tensors in training.
+            training_winograd: on CPU, train with the eligible 3x3 convolutions computed by
+                NNPACK's Winograd algorithm (:mod:`retinanet_plugin.modeling.winograd`).
             trainer_only_settings: "KEY = value" of the config's keys that only the plugin's
                 Trainer honours (``config.trainer_keys``), warned about at the first training
                 step unless the plugin's Trainer, which clears them, trains the model.
@@ -134,9 +140,10 @@ class FocalLossRetinaNet(RetinaNet):
         self.inference_dtype = INFERENCE_DTYPES[resolve_inference_dtype(inference_dtype, "cpu")]
         self.trainer_only_settings = list(trainer_only_settings)
         self.inference_runner = InferenceRunner(
-            fold_frozen_bn, channels_last, compile_backbone_and_head
+            fold_frozen_bn, channels_last, compile_backbone_and_head, winograd
         )
         self.training_channels_last = training_channels_last
+        self.training_winograd = training_winograd
         # Hooks, not an override of preprocess_image, so that the model stays scriptable.
         if self.inference_dtype != torch.float32:
             self.backbone.register_forward_pre_hook(_channels_last_at_inference)
@@ -188,7 +195,9 @@ class FocalLossRetinaNet(RetinaNet):
             "fold_frozen_bn": cfg.MODEL.INFERENCE_OPTIMIZATION.FOLD_FROZEN_BN,
             "channels_last": cfg.MODEL.INFERENCE_OPTIMIZATION.CHANNELS_LAST,
             "compile_backbone_and_head": cfg.MODEL.INFERENCE_OPTIMIZATION.COMPILE,
+            "winograd": cfg.MODEL.INFERENCE_OPTIMIZATION.WINOGRAD,
             "training_channels_last": cfg.MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST,
+            "training_winograd": cfg.MODEL.TRAINING_OPTIMIZATION.WINOGRAD,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "vis_period": cfg.VIS_PERIOD,
@@ -228,10 +237,21 @@ class FocalLossRetinaNet(RetinaNet):
             forward = self._optimized_inference
         else:
             forward = super().forward
-        if self.training or self.inference_dtype == torch.float32:
+        if self.training:
+            return self._training_forward(batched_inputs)
+        if self.inference_dtype == torch.float32:
             return forward(batched_inputs)
         with torch.autocast(device_type=self.device.type, dtype=self.inference_dtype):
             return forward(batched_inputs)
+
+    @torch.jit.unused
+    def _training_forward(self, batched_inputs: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """detectron2's training forward, with the Winograd convolutions where they apply."""
+        winograd = self.training_winograd and self.device.type == "cpu"
+        if winograd and InferenceRunner.applies() and winograd_available():
+            with WinogradConvolutions():
+                return super().forward(batched_inputs)
+        return super().forward(batched_inputs)
 
     @torch.jit.unused
     def _optimized_inference(self, batched_inputs: List[Dict[str, Tensor]]) -> List[dict]:

@@ -1,0 +1,154 @@
+"""3x3 convolutions on CPU by NNPACK's Winograd algorithm, for backbone and head.
+
+RetinaNet's compute is nearly all 3x3, stride-1 convolutions (the head's eight 256-channel
+convolutions and its classifier on five levels, the FPN's outputs, the ResNet's bottlenecks).
+On a CPU, oneDNN computes them directly; NNPACK, which ships inside torch, computes them with the
+Winograd transform F(6x6, 3x3), several times fewer multiplications, and is faster on large
+feature maps (below some size its transforms cost more than they save). torch never picks it
+on x86 (oneDNN comes first), so :class:`WinogradConvolutions` routes the eligible calls of
+``torch.nn.functional.conv2d`` to it while it is active: float32 CPU tensors in the contiguous
+(N, C, H, W) layout, 3x3 kernel, stride 1, padding 1, no dilation or groups, with at least
+:data:`MIN_CHANNELS` input channels and :data:`MIN_POSITIONS` positions per map (from about
+there it measured faster than oneDNN in training too, forward and backward, docs/performance.md). Everything else, bfloat16
+autocast and the GPU included, runs as before.
+
+Results equal the direct convolution's up to float rounding, which the transforms make a few
+times larger than oneDNN's (about 1e-5 of the outputs' range per layer,
+tests/test_winograd.py). NNPACK's batch algorithm is slower than its single-image one, so a
+batch is computed image by image. The gradient: the input's gradient is again a 3x3 convolution
+(of the output's gradient with the transposed, flipped kernel) and goes through NNPACK too; the
+kernel's and the bias' gradients are torch's own ``convolution_backward``.
+"""
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "MIN_CHANNELS",
+    "MIN_POSITIONS",
+    "WinogradConvolutions",
+    "winograd_available",
+    "winograd_conv3x3",
+]
+
+MIN_POSITIONS = 56 * 56  # H * W of the input
+MIN_CHANNELS = 128
+
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS = (None, None, None, 1, 0, 1, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def winograd_available() -> bool:
+    """Whether this torch has NNPACK and NNPACK runs on this CPU. (The first call also
+    initializes NNPACK, without which its convolutions fail.)"""
+    return torch.backends.nnpack.is_available()
+
+
+def _pair(value) -> Tuple:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _eligible(x, weight, stride, padding, dilation, groups) -> bool:
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or groups != 1:
+        return False
+    if padding == "same":  # for a 3x3 kernel with stride 1 and no dilation, padding 1
+        padding = 1
+    if isinstance(padding, str) or (_pair(stride), _pair(padding), _pair(dilation)) != (
+        (1, 1),
+        (1, 1),
+        (1, 1),
+    ):
+        return False
+    if x.shape[1] < MIN_CHANNELS or x.shape[2] * x.shape[3] < MIN_POSITIONS:
+        return False
+    # A channels-last input stays with oneDNN, which keeps its layout; under autocast the
+    # convolution belongs to the autocast dtype.
+    return x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+
+
+def _nnpack_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(N, C, H, W) -> (N, C_out, H, W), padding 1, one image at a time."""
+    weight = weight.contiguous()
+    if x.shape[0] == 1:
+        return torch._nnpack_spatial_convolution(x, weight, bias, [1, 1])
+    return torch.cat(
+        [torch._nnpack_spatial_convolution(x[i : i + 1], weight, bias, [1, 1]) for i in range(len(x))]
+    )
+
+
+class _WinogradConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _nnpack_conv3x3(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # The input's gradient: the output's gradient convolved with the kernel transposed
+            # (C_out <-> C_in) and flipped, padding 1.
+            grad_x = _nnpack_conv3x3(grad, weight.transpose(0, 1).flip(2, 3), None)
+        want_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or want_bias:
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad,
+                x,
+                weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [False, ctx.needs_input_grad[1], want_bias],
+            )
+        return grad_x, grad_weight, grad_bias
+
+
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` by NNPACK's Winograd algorithm, with gradients.
+
+    Args:
+        x: (N, C, H, W) float32 CPU tensor.
+        weight: (C_out, C, 3, 3).
+        bias: (C_out,) or None.
+
+    Returns:
+        (N, C_out, H, W).
+    """
+    if not winograd_available():
+        raise RuntimeError("NNPACK is not available in this torch build or on this CPU")
+    return _WinogradConv3x3.apply(x, weight, bias)
+
+
+class WinogradConvolutions(TorchFunctionMode):
+    """While active (``with WinogradConvolutions(): ...``), the eligible calls of
+    ``torch.nn.functional.conv2d`` (see the module's docstring) run :func:`winograd_conv3x3`;
+    all others run as they are. Enter it only where :func:`winograd_available`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            values = list(args) + [
+                kwargs.get(name, default)
+                for name, default in zip(_CONV2D_ARGS[len(args) :], _CONV2D_DEFAULTS[len(args) :])
+            ]
+            if _eligible(values[0], values[1], *values[3:]):
+                return _WinogradConv3x3.apply(values[0], values[1], values[2])
+        return func(*args, **kwargs)
