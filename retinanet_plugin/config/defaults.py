@@ -84,8 +84,8 @@ def add_retinanet_config(cfg: CN) -> None:
     # Run backbone and head on channels-last tensors in training (the images are converted; the
     # weights and checkpoints keep their layout).
     _C.MODEL.TRAINING_OPTIMIZATION.CHANNELS_LAST = False
-    # On CPU: the Winograd convolutions of INFERENCE_OPTIMIZATION.WINOGRAD in training (forward
-    # and the inputs' gradients; the kernels' gradients stay torch's). Needs the (N, C, H, W)
+    # On CPU: the Winograd convolutions of INFERENCE_OPTIMIZATION.WINOGRAD in training: forward,
+    # inputs' gradients (NNPACK) and kernels' gradients (F(2x2, 3x3)). Needs the (N, C, H, W)
     # layout: no effect with CHANNELS_LAST, on GPU or under autocast.
     _C.MODEL.TRAINING_OPTIMIZATION.WINOGRAD = True
 

@@ -17,7 +17,8 @@ times larger than oneDNN's (about 1e-5 of the outputs' range per layer,
 tests/test_winograd.py). NNPACK's batch algorithm is slower than its single-image one, so a
 batch is computed image by image. The gradient: the input's gradient is again a 3x3 convolution
 (of the output's gradient with the transposed, flipped kernel) and goes through NNPACK too; the
-kernel's and the bias' gradients are torch's own ``convolution_backward``.
+kernel's gradient uses the Winograd transform F(2x2, 3x3) with one matrix product per
+transformed position (written here: torch has no Winograd kernel gradient).
 """
 
 import functools
@@ -26,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -86,11 +88,60 @@ def _nnpack_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
     )
 
 
+# F(2x2, 3x3) (Lavin and Gray, 2016) for the kernel's gradient, which NNPACK has but torch does
+# not expose: the input transform B^T d B and the kernel transform G; A's last row is negated
+# in the gradient's transform below and, to make up for it, G's last row here.
+_KERNEL_TRANSFORM = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, -1]])
+
+
+def _winograd_kernel_gradient(x: Tensor, grad: Tensor) -> Tensor:
+    """The gradient of a 3x3 convolution's kernel (padding 1, stride 1) by F(2x2, 3x3).
+
+    Per 2x2 output tile and 4x4 input tile, with V = B^T d B of the input tile and M = A g A^T
+    of the output's gradient: dL/dw = G^T (sum over tiles and images of M V^T, one matrix
+    product per each of the 16 transformed positions) G, 2.25 times fewer multiplications than
+    the direct sum, with sums of 4 instead of 9 terms per product.
+
+    Args:
+        x: (N, C, H, W) input of the convolution.
+        grad: (N, C_out, H, W) gradient of its output.
+
+    Returns:
+        (C_out, C, 3, 3).
+    """
+    n, c, h, w = x.shape
+    c_out = grad.shape[1]
+    th, tw = (h + 1) // 2, (w + 1) // 2  # tiles; odd sizes get a zero row / column of gradient
+    x = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h))
+    grad = F.pad(grad, (0, 2 * tw - w, 0, 2 * th - h))
+    # (4, 4, C, N, th, tw) so that each transformed position is one (C, N * th * tw) matrix;
+    # the B^T rows (1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1) as sums of slices.
+    v = x.new_empty(4, 4, c, n, th, tw)
+    r = [x[:, :, k : k + 2 * th : 2, :] for k in range(4)]
+    for a, row in enumerate((r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])):
+        q = [row[..., k : k + 2 * tw : 2] for k in range(4)]
+        torch.sub(q[0], q[2], out=v[a, 0].transpose(0, 1))
+        torch.add(q[1], q[2], out=v[a, 1].transpose(0, 1))
+        torch.sub(q[2], q[1], out=v[a, 2].transpose(0, 1))
+        torch.sub(q[1], q[3], out=v[a, 3].transpose(0, 1))
+    # A's rows (1, 0), (1, 1), (1, -1), (0, -1), the last one's sign moved into G.
+    m = grad.new_empty(4, 4, c_out, n, th, tw)
+    g0, g1 = grad[:, :, 0::2, :], grad[:, :, 1::2, :]
+    for a, row in enumerate((g0, g0 + g1, g0 - g1, g1)):
+        q0, q1 = row[..., 0::2], row[..., 1::2]
+        m[a, 0].transpose(0, 1).copy_(q0)
+        torch.add(q0, q1, out=m[a, 1].transpose(0, 1))
+        torch.sub(q0, q1, out=m[a, 2].transpose(0, 1))
+        m[a, 3].transpose(0, 1).copy_(q1)
+    u = torch.bmm(m.view(16, c_out, -1), v.view(16, c, -1).transpose(1, 2)).view(4, 4, c_out, c)
+    g = _KERNEL_TRANSFORM.to(u.dtype)
+    return torch.einsum("ap,aboi,bq->oipq", g, u, g)
+
+
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return _nnpack_conv3x3(x, weight, bias)
 
     @staticmethod
@@ -103,21 +154,10 @@ class _WinogradConv3x3(torch.autograd.Function):
             # The input's gradient: the output's gradient convolved with the kernel transposed
             # (C_out <-> C_in) and flipped, padding 1.
             grad_x = _nnpack_conv3x3(grad, weight.transpose(0, 1).flip(2, 3), None)
-        want_bias = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1] or want_bias:
-            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad,
-                x,
-                weight,
-                [weight.shape[0]] if ctx.has_bias else None,
-                [1, 1],
-                [1, 1],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [False, ctx.needs_input_grad[1], want_bias],
-            )
+        if ctx.needs_input_grad[1]:
+            grad_weight = _winograd_kernel_gradient(x, grad)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_weight, grad_bias
 
 
