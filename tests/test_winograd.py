@@ -72,7 +72,9 @@ def test_only_eligible_calls_are_routed():
             "stride 2": (x, {"padding": 1, "stride": 2}),
             "padding 0": (x, {"padding": 0}),
         }
-        inside = {k: F.conv2d(v, weight[:, : v.shape[1]], **kw) for k, (v, kw) in not_routed.items()}
+        inside = {
+            k: F.conv2d(v, weight[:, : v.shape[1]], **kw) for k, (v, kw) in not_routed.items()
+        }
         with torch.autocast("cpu", dtype=torch.bfloat16):
             inside["bfloat16"] = F.conv2d(x, weight, padding=1)
     outside = {k: F.conv2d(v, weight[:, : v.shape[1]], **kw) for k, (v, kw) in not_routed.items()}

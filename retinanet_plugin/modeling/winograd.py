@@ -9,13 +9,13 @@ on x86 (oneDNN comes first), so :class:`WinogradConvolutions` routes the eligibl
 ``torch.nn.functional.conv2d`` to it while it is active: float32 CPU tensors in the contiguous
 (N, C, H, W) layout, 3x3 kernel, stride 1, padding 1, no dilation or groups, with at least
 :data:`MIN_CHANNELS` input channels and :data:`MIN_POSITIONS` positions per map (from about
-there it measured faster than oneDNN in training too, forward and backward, docs/performance.md). Everything else, bfloat16
-autocast and the GPU included, runs as before.
+there it measured faster than oneDNN, in training too: docs/performance.md). Everything else,
+bfloat16 autocast and the GPU included, runs as before.
 
-Results equal the direct convolution's up to float rounding, which the transforms make a few
-times larger than oneDNN's (about 1e-5 of the outputs' range per layer,
-tests/test_winograd.py). NNPACK's batch algorithm is slower than its single-image one, so a
-batch is computed image by image. The gradient: the input's gradient is again a 3x3 convolution
+Results equal the direct convolution's up to float rounding, which the F(6x6, 3x3) transforms
+make larger than oneDNN's (tests/test_winograd.py states the tolerances). NNPACK's batch
+algorithm is slower than its single-image one, so a batch is computed image by image. The
+gradient: the input's gradient is again a 3x3 convolution
 (of the output's gradient with the transposed, flipped kernel) and goes through NNPACK too; the
 kernel's gradient uses the Winograd transform F(2x2, 3x3) with one matrix product per
 transformed position (written here: torch has no Winograd kernel gradient).
@@ -84,7 +84,10 @@ def _nnpack_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
     if x.shape[0] == 1:
         return torch._nnpack_spatial_convolution(x, weight, bias, [1, 1])
     return torch.cat(
-        [torch._nnpack_spatial_convolution(x[i : i + 1], weight, bias, [1, 1]) for i in range(len(x))]
+        [
+            torch._nnpack_spatial_convolution(x[i : i + 1], weight, bias, [1, 1])
+            for i in range(len(x))
+        ]
     )
 
 
