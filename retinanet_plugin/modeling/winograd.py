@@ -15,10 +15,10 @@ bfloat16 autocast and the GPU included, runs as before.
 Results equal the direct convolution's up to float rounding, which the F(6x6, 3x3) transforms
 make larger than oneDNN's (tests/test_winograd.py states the tolerances). NNPACK's batch
 algorithm is slower than its single-image one, so a batch is computed image by image. The
-gradient: the input's gradient is again a 3x3 convolution
-(of the output's gradient with the transposed, flipped kernel) and goes through NNPACK too; the
-kernel's gradient uses the Winograd transform F(2x2, 3x3) with one matrix product per
-transformed position (written here: torch has no Winograd kernel gradient).
+gradient: the input's gradient is again a 3x3 convolution (of the output's gradient with the
+transposed, flipped kernel) and goes through NNPACK too; the kernel's gradient uses the Winograd
+transform F(2x2, 3x3) with one matrix product per transformed position (written here: torch has
+no Winograd kernel gradient).
 """
 
 import functools
