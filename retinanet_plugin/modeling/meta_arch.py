@@ -11,6 +11,7 @@ for inference; it then post-processes with a version whose candidate counts stay
 data-dependent.
 """
 
+import contextlib
 import logging
 from typing import Dict, List, Sequence, Tuple
 
@@ -246,12 +247,19 @@ class FocalLossRetinaNet(RetinaNet):
 
     @torch.jit.unused
     def _training_forward(self, batched_inputs: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """detectron2's training forward, with the Winograd convolutions where they apply."""
+        """detectron2's training forward (``DenseDetector.forward``), with backbone and head
+        under the Winograd convolutions where they apply (only there: the mode costs a Python
+        call per operation)."""
         winograd = self.training_winograd and self.device.type == "cpu"
-        if winograd and InferenceRunner.applies() and winograd_available():
-            with WinogradConvolutions():
-                return super().forward(batched_inputs)
-        return super().forward(batched_inputs)
+        winograd = winograd and InferenceRunner.applies() and winograd_available()
+        images = self.preprocess_image(batched_inputs)
+        with WinogradConvolutions() if winograd else contextlib.nullcontext():
+            features = self.backbone(images.tensor)
+            features = [features[f] for f in self.head_in_features]
+            predictions = self.head(features)
+        assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        return self.forward_training(images, features, predictions, gt_instances)
 
     @torch.jit.unused
     def _optimized_inference(self, batched_inputs: List[Dict[str, Tensor]]) -> List[dict]:
