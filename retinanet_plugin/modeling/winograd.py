@@ -47,8 +47,10 @@ _CONV2D_DEFAULTS = (None, None, None, 1, 0, 1, 1)
 
 @functools.lru_cache(maxsize=None)
 def winograd_available() -> bool:
-    """Whether this torch has NNPACK and NNPACK runs on this CPU. (The first call also
-    initializes NNPACK, without which its convolutions fail.)"""
+    """Whether this torch has NNPACK and NNPACK runs on this CPU (elsewhere the convolutions
+    stay torch's). The first call also initializes NNPACK, without which its convolutions fail."""
+    if not hasattr(torch, "_nnpack_spatial_convolution"):  # a torch built without it
+        return False
     return torch.backends.nnpack.is_available()
 
 
