@@ -84,17 +84,24 @@ def test_inference_case_models_share_calibrated_weights_and_detections():
     torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=5e-3, rtol=0)
 
 
+def _report(cases: dict) -> dict:
+    """A benchmark report of machine "cpu-test" with ``cases``."""
+    return {
+        "device": "cpu-test",
+        "date": "2026-01-01",
+        "versions": {"torch": "t", "detectron2": "d", "torch_threads": 2},
+        "cases": cases,
+    }
+
+
 def test_contributions_and_stage_tables():
     def result(ratio, **extra):
         return {"median_s": ratio, "time_ratio": ratio, **extra}
 
     stages = {"preprocess": 0.1, "backbone": 1.5, "head": 0.5, "post-processing": 0.25}
     stages.update(above_threshold=2900.4, after_topk=2100.0, detections=100.0)
-    report = {
-        "device": "cpu-test",
-        "date": "2026-01-01",
-        "versions": {"torch": "t", "detectron2": "d", "torch_threads": 2},
-        "cases": {
+    report = _report(
+        {
             "inference_contributions": {
                 "description": "d",
                 "reference": "detectron2 RetinaNet",
@@ -113,8 +120,8 @@ def test_contributions_and_stage_tables():
                     "plugin + channels-last": result(0.9),
                 },
             },
-        },
-    }
+        }
+    )
     table = markdown_table(report)
     assert "| plugin + compile | 0.70x | n/a |" in table
     assert "| plugin + channels-last | n/a | 0.90x |" in table
@@ -132,11 +139,8 @@ def test_coco_eval_case_backends_agree():
 
 
 def test_report_table_and_docs_block(tmp_path):
-    report = {
-        "device": "cpu-test",
-        "date": "2026-01-01",
-        "versions": {"torch": "t", "detectron2": "d", "torch_threads": 2},
-        "cases": {
+    report = _report(
+        {
             "case_a": {
                 "description": "something",
                 "reference": "ref",
@@ -157,8 +161,8 @@ def test_report_table_and_docs_block(tmp_path):
                     "broken": {"error": "exit code 1"},
                 },
             }
-        },
-    }
+        }
+    )
     table = markdown_table(report)
     assert "| case_a | ref | reference | reference | 2.000 s (2.00 img/s) | 100 MiB |" in table
     assert "| case_a | ours | 0.50x | 0.50x | 1.000 s (4.00 img/s) | 50 MiB |" in table

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from train_runs import coco_args, run, train_net, train_net_argv
+from train_runs import assert_equal_weights, coco_args, run, train_net, train_net_argv
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -40,12 +40,6 @@ def _evaluations(output):
         for r in rows
         if "bbox/AP" in r
     ]
-
-
-def _assert_equal(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +107,7 @@ def test_ema_in_training_follows_the_weights_of_every_step(straight):
     assert moved  # the average is not the weights
     final = _load(straight / "model_final.pth")
     final_ema = _load(straight / "model_final_ema.pth")
-    _assert_equal(final_ema["model"], final["trainer"]["hooks"]["EMAHook"]["model"])
+    assert_equal_weights(final_ema["model"], final["trainer"]["hooks"]["EMAHook"]["model"])
     assert final_ema["weights_info"] == {"iteration": final["iteration"], "ema_decay": DECAY}
 
 
@@ -128,7 +122,9 @@ def test_model_best_is_the_evaluation_with_the_highest_ap(straight):
     assert best["weights_info"] == info
     # Weights only: the model's weights of that iteration, the run's metadata, no training state.
     assert set(best) == {"model", "weights_info", "retinanet_plugin"}
-    _assert_equal(best["model"], _load(straight / f"model_{best_iteration:07d}.pth")["model"])
+    assert_equal_weights(
+        best["model"], _load(straight / f"model_{best_iteration:07d}.pth")["model"]
+    )
     assert best["retinanet_plugin"] == _load(straight / "model_final.pth")["retinanet_plugin"]
 
 
@@ -140,11 +136,11 @@ def test_early_stopping_stops_where_the_patience_says(straight, shapes_dataset):
     final = _load(straight / "model_final.pth")
     assert final["iteration"] == stop
     assert final["trainer"]["hooks"]["BestModelHook"]["evaluations_since_best"] == PATIENCE
-    _assert_equal(final["model"], _load(straight / f"model_{stop:07d}.pth")["model"])
+    assert_equal_weights(final["model"], _load(straight / f"model_{stop:07d}.pth")["model"])
     assert not (straight / f"model_{stop + 1:07d}.pth").exists()
     weights = _load(straight / "model_final_weights.pth")
     assert set(weights) == {"model", "weights_info", "retinanet_plugin"}
-    _assert_equal(weights["model"], final["model"])
+    assert_equal_weights(weights["model"], final["model"])
     # --resume of the stopped run trains nothing and leaves its checkpoint as it was.
     written = (straight / "model_final.pth").read_bytes()
     _, log = train_net(straight, coco_args(shapes_dataset), "--resume", *OPTS)
@@ -161,9 +157,9 @@ def test_resume_continues_ema_best_and_patience_exactly(straight, shapes_dataset
     assert "EMA of the weights (MODEL_EMA.DECAY 0.5) continued from the checkpoint" in log
     a, b = _load(straight / "model_final.pth"), _load(tmp_path / "model_final.pth")
     assert a["iteration"] == b["iteration"]
-    _assert_equal(a["model"], b["model"])
+    assert_equal_weights(a["model"], b["model"])
     assert a["trainer"]["hooks"]["BestModelHook"] == b["trainer"]["hooks"]["BestModelHook"]
-    _assert_equal(
+    assert_equal_weights(
         _load(straight / "model_final_ema.pth")["model"],
         _load(tmp_path / "model_final_ema.pth")["model"],
     )
@@ -179,7 +175,7 @@ def test_weights_files_load_in_detectron2_and_evaluate_alone(straight, shapes_da
     cfg = config_for_weights("", ["MODEL.WEIGHTS", best])
     model = build_model(cfg)
     DetectionCheckpointer(model).load(best)
-    _assert_equal(model.state_dict(), _load(best)["model"])
+    assert_equal_weights(model.state_dict(), _load(best)["model"])
     assert read_metadata(best)["config"] == (straight / "config.yaml").read_text()
 
     weights = ["MODEL.WEIGHTS", str(straight / "model_final_ema.pth")]

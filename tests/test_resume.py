@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from train_runs import REPO, coco_args, run, train_net, train_net_argv
+from train_runs import REPO, assert_equal_weights, coco_args, run, train_net, train_net_argv
 
 
 def _checkpoint(path):
@@ -71,12 +71,6 @@ def _final_weights(output_dir):
     return _checkpoint(output_dir / "model_final.pth")["model"]
 
 
-def _assert_equal_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(shapes_dataset, tmp_path_factory):
     """Final weights of a 10-iteration run that nothing interrupted."""
@@ -112,7 +106,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Starting training from iteration {start}" in resumed.stderr + resumed.stdout
     assert _checkpoint(tmp_path / "model_final.pth")["iteration"] == 9
-    _assert_equal_weights(_final_weights(tmp_path), uninterrupted)
+    assert_equal_weights(_final_weights(tmp_path), uninterrupted)
 
 
 def test_killed_before_model_final_was_written_resume_writes_it(shapes_dataset, tmp_path):
@@ -124,7 +118,7 @@ def test_killed_before_model_final_was_written_resume_writes_it(shapes_dataset, 
     (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
     _, log = train_net(tmp_path, coco_args(shapes_dataset), "--resume", *no_evaluation)
     assert "writing the missing" in log
-    _assert_equal_weights(
+    assert_equal_weights(
         _final_weights(tmp_path), _checkpoint(tmp_path / "model_0000003.pth")["model"]
     )
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
@@ -150,7 +144,7 @@ def test_resume_from_a_checkpoint_into_another_folder_continues_it_exactly(
     )
     assert "Starting training from iteration 2" in log
     assert _checkpoint(branch / "model_final.pth")["iteration"] == 2
-    _assert_equal_weights(_final_weights(branch), _final_weights(straight))
+    assert_equal_weights(_final_weights(branch), _final_weights(straight))
     assert source.read_bytes() == written
 
 
@@ -190,7 +184,7 @@ def test_random_kills_including_during_checkpoint_writes_never_lose_the_run(
         assert resumes < 40, "the run does not progress"
     assert kills >= 3
     assert _checkpoint(tmp_path / "model_final.pth")["iteration"] == 9
-    _assert_equal_weights(_final_weights(tmp_path), uninterrupted)
+    assert_equal_weights(_final_weights(tmp_path), uninterrupted)
 
 
 # ---------------------------------------------------------------- the resumable data stream

@@ -3,6 +3,8 @@ for the tests that train (see conftest.run_main)."""
 
 import os
 
+import torch
+
 from conftest import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +73,10 @@ def predict(input, output, trained, *args, expect_ok=True):
     config = ["--config-file", str(trained[0] / "config.yaml")]
     argv = [*config, "--input", input, "--output", str(output), *args, *weights]
     return run("-m", "retinanet_plugin.predict", *argv, expect_ok=expect_ok)
+
+
+def assert_equal_weights(a, b):
+    """Two state_dicts with the same keys and bitwise equal tensors."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
