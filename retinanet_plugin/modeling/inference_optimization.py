@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
 from ..config.validation import add_key_rule
-from .winograd import WinogradConvolutions, winograd_available
+from .winograd import WinogradConvolutions, winograd_applies
 
 __all__ = [
     "INFERENCE_DTYPES",
@@ -214,13 +214,7 @@ class InferenceRunner:
         whether the head's inputs are made contiguous (N, C, H, W) for the Winograd
         convolutions. With both speed-ups, the backbone runs channels-last (its 1x1
         convolutions are faster so) and the head, nearly all 3x3 convolutions, Winograd."""
-        winograd = (
-            self.winograd
-            and not self.compile
-            and images.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")
-            and winograd_available()
-        )
+        winograd = self.winograd and not self.compile and winograd_applies(images.device)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         convolutions = WinogradConvolutions() if winograd else contextlib.nullcontext()

@@ -40,7 +40,7 @@ from .inference_optimization import INFERENCE_DTYPES, InferenceRunner, resolve_i
 from .losses.focal_loss import focal_loss_from_labels, sigmoid_focal_loss_star
 from .losses.ohem import ohem_cross_entropy
 from .postprocessing import batched_detections, image_detections
-from .winograd import WinogradConvolutions, winograd_available
+from .winograd import WinogradConvolutions, winograd_applies
 
 __all__ = ["FocalLossRetinaNet"]
 
@@ -250,8 +250,8 @@ class FocalLossRetinaNet(RetinaNet):
         """detectron2's training forward (``DenseDetector.forward``), with backbone and head
         under the Winograd convolutions where they apply (only there: the mode costs a Python
         call per operation)."""
-        winograd = self.training_winograd and self.device.type == "cpu"
-        winograd = winograd and InferenceRunner.applies() and winograd_available()
+        winograd = self.training_winograd and InferenceRunner.applies()
+        winograd = winograd and winograd_applies(self.device)
         images = self.preprocess_image(batched_inputs)
         with WinogradConvolutions() if winograd else contextlib.nullcontext():
             features = self.backbone(images.tensor)

@@ -34,6 +34,7 @@ __all__ = [
     "MIN_CHANNELS",
     "MIN_POSITIONS",
     "WinogradConvolutions",
+    "winograd_applies",
     "winograd_available",
     "winograd_conv3x3",
 ]
@@ -52,6 +53,13 @@ def winograd_available() -> bool:
     if not hasattr(torch, "_nnpack_spatial_convolution"):  # a torch built without it
         return False
     return torch.backends.nnpack.is_available()
+
+
+def winograd_applies(device) -> bool:
+    """Whether the Winograd convolutions can run now for tensors on ``device``: a CPU, outside
+    CPU autocast, with NNPACK."""
+    cpu = torch.device(device).type == "cpu"
+    return cpu and not torch.is_autocast_enabled("cpu") and winograd_available()
 
 
 def _pair(value) -> Tuple:
