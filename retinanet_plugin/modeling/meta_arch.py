@@ -231,15 +231,14 @@ class FocalLossRetinaNet(RetinaNet):
         channels = self.pixel_mean.shape[0]
         for i, item in enumerate(batched_inputs):
             _check_image_layout(i, item["image"], channels)
-        if self.training and self.trainer_only_settings:
-            self._warn_trainer_only_settings()
-        optimized = not self.training and self.inference_runner.enabled
-        if optimized and self.inference_runner.applies():
+        if self.training:
+            if self.trainer_only_settings:
+                self._warn_trainer_only_settings()
+            return self._training_forward(batched_inputs)
+        if self.inference_runner.enabled and self.inference_runner.applies():
             forward = self._optimized_inference
         else:
             forward = super().forward
-        if self.training:
-            return self._training_forward(batched_inputs)
         if self.inference_dtype == torch.float32:
             return forward(batched_inputs)
         with torch.autocast(device_type=self.device.type, dtype=self.inference_dtype):
