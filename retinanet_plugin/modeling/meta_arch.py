@@ -248,9 +248,9 @@ class FocalLossRetinaNet(RetinaNet):
     def _training_forward(self, batched_inputs: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """detectron2's training forward (``DenseDetector.forward``), with backbone and head
         under the Winograd convolutions where they apply (only there: the mode costs a Python
-        call per operation)."""
-        winograd = self.training_winograd and InferenceRunner.applies()
-        winograd = winograd and winograd_applies(self.device)
+        call per operation), and not in channels-last training, whose inputs they never take."""
+        winograd = self.training_winograd and not self.training_channels_last
+        winograd = winograd and InferenceRunner.applies() and winograd_applies(self.device)
         images = self.preprocess_image(batched_inputs)
         with WinogradConvolutions() if winograd else contextlib.nullcontext():
             features = self.backbone(images.tensor)
